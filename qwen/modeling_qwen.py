@@ -1,0 +1,781 @@
+"""Qwen (v1) decoder, readable top to bottom: norm, rotary, attention, MLP, block, model, LM head, chat.
+
+Numerics follow the released checkpoints' code: RMSNorm computed in fp32, rotary embeddings applied in fp32 with the
+dynamic-NTK base chosen once per prompt (at prefill) and kept for every decoded token, logn query scaling beyond
+`seq_length`, SwiGLU MLP `c_proj(w1(x) * silu(w2(x)))`. Module and parameter names are the released ones
+(`transformer.h.N.attn.c_attn` ...) because every checkpoint depends on them.
+
+Differences in structure, not in numbers: the released code kept the NTK alpha on the rotary module between calls;
+here it travels with the KV cache of the sequence it belongs to, and everything else is recomputed from positions.
+
+This file is also copied into checkpoint folders for `trust_remote_code=True`: it imports only its sibling files
+(relative imports) and pip packages.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation.logits_process import LogitsProcessorList
+from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils import logging
+
+from .configuration_qwen import QWenConfig
+from .qwen_generation_utils import (
+    HistoryType,
+    StopWordsLogitsProcessor,
+    decode_tokens,
+    get_stop_words_ids,
+    make_context,
+)
+
+logger = logging.get_logger(__name__)
+
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Normalization
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # fp32 statistics, then back to the activation dtype before the weight, exactly as the released model.
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Rotary embeddings with dynamic NTK, and logn attention scaling
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def ntk_alpha_for_length(true_seq_len: int, seq_length: int) -> float:
+    """The released dynamic-NTK rule: alpha = 2^ceil(log2(L / seq_length) + 1) - 1, at least 1."""
+    context_value = math.log(true_seq_len / seq_length, 2) + 1
+    return max(2 ** math.ceil(context_value) - 1, 1)
+
+
+def rotary_inv_freq(dim: int, base: float, ntk_alpha: float, device: torch.device | None = None) -> torch.Tensor:
+    """Inverse frequencies (dim/2,) for one NTK alpha; the base grows as alpha^(dim/(dim-2)), as released."""
+    scaled_base = base * ntk_alpha ** (dim / (dim - 2))
+    return 1.0 / (scaled_base ** (torch.arange(0, dim, 2, device=device).float() / dim))
+
+
+def rotary_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables in fp32 for `positions` (B, T) and `inv_freq` (B or 1, dim/2) -> each (B, 1, T, dim)."""
+    freqs = positions[:, :, None].float() * inv_freq[:, None, :]  # (B, T, dim/2)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, dim)
+    return emb.cos(), emb.sin()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first `cos.shape[-1]` channels of x (B, nh, T, hs) in fp32; the rest pass through."""
+    rot_dim = cos.shape[-1]
+    x_rot, x_pass = x[..., :rot_dim].float(), x[..., rot_dim:]
+    x_rot = x_rot * cos + _rotate_half(x_rot) * sin
+    if x_pass.shape[-1] == 0:
+        return x_rot.type_as(x)
+    return torch.cat((x_rot.type_as(x), x_pass), dim=-1)
+
+
+def logn_scale(positions: torch.Tensor, seq_length: int) -> torch.Tensor:
+    """Per-query factor log_{seq_length}(position + 1) beyond `seq_length`, 1 within it: (B, T) -> (B, 1, T, 1)."""
+    one_based = (positions + 1).double()
+    scale = torch.where(one_based > seq_length, torch.log(one_based) / math.log(seq_length), torch.ones_like(one_based))
+    return scale.float()[:, None, :, None]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Attention backends. All take q, k, v as (B, nh, T|S, hs) and return (B, T, nh, hs) plus weights (eager only).
+# `allowed` is a boolean mask (B|1, 1, T, S), True where a query may attend; None means plain causal.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def eager_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    allowed: torch.Tensor | None,
+    dropout_p: float,
+    softmax_in_fp32: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    scores = torch.matmul(q, k.transpose(-1, -2)) / torch.full([], v.size(-1) ** 0.5, dtype=q.dtype, device=q.device)
+    if allowed is None:
+        allowed = causal_mask(q.size(-2), k.size(-2), None, q.device)
+    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    weights = F.softmax(scores.float() if softmax_in_fp32 else scores, dim=-1).type(q.dtype)
+    weights = F.dropout(weights, p=dropout_p)
+    return torch.matmul(weights, v).transpose(1, 2), weights
+
+
+def sdpa_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None, dropout_p: float
+) -> torch.Tensor:
+    # is_causal is top-left aligned in SDPA, so it is only right when queries and keys are the same positions.
+    is_causal = allowed is None and q.size(-2) == k.size(-2) and q.size(-2) > 1
+    if allowed is None and q.size(-2) not in (1, k.size(-2)):
+        allowed = causal_mask(q.size(-2), k.size(-2), None, q.device)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p, is_causal=is_causal)
+    return out.transpose(1, 2)
+
+
+_flash_attn_modules: dict[str, Any] | None = None
+
+
+def _flash_attn() -> dict[str, Any]:
+    """flash-attn 2's functions if the package is installed, else an empty dict (looked up once)."""
+    global _flash_attn_modules
+    if _flash_attn_modules is None:
+        _flash_attn_modules = {}
+        if importlib.util.find_spec("flash_attn") is not None:
+            try:
+                from flash_attn import flash_attn_func, flash_attn_varlen_func
+
+                _flash_attn_modules = {"func": flash_attn_func, "varlen": flash_attn_varlen_func}
+            except ImportError as error:  # a broken build: say so once, then use SDPA
+                logger.warning(f"flash_attn is installed but does not import ({error}); using torch SDPA instead.")
+    return _flash_attn_modules
+
+
+def flash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding: torch.Tensor | None,
+    dropout_p: float,
+    window: int | None,
+) -> torch.Tensor:
+    """flash-attn 2 on CUDA fp16/bf16. `key_padding` (B, S) is True for real tokens; queries are the last T keys."""
+    fa = _flash_attn()
+    batch, _, q_len, _ = q.shape
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, T|S, nh, hs)
+    window_size = (window - 1, 0) if window is not None else (-1, -1)
+    if key_padding is None or bool(key_padding.all()):
+        return fa["func"](q, k, v, dropout_p=dropout_p, causal=True, window_size=window_size)
+    # Variable-length path: drop padded keys/queries, run packed, scatter the real queries back.
+    kv_len = k.shape[1]
+    q_valid = key_padding[:, kv_len - q_len :]
+    k_lens = key_padding.sum(-1, dtype=torch.int32)
+    q_lens = q_valid.sum(-1, dtype=torch.int32)
+    cu_k = F.pad(torch.cumsum(k_lens, 0, dtype=torch.int32), (1, 0))
+    cu_q = F.pad(torch.cumsum(q_lens, 0, dtype=torch.int32), (1, 0))
+    packed = fa["varlen"](
+        q[q_valid], k[key_padding], v[key_padding], cu_q, cu_k, int(q_lens.max()), int(k_lens.max()),
+        dropout_p=dropout_p, causal=True, window_size=window_size,
+    )
+    out = q.new_zeros(batch, q_len, *q.shape[2:])
+    out[q_valid] = packed
+    return out
+
+
+def causal_mask(
+    q_len: int, kv_len: int, window: int | None, device: torch.device, key_padding: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Boolean (B|1, 1, T, S) mask: query i (at key index S-T+i) sees keys j <= its index within `window`."""
+    q_index = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+    k_index = torch.arange(kv_len, device=device)[None, :]
+    allowed = k_index <= q_index
+    if window is not None:
+        allowed &= k_index > q_index - window
+    allowed = allowed[None, None]
+    if key_padding is not None:
+        allowed = allowed & key_padding[:, None, None, :]
+        # A left-padding query sees no key at all; let it see everything so softmax stays finite (its output is unused).
+        allowed = allowed | ~allowed.any(dim=-1, keepdim=True)
+    return allowed
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Blocks
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class QWenAttention(nn.Module):
+    def __init__(self, config: QWenConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.kv_channels
+        self.projection_size = config.kv_channels * config.num_attention_heads
+        self.window = config.layer_window(layer_idx)
+        self.c_attn = nn.Linear(config.hidden_size, 3 * self.projection_size)
+        self.c_proj = nn.Linear(self.projection_size, config.hidden_size, bias=not config.no_bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        logn: torch.Tensor | None,
+        layout: AttentionLayout,
+        cache: Cache | None,
+        output_attentions: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch, q_len, _ = x.shape
+        q, k, v = self.c_attn(x).split(self.projection_size, dim=2)
+        q = q.view(batch, q_len, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(batch, q_len, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(batch, q_len, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+            if k.size(-2) > layout.kv_len:  # preallocated caches return their whole buffer
+                k, v = k[:, :, : layout.kv_len], v[:, :, : layout.kv_len]
+        if logn is not None:
+            q = q * logn.type_as(q)
+
+        dropout_p = self.config.attn_dropout_prob if self.training else 0.0
+        weights = None
+        backend = layout.backend
+        if output_attentions:
+            backend = "eager"
+        if backend == "flash" and layout.prepared_mask is None:
+            out = flash_attention(q, k, v, layout.key_padding, dropout_p, self.window)
+        elif backend == "eager":
+            out, weights = eager_attention(q, k, v, layout.mask(self.window), dropout_p, self.config.softmax_in_fp32)
+        else:
+            out = sdpa_attention(q, k, v, layout.mask(self.window), dropout_p)
+        out = out.reshape(batch, q_len, self.projection_size)  # (B, T, nh*hs)
+        return self.c_proj(out), weights
+
+
+class QWenMLP(nn.Module):
+    def __init__(self, config: QWenConfig) -> None:
+        super().__init__()
+        ff_dim = config.intermediate_size // 2
+        self.w1 = nn.Linear(config.hidden_size, ff_dim, bias=not config.no_bias)
+        self.w2 = nn.Linear(config.hidden_size, ff_dim, bias=not config.no_bias)
+        self.c_proj = nn.Linear(ff_dim, config.hidden_size, bias=not config.no_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.w1(x) * F.silu(self.w2(x)))
+
+
+class QWenBlock(GradientCheckpointingLayer):
+    def __init__(self, config: QWenConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.ln_1 = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.attn = QWenAttention(config, layer_idx)
+        self.ln_2 = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.mlp = QWenMLP(config)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        logn: torch.Tensor | None = None,
+        layout: AttentionLayout | None = None,
+        cache: Cache | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attn_out, weights = self.attn(self.ln_1(x), rotary, logn, layout, cache, output_attentions)
+        x = x + attn_out
+        x = x + self.mlp(self.ln_2(x))
+        return x, weights
+
+
+class AttentionLayout:
+    """What every layer of one forward call needs to know about which keys each query may see.
+
+    Masks are built lazily, once per distinct window size, and only when plain causal attention is not enough
+    (padding, windows, or queries that are not the last `T` keys with `T == S`).
+    """
+
+    def __init__(
+        self,
+        q_len: int,
+        kv_len: int,
+        key_padding: torch.Tensor | None,
+        prepared_mask: torch.Tensor | None,
+        backend: str,
+        device: torch.device,
+    ) -> None:
+        self.q_len, self.kv_len = q_len, kv_len
+        self.key_padding = key_padding  # (B, S) bool, True = real token; None when nothing is padded
+        self.prepared_mask = prepared_mask  # (B|1, 1, T, S) bool from the caller (e.g. generate with a static cache)
+        self.backend = backend
+        self.device = device
+        self._masks: dict[int | None, torch.Tensor | None] = {}
+
+    def mask(self, window: int | None) -> torch.Tensor | None:
+        if window is not None and window >= self.kv_len:
+            window = None  # a window longer than the sequence changes nothing
+        if window not in self._masks:
+            if self.prepared_mask is not None:
+                mask = self.prepared_mask
+                if window is not None:
+                    mask = mask & causal_mask(self.q_len, self.kv_len, window, self.device)
+            elif self.key_padding is None and window is None:
+                mask = None
+            else:
+                mask = causal_mask(self.q_len, self.kv_len, window, self.device, self.key_padding)
+            self._masks[window] = mask
+        return self._masks[window]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class QWenPreTrainedModel(PreTrainedModel):
+    config_class = QWenConfig
+    config: QWenConfig
+    base_model_prefix = "transformer"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["QWenBlock"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _can_compile_fullgraph = False
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, RMSNorm):
+            init.ones_(module.weight)
+        # Output projections get the depth-scaled init of the released model (GPT-2 style).
+        if isinstance(module, (QWenAttention, QWenMLP)):
+            init.normal_(module.c_proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.num_hidden_layers))
+
+
+class QWenModel(QWenPreTrainedModel):
+    def __init__(self, config: QWenConfig) -> None:
+        super().__init__(config)
+        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.drop = nn.Dropout(config.emb_dropout_prob)
+        self.h = nn.ModuleList(QWenBlock(config, i) for i in range(config.num_hidden_layers))
+        self.ln_f = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.wte
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.wte = value
+
+    def _ntk_alphas(
+        self, cache: Cache | None, past_len: int, kv_len: int, key_padding_2d: torch.Tensor | None, batch: int
+    ) -> list[float]:
+        """NTK alpha per sequence: chosen from the prompt's length at prefill, then kept for every decoded token."""
+        if self.training or not self.config.use_dynamic_ntk:
+            return [1.0]
+        stored = getattr(cache, "qwen_ntk_alphas", None) if cache is not None else None
+        if past_len > 0 and stored is not None:
+            if len(stored) not in (1, batch):
+                raise ValueError(
+                    f"The KV cache was prefilled for {len(stored)} sequences but this call has {batch}; "
+                    "start a new cache after changing the batch."
+                )
+            return stored
+        seq_length = self.config.seq_length
+        if key_padding_2d is not None and kv_len > seq_length:
+            alphas = [ntk_alpha_for_length(int(n), seq_length) for n in key_padding_2d.sum(-1).tolist()]
+        else:
+            alphas = [ntk_alpha_for_length(kv_len, seq_length)]
+        if cache is not None:
+            cache.qwen_ntk_alphas = alphas
+        return alphas
+
+    def _backend(self, x: torch.Tensor) -> str:
+        requested = getattr(self.config, "_attn_implementation", None)
+        if requested == "eager":
+            return "eager"
+        wants_flash = requested == "flash_attention_2" or self.config.use_flash_attn in (True, "auto")
+        if wants_flash and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+            if _flash_attn():
+                return "flash"
+            if self.config.use_flash_attn is True or requested == "flash_attention_2":
+                logger.warning_once("use_flash_attn is set but flash-attn is not installed; using torch SDPA.")
+        return "sdpa"
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs: Any,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        cache = cache if cache is not None else past_key_values
+        if cache is not None and not isinstance(cache, Cache):
+            raise TypeError("The KV cache must be a transformers Cache (e.g. DynamicCache), not legacy tuples.")
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            use_cache = False
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = (
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
+
+        x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
+        batch, q_len = x.shape[:2]
+        past_len = int(cache.get_seq_length()) if cache is not None else 0
+        kv_len = past_len + q_len
+
+        key_padding_2d, prepared_mask = None, None
+        if attention_mask is not None and attention_mask.dim() == 4:
+            prepared = attention_mask[..., -q_len:, :kv_len]
+            prepared_mask = prepared if prepared.dtype == torch.bool else prepared > torch.finfo(prepared.dtype).min / 2
+        elif attention_mask is not None:
+            key_padding_2d = attention_mask[:, -kv_len:].bool()
+        if position_ids is None:
+            position_ids = torch.arange(past_len, kv_len, device=x.device).unsqueeze(0).expand(batch, -1)
+        key_padding = None if key_padding_2d is None or bool(key_padding_2d.all()) else key_padding_2d
+        layout = AttentionLayout(q_len, kv_len, key_padding, prepared_mask, self._backend(x), x.device)
+
+        alphas = self._ntk_alphas(cache, past_len, kv_len, key_padding_2d, batch)
+        inv_freq = torch.stack(
+            [rotary_inv_freq(self.config.rotary_dim, self.config.rotary_emb_base, a, x.device) for a in alphas]
+        )  # (1|B, rotary_dim/2)
+        rotary = rotary_cos_sin(position_ids, inv_freq)
+        logn = None
+        if self.config.use_logn_attn and not self.training and int(position_ids.max()) + 1 > self.config.seq_length:
+            logn = logn_scale(position_ids, self.config.seq_length)
+
+        x = self.drop(x)
+        all_hidden = [] if output_hidden_states else None
+        all_attn = [] if output_attentions else None
+        for block in self.h:
+            if all_hidden is not None:
+                all_hidden.append(x)
+            x, weights = block(x, rotary, logn, layout, cache if use_cache else None, output_attentions)
+            if all_attn is not None:
+                all_attn.append(weights)
+        x = self.ln_f(x)
+        if all_hidden is not None:
+            all_hidden.append(x)
+        return BaseModelOutputWithPast(
+            last_hidden_state=x,
+            cache=cache if use_cache else None,
+            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+            attentions=tuple(all_attn) if all_attn is not None else None,
+        )
+
+
+class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
+    def __init__(self, config: QWenConfig) -> None:
+        super().__init__(config)
+        self.transformer = QWenModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any) -> QWenLMHeadModel:
+        """transformers' `from_pretrained`, plus the released precision flags `bf16=True` / `fp16=True` / `fp32=True`.
+
+        Without a flag or `dtype`, the precision is chosen like the released model: bf16 on a CUDA GPU that supports
+        it, else fp16 on CUDA, else fp32; a model placed on the CPU (`device_map="cpu"` or no GPU) runs in fp32.
+        """
+        if kwargs.get("dtype") is None and kwargs.get("torch_dtype") is None:
+            flags = {name: kwargs.get(name) for name in ("bf16", "fp16", "fp32")}
+            if not any(flags.values()):
+                config = kwargs.get("config")
+                if not isinstance(config, QWenConfig):
+                    config = QWenConfig.from_pretrained(
+                        pretrained_model_name_or_path,
+                        **{k: kwargs[k] for k in ("revision", "cache_dir", "local_files_only", "token") if k in kwargs},
+                    )
+                flags = {name: getattr(config, name, False) for name in ("bf16", "fp16", "fp32")}
+            kwargs["dtype"] = resolve_dtype(**flags, device_map=kwargs.get("device_map"))
+        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model.config.bf16 = model.dtype == torch.bfloat16
+        model.config.fp16 = model.dtype == torch.float16
+        model.config.fp32 = model.dtype == torch.float32
+        return model
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int = 0,
+        past_key_values: Cache | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast | tuple:
+        outputs = self.transformer(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache if cache is not None else past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        hidden = outputs.last_hidden_state
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            # Shifted next-token cross entropy in fp32; -100 marks positions without a target.
+            shift_logits = logits[..., :-1, :].float().reshape(-1, logits.size(-1))
+            shift_labels = labels[..., 1:].to(logits.device).reshape(-1)
+            loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+        result = CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+        if return_dict is False:
+            return result.to_tuple()
+        return result
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Generation with stop words, and the chat interface of the original README
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def generate(
+        self,
+        inputs: torch.Tensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        logits_processor: LogitsProcessorList | None = None,
+        stop_words_ids: list[list[int]] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """transformers' `generate`, plus the released `stop_words_ids` (argument or generation_config field).
+
+        When a generated sequence ends with one of the stop sequences, its next token is forced to `eos_token_id`,
+        as the released model does, so outputs are token-for-token those of the original code.
+        """
+        generation_config = generation_config if generation_config is not None else self.generation_config
+        if stop_words_ids is None:
+            stop_words_ids = getattr(generation_config, "stop_words_ids", None)
+        if stop_words_ids:
+            eos = kwargs.get("eos_token_id", generation_config.eos_token_id)
+            if isinstance(eos, (list, tuple)):
+                eos = eos[0]
+            processors = LogitsProcessorList(logits_processor or [])
+            processors.append(StopWordsLogitsProcessor(stop_words_ids=stop_words_ids, eos_token_id=eos))
+            logits_processor = processors
+        return super().generate(inputs, generation_config=generation_config, logits_processor=logits_processor, **kwargs)
+
+    def _chat_inputs(
+        self,
+        tokenizer: Any,
+        query: str,
+        history: HistoryType | None,
+        system: str,
+        stop_words_ids: list[list[int]] | None,
+        generation_config: GenerationConfig | None,
+        kwargs: dict[str, Any],
+    ) -> tuple[GenerationConfig, torch.Tensor, list[list[int]]]:
+        generation_config = generation_config if generation_config is not None else self.generation_config
+        chat_format = getattr(generation_config, "chat_format", "chatml")
+        if chat_format != "chatml":
+            raise ValueError(
+                f"chat() needs a chat model: this checkpoint's generation_config.json has chat_format={chat_format!r}, "
+                "which marks a base (pretrained) model. Use a -Chat checkpoint, or call generate() on a base model."
+            )
+        max_window_size = kwargs.pop("max_window_size", None) or getattr(generation_config, "max_window_size", None)
+        _, context_tokens = make_context(
+            tokenizer, query, history=history or [], system=system, max_window_size=max_window_size or 6144,
+            chat_format=chat_format,
+        )
+        stop_words_ids = list(stop_words_ids or []) + get_stop_words_ids(chat_format, tokenizer)
+        input_ids = torch.tensor([context_tokens], device=self.device)
+        return generation_config, input_ids, stop_words_ids
+
+    def chat(
+        self,
+        tokenizer: Any,
+        query: str,
+        history: HistoryType | None = None,
+        system: str = DEFAULT_SYSTEM_PROMPT,
+        generation_config: GenerationConfig | None = None,
+        stop_words_ids: list[list[int]] | None = None,
+        append_history: bool = True,
+        **kwargs: Any,
+    ) -> tuple[str, HistoryType]:
+        """One chat turn: returns the reply and the history with (query, reply) appended."""
+        if "stream" in kwargs:
+            raise TypeError("chat(stream=True) was removed in the original too; use chat_stream(...) instead.")
+        history = [] if history is None else history
+        generation_config, input_ids, stop_words_ids = self._chat_inputs(
+            tokenizer, query, history, system, stop_words_ids, generation_config, kwargs
+        )
+        outputs = self.generate(
+            input_ids, generation_config=generation_config, stop_words_ids=stop_words_ids, **kwargs
+        )
+        response = decode_tokens(
+            outputs[0], tokenizer, context_length=input_ids.shape[1], chat_format="chatml", errors="replace"
+        )
+        if append_history:
+            history.append((query, response))
+        return response, history
+
+    def chat_stream(
+        self,
+        tokenizer: Any,
+        query: str,
+        history: HistoryType | None = None,
+        system: str = DEFAULT_SYSTEM_PROMPT,
+        generation_config: GenerationConfig | None = None,
+        stop_words_ids: list[list[int]] | None = None,
+        logits_processor: LogitsProcessorList | None = None,
+        **kwargs: Any,
+    ) -> Iterator[str]:
+        """Yield the reply as it grows (each item is the whole reply so far), like the released `chat_stream`.
+
+        Generation runs in a background thread feeding a transformers streamer; closing the iterator early stops it.
+        """
+        generation_config, input_ids, stop_words_ids = self._chat_inputs(
+            tokenizer, query, history, system, stop_words_ids, generation_config, kwargs
+        )
+        streamer = TokenQueueStreamer()
+        stop_event = threading.Event()
+        stopping = StoppingCriteriaList(kwargs.pop("stopping_criteria", None) or [])
+        stopping.append(_EventStoppingCriteria(stop_event))
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                self.generate(
+                    input_ids, generation_config=generation_config, stop_words_ids=stop_words_ids,
+                    logits_processor=logits_processor, stopping_criteria=stopping, streamer=streamer, **kwargs,
+                )
+            except BaseException as error:  # re-raised in the consumer's thread below
+                failure.append(error)
+            finally:
+                streamer.end()
+
+        worker = threading.Thread(target=run, name="qwen-chat-stream", daemon=True)
+        worker.start()
+        stop_ids = {tokenizer.im_start_id, tokenizer.im_end_id, tokenizer.eod_id}
+        generated: list[int] = []
+        try:
+            last = ""
+            for token_ids in streamer:
+                if any(t in stop_ids for t in token_ids):
+                    generated.extend(t for t in token_ids if t not in stop_ids)
+                    stop_event.set()
+                else:
+                    generated.extend(token_ids)
+                # errors="ignore" holds back a character until all of its UTF-8 bytes have arrived.
+                text = tokenizer.decode(generated, skip_special_tokens=True, errors="ignore")
+                if text != last:
+                    last = text
+                    yield text
+                if stop_event.is_set():
+                    break
+        finally:
+            stop_event.set()
+            worker.join()
+        if failure:
+            raise failure[0]
+
+
+class TokenQueueStreamer(BaseStreamer):
+    """A transformers streamer that hands newly generated token ids to another thread; the prompt is skipped."""
+
+    _END = object()
+
+    def __init__(self) -> None:
+        import queue
+
+        self._queue: queue.Queue = queue.Queue()
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        self._queue.put(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        self._queue.put(self._END)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        while True:
+            item = self._queue.get()
+            if item is self._END:
+                return
+            yield item
+
+
+class _EventStoppingCriteria(StoppingCriteria):
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def resolve_dtype(
+    bf16: bool | None = None, fp16: bool | None = None, fp32: bool | None = None, device_map: Any = None
+) -> torch.dtype:
+    """The torch dtype for the released precision flags; at most one may be set."""
+    if sum(bool(flag) for flag in (bf16, fp16, fp32)) > 1:
+        raise ValueError("Pass only one of bf16=True, fp16=True, fp32=True.")
+    on_cpu = not torch.cuda.is_available() or device_map == "cpu" or device_map == {"": "cpu"}
+    if bf16:
+        if torch.cuda.is_available() and not on_cpu and not torch.cuda.is_bf16_supported():
+            raise ValueError("This GPU does not support bf16; load with fp16=True (or fp32=True) instead.")
+        return torch.bfloat16
+    if fp16:
+        if on_cpu:
+            logger.warning("fp16 on the CPU is slow and some kernels lack it; prefer bf16=True or fp32=True there.")
+        return torch.float16
+    if fp32 or on_cpu:
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+__all__ = ["QWenLMHeadModel", "QWenModel", "QWenPreTrainedModel", "RMSNorm", "resolve_dtype"]
