@@ -59,6 +59,13 @@ BASE_GENERATION_CONFIG = {
 }
 
 
+# Generic fields that transformers adds to every config; released Qwen configs do not carry them.
+_TRANSFORMERS_BOOKKEEPING = (
+    "output_hidden_states", "output_attentions", "return_dict", "chunk_size_feed_forward", "is_encoder_decoder",
+    "id2label", "label2id", "problem_type",
+)
+
+
 def config_for_size(size: str, **overrides: Any) -> QWenConfig:
     if size not in SIZES:
         raise ValueError(f"Unknown size {size!r}; choose one of {', '.join(SIZES)}.")
@@ -71,7 +78,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 def _released_config_dict(config: QWenConfig, dtype: torch.dtype) -> dict[str, Any]:
     data = config.to_dict()
-    for key in ("dtype", "torch_dtype", "transformers_version"):
+    for key in ("dtype", "torch_dtype", "transformers_version", "_name_or_path", *_TRANSFORMERS_BOOKKEEPING):
         data.pop(key, None)
     data["architectures"] = ["QWenLMHeadModel"]
     data["auto_map"] = dict(AUTO_MAP_CONFIG)

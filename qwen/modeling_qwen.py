@@ -14,6 +14,7 @@ This file is also copied into checkpoint folders for `trust_remote_code=True`: i
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import math
 import threading
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation.logits_process import LogitsProcessorList
@@ -512,7 +513,8 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
             flags = {name: kwargs.get(name) for name in ("bf16", "fp16", "fp32")}
             if not any(flags.values()):
                 config = kwargs.get("config")
-                if not isinstance(config, QWenConfig):
+                # Not isinstance(QWenConfig): under trust_remote_code the config class comes from another module copy.
+                if not isinstance(config, PretrainedConfig):
                     config = QWenConfig.from_pretrained(
                         pretrained_model_name_or_path,
                         **{k: kwargs[k] for k in ("revision", "cache_dir", "local_files_only", "token") if k in kwargs},
@@ -595,11 +597,13 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         When a generated sequence ends with one of the stop sequences, its next token is forced to `eos_token_id`,
         as the released model does, so outputs are token-for-token those of the original code.
         """
-        generation_config = generation_config if generation_config is not None else self.generation_config
+        # Generation arguments given next to a config (as `chat(..., top_p=0.5)` does) override a copy of it.
+        generation_config = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
+        kwargs = generation_config.update(**kwargs)
         if stop_words_ids is None:
             stop_words_ids = getattr(generation_config, "stop_words_ids", None)
         if stop_words_ids:
-            eos = kwargs.get("eos_token_id", generation_config.eos_token_id)
+            eos = generation_config.eos_token_id
             if isinstance(eos, (list, tuple)):
                 eos = eos[0]
             processors = LogitsProcessorList(logits_processor or [])

@@ -1,0 +1,406 @@
+"""Tokenizer of the Qwen (v1) models: byte-level BPE run by tiktoken over the released `qwen.tiktoken` vocabulary.
+
+This file must keep working when copied alone into a checkpoint folder and loaded with
+`AutoTokenizer.from_pretrained(folder, trust_remote_code=True)`, so it imports only the standard library,
+`tiktoken` and `transformers`.
+
+Behaviour follows the released Qwen tokenizer: text is NFC-normalized, special-token strings in text become
+special tokens unless told otherwise (`allowed_special="all"`), `tokenize()` returns `bytes` for BPE tokens and `str`
+for special tokens, and decoding returns exactly what tiktoken decodes.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import logging
+import os
+import unicodedata
+from collections.abc import Collection, Iterable
+from typing import Any, Literal
+
+import tiktoken
+from transformers import AddedToken, BatchEncoding, PreTrainedTokenizer
+
+logger = logging.getLogger(__name__)
+
+VOCAB_FILE_NAME = "qwen.tiktoken"
+# Where `save_vocabulary` keeps tokens that came from an `extra_vocab_file`, so that `qwen.tiktoken` itself always
+# stays the released file and passes the integrity check when loaded back.
+EXTRA_VOCAB_FILE_NAME = "qwen_extra.tiktoken"
+QWEN_TIKTOKEN_SHA256 = "b2b1b8dfb5cc5f024bafc373121c6aba3f66f9a5a0269e243470a1de16a33186"
+
+# The pre-tokenization regex of the released tokenizer, unchanged.
+PAT_STR = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+
+ENDOFTEXT = "<|endoftext|>"
+IMSTART = "<|im_start|>"
+IMEND = "<|im_end|>"
+EXTRA_SPECIAL_TOKENS = tuple(f"<|extra_{i}|>" for i in range(205))
+# Order matters: the ids are assigned in this order right after the last BPE rank.
+SPECIAL_TOKENS = (ENDOFTEXT, IMSTART, IMEND) + EXTRA_SPECIAL_TOKENS
+
+FETCH_HINT = (
+    "Fetch the released file once with `python -m qwen.vocab fetch` (from the qwen package) or copy qwen.tiktoken "
+    "from a released Qwen checkpoint folder."
+)
+
+AllowedSpecial = Literal["all"] | Collection[str]
+DisallowedSpecial = Literal["all"] | Collection[str]
+
+
+def _read_tiktoken_file(path: str | os.PathLike, missing_hint: str = FETCH_HINT) -> dict[bytes, int]:
+    """Parse a `base64(token_bytes) rank` file, checking the released file's sha256 when it is named `qwen.tiktoken`."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"The vocabulary file {path} does not exist. {missing_hint}".rstrip()) from None
+
+    # Only the exact name is checked: other names are custom or extra vocabularies the user chose on purpose.
+    if os.path.basename(path) == VOCAB_FILE_NAME and hashlib.sha256(data).hexdigest() != QWEN_TIKTOKEN_SHA256:
+        raise ValueError(
+            f"{path} is damaged or is not the released Qwen vocabulary (its sha256 is not {QWEN_TIKTOKEN_SHA256}). "
+            f"Delete it and get it again. {FETCH_HINT}"
+        )
+
+    try:
+        # Fast path for well-formed files; anything odd is re-read below to report the exact line.
+        lines = [line for line in data.splitlines() if line]
+        ranks = {binascii.a2b_base64(token, strict_mode=True): int(rank) for token, rank in map(bytes.split, lines)}
+        if len(ranks) == len(lines) and min(ranks.values(), default=0) >= 0:
+            return ranks
+    except (ValueError, TypeError):  # binascii.Error is a ValueError
+        pass
+    return _parse_tiktoken_lines(path, data)
+
+
+def _parse_tiktoken_lines(path: str, data: bytes) -> dict[bytes, int]:
+    ranks: dict[bytes, int] = {}
+    for line_number, line in enumerate(data.splitlines(), start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        try:
+            if len(fields) != 2:
+                raise ValueError(f"expected 2 fields, found {len(fields)}")
+            token = base64.b64decode(fields[0], validate=True)
+            rank = int(fields[1])
+            if rank < 0:
+                raise ValueError("the rank is negative")
+            if token in ranks:
+                raise ValueError(f"the token {token!r} already appeared with rank {ranks[token]}")
+        except ValueError as error:
+            raise ValueError(
+                f"{path}, line {line_number}: malformed vocabulary entry {line[:80]!r} ({error}); "
+                "each line must be `base64(token_bytes) rank`."
+            ) from None
+        ranks[token] = rank
+    return ranks
+
+
+class QWenTokenizer(PreTrainedTokenizer):
+    """Qwen (v1) tokenizer backed by tiktoken.
+
+    Args:
+        vocab_file: the released `qwen.tiktoken`.
+        errors: how undecodable UTF-8 is handled when decoding (`"replace"`, `"ignore"`, `"strict"`).
+        extra_vocab_file: optional second file in the same format; its entries are added when neither the token nor
+            its rank is already used.
+        **kwargs: passed to `transformers.PreTrainedTokenizer` (`pad_token`, `padding_side`, `model_max_length`, ...).
+            `pad_token` defaults to `<|endoftext|>`, since the released configs define none.
+    """
+
+    vocab_files_names = {"vocab_file": VOCAB_FILE_NAME}
+    model_input_names = ["input_ids", "attention_mask"]
+
+    def __init__(
+        self,
+        vocab_file: str | os.PathLike | None,
+        errors: str = "replace",
+        extra_vocab_file: str | os.PathLike | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if vocab_file is None:
+            where = kwargs.get("name_or_path") or "the given location"
+            raise FileNotFoundError(f"No {VOCAB_FILE_NAME} was found in {where}. {FETCH_HINT}")
+
+        self.errors = errors
+        self.mergeable_ranks = _read_tiktoken_file(vocab_file)
+        first_special_id = len(self.mergeable_ranks)
+        self.special_tokens = {token: index for index, token in enumerate(SPECIAL_TOKENS, start=first_special_id)}
+
+        self._extra_ranks: dict[bytes, int] = {}
+        if extra_vocab_file is not None:
+            self._extra_ranks = self._merge_extra_vocab(self._resolve_extra_vocab_file(extra_vocab_file, vocab_file))
+
+        self.tokenizer = tiktoken.Encoding(
+            "Qwen", pat_str=PAT_STR, mergeable_ranks=self.mergeable_ranks, special_tokens=self.special_tokens
+        )
+        self._id_to_token: dict[int, bytes | str] = {rank: token for token, rank in self.mergeable_ranks.items()}
+        self._id_to_token.update({index: token for token, index in self.special_tokens.items()})
+        self._extra_ids = frozenset(self._extra_ranks.values())
+
+        self.eod_id = self.special_tokens[ENDOFTEXT]
+        self.im_start_id = self.special_tokens[IMSTART]
+        self.im_end_id = self.special_tokens[IMEND]
+
+        # Registering the special tokens as added tokens lets transformers' generic code see them (get_added_vocab,
+        # apply_chat_template(sanitize_control_tokens=True)); encoding never goes through the added-token trie.
+        self._check_saved_added_tokens(kwargs.pop("added_tokens_decoder", None) or {})
+        self._added_tokens_decoder = {
+            index: AddedToken(token, lstrip=False, rstrip=False, normalized=False, special=True)
+            for token, index in self.special_tokens.items()
+        }
+
+        # The released configs define no pad token; without one `padding=True` fails, so borrow <|endoftext|> as the
+        # released training code did. An explicit `pad_token=None` is respected.
+        kwargs.setdefault("pad_token", ENDOFTEXT)
+        super().__init__(errors=errors, **kwargs)
+
+        # Saved configs name the extra file relative to the saved folder (see save_vocabulary), never an absolute path.
+        if self._extra_ranks:
+            self.init_kwargs["extra_vocab_file"] = EXTRA_VOCAB_FILE_NAME
+        else:
+            self.init_kwargs.pop("extra_vocab_file", None)
+
+    @staticmethod
+    def _resolve_extra_vocab_file(extra_vocab_file: str | os.PathLike, vocab_file: str | os.PathLike) -> str:
+        extra_vocab_file = os.fspath(extra_vocab_file)
+        if not os.path.isabs(extra_vocab_file):
+            # A config written by save_pretrained names the file next to qwen.tiktoken.
+            sibling = os.path.join(os.path.dirname(os.fspath(vocab_file)), extra_vocab_file)
+            if os.path.isfile(sibling):
+                return sibling
+        return extra_vocab_file
+
+    def _merge_extra_vocab(self, extra_vocab_file: str) -> dict[bytes, int]:
+        used_ranks = set(self.mergeable_ranks.values()) | set(self.special_tokens.values())
+        accepted: dict[bytes, int] = {}
+        for token, rank in _read_tiktoken_file(extra_vocab_file, missing_hint="").items():
+            if token in self.mergeable_ranks:
+                logger.info(
+                    "extra token %r is already in the vocabulary (id %d), skipping", token, self.mergeable_ranks[token]
+                )
+                continue
+            if rank in used_ranks:
+                logger.info("extra token %r: its rank %d is already used, skipping", token, rank)
+                continue
+            self.mergeable_ranks[token] = rank
+            used_ranks.add(rank)
+            accepted[token] = rank
+        return accepted
+
+    def _check_saved_added_tokens(self, added_tokens_decoder: dict[int, Any]) -> None:
+        """A saved config may list added tokens; only the built-in special tokens at their own ids can be honoured."""
+        for index, token in added_tokens_decoder.items():
+            content = token.get("content") if isinstance(token, dict) else str(token)
+            if self.special_tokens.get(content) != int(index):
+                raise ValueError(
+                    f"The tokenizer config adds the token {content!r} with id {index}, but QWenTokenizer cannot add "
+                    "tokens: its vocabulary is fixed by qwen.tiktoken and the model's embeddings. Remove it from "
+                    "`added_tokens_decoder` in tokenizer_config.json."
+                )
+
+    @classmethod
+    def _from_pretrained(cls, resolved_vocab_files, pretrained_model_name_or_path, *args, **kwargs):
+        # transformers turns any OSError raised by __init__ into a generic "Unable to load vocabulary" message, which
+        # would hide which file is missing and how to get it.
+        if resolved_vocab_files.get("vocab_file") is None and kwargs.get("vocab_file") is None:
+            raise FileNotFoundError(f"No {VOCAB_FILE_NAME} was found in {pretrained_model_name_or_path}. {FETCH_HINT}")
+        return super()._from_pretrained(resolved_vocab_files, pretrained_model_name_or_path, *args, **kwargs)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Vocabulary
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.n_vocab
+
+    def __len__(self) -> int:
+        return self.tokenizer.n_vocab
+
+    def _update_total_vocab_size(self) -> None:
+        # The base class would count get_vocab() every time tokens are registered; the size is fixed here.
+        self.total_vocab_size = self.tokenizer.n_vocab
+
+    def get_vocab(self) -> dict[bytes | str, int]:
+        """Token → id, keyed like `tokenize()` output: `bytes` for BPE tokens, `str` for special tokens."""
+        vocab: dict[bytes | str, int] = dict(self.mergeable_ranks)
+        vocab.update(self.special_tokens)
+        return vocab
+
+    def _reject_new_tokens(self, tokens: Iterable[str | AddedToken]) -> None:
+        for token in tokens:
+            if str(token) not in self.special_tokens:
+                raise ValueError(
+                    f"Cannot add the token {str(token)!r}: QWenTokenizer's vocabulary is fixed by qwen.tiktoken and "
+                    "the model's embeddings. Use one of its reserved special tokens instead (<|extra_0|> ... "
+                    "<|extra_204|>)."
+                )
+
+    def _add_tokens(self, new_tokens: Iterable[str | AddedToken] | None, special_tokens: bool = False) -> int:
+        self._reject_new_tokens(new_tokens or ())
+        # Every special token string already has its id, so "adding" one changes nothing.
+        return 0
+
+    def add_special_tokens(self, special_tokens_dict: dict[str, Any], replace_extra_special_tokens: bool = True) -> int:
+        # The base class assigns pad_token & co. before adding the tokens; checking first keeps a refused call from
+        # leaving the tokenizer pointing at a token it does not have.
+        for value in (special_tokens_dict or {}).values():
+            self._reject_new_tokens(value if isinstance(value, (list, tuple)) else [value])
+        return super().add_special_tokens(special_tokens_dict, replace_extra_special_tokens)
+
+    def convert_tokens_to_ids(self, tokens: bytes | str | Iterable[bytes | str]) -> int | list[int]:
+        if isinstance(tokens, (bytes, str)):
+            return self._convert_token_to_id(tokens)
+        return [self._convert_token_to_id(token) for token in tokens]
+
+    def _convert_token_to_id(self, token: bytes | str) -> int:
+        if isinstance(token, str):
+            if token in self.special_tokens:
+                return self.special_tokens[token]
+            token_bytes = token.encode("utf-8")
+        else:
+            token_bytes = token
+        rank = self.mergeable_ranks.get(token_bytes)
+        if rank is None:
+            raise ValueError(f"{token!r} is not a token of the Qwen vocabulary.")
+        return rank
+
+    def convert_ids_to_tokens(
+        self, ids: int | Iterable[int], skip_special_tokens: bool = False
+    ) -> bytes | str | list[bytes | str]:
+        """`bytes` for BPE ids, `str` for special-token ids, as `tokenize()` returns them."""
+        if not isinstance(ids, Iterable):
+            return self._convert_id_to_token(int(ids))
+        ids = [int(index) for index in ids]
+        if skip_special_tokens:
+            ids = self._drop_special_ids(ids)
+        return [self._convert_id_to_token(index) for index in ids]
+
+    def _convert_id_to_token(self, index: int) -> bytes | str:
+        token = self._id_to_token.get(index)
+        if token is None:
+            raise ValueError(
+                f"{index} is not a token id of the Qwen vocabulary (valid ids: 0 to {self.vocab_size - 1})."
+            )
+        return token
+
+    def convert_tokens_to_string(self, tokens: Iterable[bytes | str]) -> str:
+        # Tokens are byte pieces that may split a UTF-8 character, so join bytes first and decode once.
+        joined = b"".join(token.encode("utf-8") if isinstance(token, str) else token for token in tokens)
+        return joined.decode("utf-8", errors=self.errors)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Encoding
+
+    def _text_to_ids(
+        self,
+        text: str,
+        allowed_special: AllowedSpecial = "all",
+        disallowed_special: DisallowedSpecial = (),
+        split_special_tokens: bool = False,
+    ) -> list[int]:
+        if split_special_tokens:
+            allowed_special, disallowed_special = set(), ()
+        # The check is far cheaper than normalize() on the common, already normalized input.
+        if not unicodedata.is_normalized("NFC", text):
+            text = unicodedata.normalize("NFC", text)
+        return self.tokenizer.encode(text, allowed_special=allowed_special, disallowed_special=disallowed_special)
+
+    def tokenize(
+        self,
+        text: str,
+        allowed_special: AllowedSpecial = "all",
+        disallowed_special: DisallowedSpecial = (),
+        **kwargs: Any,
+    ) -> list[bytes | str]:
+        """Split `text` into tokens: `bytes` for BPE tokens, `str` for special tokens.
+
+        `allowed_special` / `disallowed_special` have tiktoken's meaning; the default turns special-token strings in
+        the text into special tokens, as the released tokenizer did. `split_special_tokens=True` encodes them as text.
+        """
+        split_special_tokens = bool(kwargs.get("split_special_tokens", self.split_special_tokens))
+        ids = self._text_to_ids(text, allowed_special, disallowed_special, split_special_tokens)
+        return [self._id_to_token[index] for index in ids]
+
+    def _encode_plus(self, text, text_pair=None, is_split_into_words: bool = False, **kwargs: Any) -> BatchEncoding:
+        # The base class would go text -> tokenize() -> token bytes -> convert_tokens_to_ids(); going straight from
+        # text to tiktoken ids and handing the ids over skips two Python-level passes over every token.
+        # Empty strings are left to the base class, which would read an empty id list as an empty batch.
+        if not is_split_into_words and not kwargs.get("sanitize_control_tokens"):
+            options = {
+                "allowed_special": kwargs.get("allowed_special", "all"),
+                "disallowed_special": kwargs.get("disallowed_special", ()),
+                "split_special_tokens": bool(kwargs.get("split_special_tokens", self.split_special_tokens)),
+            }
+            if isinstance(text, str) and text:
+                text = self._text_to_ids(text, **options)
+            if isinstance(text_pair, str) and text_pair:
+                text_pair = self._text_to_ids(text_pair, **options)
+        return super()._encode_plus(text, text_pair=text_pair, is_split_into_words=is_split_into_words, **kwargs)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Decoding
+
+    def _drop_special_ids(self, ids: list[int]) -> list[int]:
+        # Ids from eod_id up are special tokens, padding rows of the embedding or tokens an extra vocab file added;
+        # only the last kind is text.
+        return [index for index in ids if index < self.eod_id or index in self._extra_ids]
+
+    def _decode(
+        self,
+        token_ids: int | list[int],
+        skip_special_tokens: bool = False,
+        errors: str | None = None,
+        **kwargs: Any,
+    ) -> str:
+        # `clean_up_tokenization_spaces` (set true in the released Qwen-72B config) is deliberately ignored: it edits
+        # spaces before punctuation, so "Hello , world" would not decode to what was encoded.
+        if isinstance(token_ids, int):
+            token_ids = [token_ids]
+        if skip_special_tokens:
+            token_ids = self._drop_special_ids(token_ids)
+        try:
+            return self.tokenizer.decode(token_ids, errors=errors or self.errors)
+        except (KeyError, OverflowError):
+            unknown = [index for index in token_ids if index not in self._id_to_token]
+            raise ValueError(
+                f"Cannot decode ids that are not in the Qwen vocabulary: {unknown[:10]} "
+                f"(valid ids: 0 to {self.vocab_size - 1})."
+            ) from None
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Saving
+
+    def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str, ...]:
+        """Write `qwen.tiktoken` (plus `qwen_extra.tiktoken` when an extra vocabulary is in use)."""
+        prefix = f"{filename_prefix}-" if filename_prefix else ""
+        extra_tokens = self._extra_ranks
+        base = {token: rank for token, rank in self.mergeable_ranks.items() if token not in extra_tokens}
+
+        vocab_path = os.path.join(save_directory, prefix + VOCAB_FILE_NAME)
+        data = self._serialize_ranks(base)
+        if hashlib.sha256(data).hexdigest() != QWEN_TIKTOKEN_SHA256:
+            logger.warning(
+                "%s is not the released Qwen vocabulary; loading it back under that name fails the integrity check.",
+                vocab_path,
+            )
+        with open(vocab_path, "wb") as handle:
+            handle.write(data)
+        saved = [vocab_path]
+
+        if extra_tokens:
+            extra_path = os.path.join(save_directory, prefix + EXTRA_VOCAB_FILE_NAME)
+            with open(extra_path, "wb") as handle:
+                handle.write(self._serialize_ranks(extra_tokens))
+            saved.append(extra_path)
+        return tuple(saved)
+
+    @staticmethod
+    def _serialize_ranks(ranks: dict[bytes, int]) -> bytes:
+        by_rank = sorted(ranks.items(), key=lambda item: item[1])
+        return b"".join(base64.b64encode(token) + b" " + str(rank).encode("ascii") + b"\n" for token, rank in by_rank)

@@ -1,0 +1,147 @@
+"""Checkpoint folders in the released layout: our classes, Auto classes, remote code, old configs, dtypes, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from qwen import QWenLMHeadModel, QWenTokenizer
+from qwen.checkpoint import REMOTE_CODE_FILES, install_code, write_random_checkpoint
+
+PROMPT_IDS = torch.tensor([[151644, 8948, 198, 2610, 525, 264, 10950, 17847, 13, 151645, 198, 9707, 11, 1879, 0]])
+
+
+def logits_of(model: QWenLMHeadModel) -> torch.Tensor:
+    with torch.no_grad():
+        return model(PROMPT_IDS, use_cache=False).logits.float()
+
+
+def test_folder_has_released_files_only(tiny_chat_dir):
+    names = sorted(p.name for p in tiny_chat_dir.iterdir())
+    assert names == ["config.json", "generation_config.json", "model.safetensors", "qwen.tiktoken",
+                     "tokenizer_config.json"]
+    config = json.loads((tiny_chat_dir / "config.json").read_text())
+    assert config["model_type"] == "qwen" and config["architectures"] == ["QWenLMHeadModel"]
+    assert "id2label" not in config
+
+
+def test_our_classes_load_the_folder(tiny_chat_dir, tiny_chat_model):
+    assert isinstance(tiny_chat_model, QWenLMHeadModel)
+    assert tiny_chat_model.dtype == torch.float32
+    assert tiny_chat_model.generation_config.chat_format == "chatml"
+    tokenizer = QWenTokenizer.from_pretrained(tiny_chat_dir)
+    assert tokenizer.encode("Hello, world!") == [9707, 11, 1879, 0]
+
+
+def test_auto_classes_without_remote_code(tiny_chat_dir, tiny_chat_model):
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_dir)
+    assert type(model) is QWenLMHeadModel and type(tokenizer) is QWenTokenizer
+    torch.testing.assert_close(logits_of(model), logits_of(tiny_chat_model), atol=0, rtol=0)
+
+
+def test_sharded_safetensors_and_pytorch_bin_load_the_same_weights(tmp_path, tiny_chat_dir, tiny_chat_model):
+    sharded = write_random_checkpoint(tmp_path / "sharded", size="tiny", seed=0, max_shard_size="5MB")
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    torch.testing.assert_close(logits_of(QWenLMHeadModel.from_pretrained(sharded)), logits_of(tiny_chat_model))
+
+    as_bin = tmp_path / "bin"
+    shutil.copytree(tiny_chat_dir, as_bin)
+    (as_bin / "model.safetensors").unlink()
+    torch.save(tiny_chat_model.state_dict(), as_bin / "pytorch_model.bin")
+    torch.testing.assert_close(logits_of(QWenLMHeadModel.from_pretrained(as_bin)), logits_of(tiny_chat_model))
+
+
+def test_aug_2023_field_names_load_the_same_model(tmp_path, tiny_chat_dir, tiny_chat_model):
+    old = tmp_path / "old"
+    shutil.copytree(tiny_chat_dir, old)
+    config = json.loads((old / "config.json").read_text())
+    renames = {"hidden_size": "n_embd", "num_attention_heads": "n_head", "num_hidden_layers": "n_layer",
+               "intermediate_size": "ffn_hidden_size", "max_position_embeddings": "n_positions",
+               "emb_dropout_prob": "embd_pdrop", "attn_dropout_prob": "attn_pdrop"}
+    for current, legacy in renames.items():
+        config[legacy] = config.pop(current)
+    config.update(padded_vocab_size=config["vocab_size"], activation="swiglu", pos_emb="rotary",
+                  apply_residual_connection_post_layernorm=False, params_dtype="torch.bfloat16", resid_pdrop=0.1)
+    (old / "config.json").write_text(json.dumps(config))
+    model = AutoModelForCausalLM.from_pretrained(old)
+    assert model.config.hidden_size == 32 and model.config.num_hidden_layers == 2
+    torch.testing.assert_close(logits_of(model), logits_of(tiny_chat_model), atol=0, rtol=0)
+
+
+def test_precision_flags_on_cpu(tmp_path, tiny_chat_dir, tiny_chat_model):
+    bf16 = QWenLMHeadModel.from_pretrained(tiny_chat_dir, bf16=True)
+    assert bf16.dtype == torch.bfloat16 and bf16.config.bf16
+    reference = logits_of(tiny_chat_model)
+    torch.testing.assert_close(logits_of(bf16), reference, atol=3e-2, rtol=0)
+    assert QWenLMHeadModel.from_pretrained(tiny_chat_dir, fp32=True).dtype == torch.float32
+    # Like the released model, no flag on a CPU means fp32, even for weights stored in bf16.
+    stored_bf16 = write_random_checkpoint(tmp_path / "bf16", size="tiny", seed=0, dtype=torch.bfloat16)
+    assert QWenLMHeadModel.from_pretrained(stored_bf16).dtype == torch.float32
+    assert QWenLMHeadModel.from_pretrained(stored_bf16, dtype=torch.bfloat16).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="only one of"):
+        QWenLMHeadModel.from_pretrained(tiny_chat_dir, bf16=True, fp16=True)
+
+
+def test_missing_vocab_file_is_a_clear_error(tmp_path, tiny_chat_dir):
+    no_vocab = tmp_path / "no-vocab"
+    shutil.copytree(tiny_chat_dir, no_vocab)
+    (no_vocab / "qwen.tiktoken").unlink()
+    with pytest.raises((FileNotFoundError, OSError, ValueError), match="qwen.tiktoken|qwen.vocab fetch"):
+        AutoTokenizer.from_pretrained(no_vocab)
+
+
+REMOTE_CODE_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.generation import GenerationConfig
+
+    folder = sys.argv[1]
+    assert "qwen" not in sys.modules
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    for flags, dtype in (({"bf16": True}, torch.bfloat16), ({"fp32": True}, torch.float32), ({}, torch.float32)):
+        model = AutoModelForCausalLM.from_pretrained(folder, device_map="cpu", trust_remote_code=True, **flags).eval()
+        assert model.dtype == dtype, (flags, model.dtype)
+    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    assert "qwen" not in sys.modules, "remote code must not import the installed qwen package"
+    model.generation_config = GenerationConfig.from_pretrained(folder, trust_remote_code=True)
+    response, history = model.chat(tokenizer, "你好", history=None, do_sample=False, max_new_tokens=4)
+    assert history == [("你好", response)]
+    print("REMOTE-OK", type(tokenizer).__module__)
+    """
+)
+
+
+def test_install_code_then_trust_remote_code_as_in_the_original_readme(tmp_path, tiny_chat_dir):
+    folder = tmp_path / "remote"
+    shutil.copytree(tiny_chat_dir, folder)
+    written = install_code(folder)
+    assert sorted(p.name for p in written) == sorted(REMOTE_CODE_FILES)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run(
+        [sys.executable, "-c", REMOTE_CODE_SCRIPT, str(folder)], capture_output=True, text=True, env=env,
+        cwd=tmp_path, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "REMOTE-OK transformers_modules" in result.stdout
+
+
+def test_generation_config_from_folder_is_honoured(tiny_chat_dir, tiny_chat_model, tokenizer):
+    config = GenerationConfig.from_pretrained(tiny_chat_dir)
+    assert config.chat_format == "chatml" and config.max_window_size == 6144
+    config.do_sample = False
+    config.max_new_tokens = 3
+    config.repetition_penalty = 1.0
+    response, _ = tiny_chat_model.chat(tokenizer, "hi", history=None, generation_config=config)
+    assert len(tokenizer.encode(response)) <= 3
