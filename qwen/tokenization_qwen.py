@@ -1,8 +1,8 @@
 """Tokenizer of the Qwen (v1) models: byte-level BPE run by tiktoken over the released `qwen.tiktoken` vocabulary.
 
-This file must keep working when copied alone into a checkpoint folder and loaded with
-`AutoTokenizer.from_pretrained(folder, trust_remote_code=True)`, so it imports only the standard library,
-`tiktoken` and `transformers`.
+This file must keep working when copied into a checkpoint folder (with its sibling `qwen_generation_utils.py`, which
+builds chat prompts) and loaded with `AutoTokenizer.from_pretrained(folder, trust_remote_code=True)`, so besides
+that sibling it imports only the standard library, `tiktoken` and `transformers`.
 
 Behaviour follows the released Qwen tokenizer: text is NFC-normalized, special-token strings in text become
 special tokens unless told otherwise (`allowed_special="all"`), `tokenize()` returns `bytes` for BPE tokens and `str`
@@ -45,6 +45,21 @@ FETCH_HINT = (
     "Fetch the released file once with `python -m qwen.vocab fetch` (from the qwen package) or copy qwen.tiktoken "
     "from a released Qwen checkpoint folder."
 )
+
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+# ChatML exactly as `chat()` lays it out: turns joined by one newline, and the default system prompt of `chat()` when
+# the conversation has none. Written with explicit '\\n' strings so Jinja's whitespace handling cannot change it.
+CHATML_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if loop.first and message['role'] != 'system' -%}"
+    "{{- '<|im_start|>system\\n" + DEFAULT_SYSTEM_PROMPT + "<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' -}}"
+    "{%- if not loop.last -%}{{- '\\n' -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '\\n<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+_CHATML_ROLES = ("system", "user", "assistant")
 
 AllowedSpecial = Literal["all"] | Collection[str]
 DisallowedSpecial = Literal["all"] | Collection[str]
@@ -158,6 +173,8 @@ class QWenTokenizer(PreTrainedTokenizer):
         # The released configs define no pad token; without one `padding=True` fails, so borrow <|endoftext|> as the
         # released training code did. An explicit `pad_token=None` is respected.
         kwargs.setdefault("pad_token", ENDOFTEXT)
+        if not kwargs.get("chat_template"):
+            kwargs["chat_template"] = CHATML_TEMPLATE
         super().__init__(errors=errors, **kwargs)
 
         # Saved configs name the extra file relative to the saved folder (see save_vocabulary), never an absolute path.
@@ -342,6 +359,89 @@ class QWenTokenizer(PreTrainedTokenizer):
             if isinstance(text_pair, str) and text_pair:
                 text_pair = self._text_to_ids(text_pair, **options)
         return super()._encode_plus(text, text_pair=text_pair, is_split_into_words=is_split_into_words, **kwargs)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Chat
+
+    def apply_chat_template(
+        self,
+        conversation: list[dict[str, Any]] | list[list[dict[str, Any]]],
+        tools: list[Any] | None = None,
+        documents: list[dict[str, str]] | None = None,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = False,
+        continue_final_message: bool | str = False,
+        tokenize: bool = True,
+        sanitize_control_tokens: bool = True,
+        padding: bool | str = False,
+        truncation: bool = False,
+        max_length: int | None = None,
+        return_tensors: str | None = None,
+        return_dict: bool = True,
+        return_assistant_tokens_mask: bool = False,
+        tokenizer_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """transformers' `apply_chat_template`, with two Qwen guarantees.
+
+        Control-token strings typed into messages stay text (`sanitize_control_tokens` defaults to True). With the
+        default ChatML template, the ids are built turn by turn exactly as `chat()` builds them, so both give the same
+        ids even where encoding the joined text would merge tokens across a turn boundary.
+        """
+        conversations = conversation if conversation and isinstance(conversation[0], (list, tuple)) else [conversation]
+        plain_chatml = (
+            tokenize
+            and sanitize_control_tokens
+            and (chat_template is None or chat_template == CHATML_TEMPLATE)
+            and self.chat_template == CHATML_TEMPLATE
+            and not (tools or documents or continue_final_message or return_assistant_tokens_mask or kwargs)
+            and all(
+                isinstance(message, dict)
+                and message.get("role") in _CHATML_ROLES
+                and isinstance(message.get("content"), str)
+                for messages in conversations
+                for message in messages
+            )
+        )
+        if not plain_chatml:
+            return super().apply_chat_template(
+                conversation,
+                tools=tools,
+                documents=documents,
+                chat_template=chat_template,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                tokenize=tokenize,
+                # transformers refuses sanitizing where there is nothing to encode.
+                sanitize_control_tokens=sanitize_control_tokens and tokenize and not return_assistant_tokens_mask,
+                padding=padding,
+                truncation=truncation,
+                max_length=max_length,
+                return_tensors=return_tensors,
+                return_dict=return_dict,
+                return_assistant_tokens_mask=return_assistant_tokens_mask,
+                tokenizer_kwargs=tokenizer_kwargs,
+                **kwargs,
+            )
+
+        # A sibling module: both files travel together when copied into a checkpoint folder as remote code.
+        from .qwen_generation_utils import chatml_ids_for_messages
+
+        batch = [
+            chatml_ids_for_messages(self, messages, add_generation_prompt, default_system=DEFAULT_SYSTEM_PROMPT)[1]
+            for messages in conversations
+        ]
+        if truncation and max_length is not None:
+            batch = [ids[-max_length:] if self.truncation_side == "left" else ids[:max_length] for ids in batch]
+        encoded = self.pad(
+            {"input_ids": batch, "attention_mask": [[1] * len(ids) for ids in batch]},
+            padding=padding,
+            max_length=max_length,
+            return_tensors=return_tensors,
+        )
+        if conversations is not conversation and not return_tensors:
+            encoded = BatchEncoding({key: value[0] for key, value in encoded.items()})
+        return encoded if return_dict else encoded["input_ids"]
 
     # ----------------------------------------------------------------------------------------------------------------
     # Decoding

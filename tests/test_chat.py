@@ -112,3 +112,18 @@ def test_chat_refuses_a_base_model(tiny_base_dir, tokenizer):
     chat_config = GenerationConfig(chat_format="chatml", max_new_tokens=2, eos_token_id=151643, pad_token_id=151643)
     response, _ = base.chat(tokenizer, "hi", history=None, generation_config=chat_config, **GREEDY)
     assert isinstance(response, str)
+
+
+def test_apply_chat_template_batches_like_the_tokenizer(tokenizer):
+    short = [{"role": "user", "content": "hi"}]
+    long = [{"role": "user", "content": "a longer question about tokenizers"}]
+    single = [tokenizer.apply_chat_template(m, add_generation_prompt=True, return_dict=False) for m in (short, long)]
+    tokenizer.padding_side = "left"
+    try:
+        batch = tokenizer.apply_chat_template([short, long], add_generation_prompt=True, padding=True, return_tensors="pt")
+    finally:
+        tokenizer.padding_side = "right"
+    width = max(map(len, single))
+    assert batch["input_ids"].shape == (2, width)
+    for row, ids, mask in zip(batch["input_ids"].tolist(), single, batch["attention_mask"].tolist()):
+        assert row[width - len(ids):] == ids and sum(mask) == len(ids) and mask[-1] == 1
