@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import tiktoken
 from transformers import AddedToken, BatchEncoding, PreTrainedTokenizer
+from transformers.tokenization_utils_base import PaddingStrategy, TruncationStrategy
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ CHATML_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{- '\\n<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
 _CHATML_ROLES = ("system", "user", "assistant")
+_ENCODE_OPTION_NAMES = {"allowed_special", "disallowed_special", "split_special_tokens"}
 
 AllowedSpecial = Literal["all"] | Collection[str]
 DisallowedSpecial = Literal["all"] | Collection[str]
@@ -344,21 +346,98 @@ class QWenTokenizer(PreTrainedTokenizer):
         ids = self._text_to_ids(text, allowed_special, disallowed_special, split_special_tokens)
         return [self._id_to_token[index] for index in ids]
 
-    def _encode_plus(self, text, text_pair=None, is_split_into_words: bool = False, **kwargs: Any) -> BatchEncoding:
-        # The base class would go text -> tokenize() -> token bytes -> convert_tokens_to_ids(); going straight from
-        # text to tiktoken ids and handing the ids over skips two Python-level passes over every token.
+    def _encode_options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "allowed_special": kwargs.get("allowed_special", "all"),
+            "disallowed_special": kwargs.get("disallowed_special", ()),
+            "split_special_tokens": bool(kwargs.get("split_special_tokens", self.split_special_tokens)),
+        }
+
+    def encode(
+        self,
+        text: Any,
+        text_pair: Any = None,
+        add_special_tokens: bool = True,
+        padding: bool | str = False,
+        truncation: bool | str | None = None,
+        max_length: int | None = None,
+        stride: int = 0,
+        padding_side: str | None = None,
+        return_tensors: str | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        # Plain `encode(text)` is the hot path of data pipelines: hand tiktoken's ids back directly instead of building
+        # and unpacking a BatchEncoding. Qwen adds no special tokens, so add_special_tokens changes nothing here.
+        if (
+            isinstance(text, str)
+            and text_pair is None
+            and not (padding or truncation or max_length or return_tensors)
+            and kwargs.keys() <= _ENCODE_OPTION_NAMES
+        ):
+            ids = self._text_to_ids(text, **self._encode_options(kwargs))
+            self._eventual_warn_about_too_long_sequence(ids, None, True)
+            return ids
+        return super().encode(
+            text, text_pair, add_special_tokens, padding, truncation, max_length, stride, padding_side,
+            return_tensors, **kwargs,
+        )
+
+    def _encode_plus(
+        self,
+        text: Any,
+        text_pair: Any = None,
+        add_special_tokens: bool = True,
+        padding_strategy: PaddingStrategy = PaddingStrategy.DO_NOT_PAD,
+        truncation_strategy: TruncationStrategy = TruncationStrategy.DO_NOT_TRUNCATE,
+        max_length: int | None = None,
+        is_split_into_words: bool = False,
+        return_tensors: str | None = None,
+        return_token_type_ids: bool | None = None,
+        return_attention_mask: bool | None = None,
+        verbose: bool = True,
+        **kwargs: Any,
+    ) -> BatchEncoding:
+        # The base class would go text -> tokenize() -> token bytes -> convert_tokens_to_ids() -> prepare_for_model()
+        # -> pad(). For one plain text with nothing to pad or truncate, build the result from tiktoken's ids directly;
+        # everything else gets the ids (not the text) and goes through the base class.
         # Empty strings are left to the base class, which would read an empty id list as an empty batch.
-        if not is_split_into_words and not kwargs.get("sanitize_control_tokens"):
-            options = {
-                "allowed_special": kwargs.get("allowed_special", "all"),
-                "disallowed_special": kwargs.get("disallowed_special", ()),
-                "split_special_tokens": bool(kwargs.get("split_special_tokens", self.split_special_tokens)),
-            }
+        plain = not is_split_into_words and not kwargs.get("sanitize_control_tokens")
+        if plain:
+            options = self._encode_options(kwargs)
+            extras = ("return_overflowing_tokens", "return_special_tokens_mask", "return_length")
+            if (
+                isinstance(text, str)
+                and text
+                and text_pair is None
+                and padding_strategy == PaddingStrategy.DO_NOT_PAD
+                and truncation_strategy == TruncationStrategy.DO_NOT_TRUNCATE
+                and not return_token_type_ids
+                and not any(kwargs.get(name) for name in extras)
+            ):
+                ids = self._text_to_ids(text, **options)
+                self._eventual_warn_about_too_long_sequence(ids, max_length, verbose)
+                encoded: dict[str, list[int]] = {"input_ids": ids}
+                if return_attention_mask or (return_attention_mask is None and "attention_mask" in self.model_input_names):
+                    encoded["attention_mask"] = [1] * len(ids)
+                return BatchEncoding(encoded, tensor_type=return_tensors, prepend_batch_axis=return_tensors is not None)
             if isinstance(text, str) and text:
                 text = self._text_to_ids(text, **options)
             if isinstance(text_pair, str) and text_pair:
                 text_pair = self._text_to_ids(text_pair, **options)
-        return super()._encode_plus(text, text_pair=text_pair, is_split_into_words=is_split_into_words, **kwargs)
+        return super()._encode_plus(
+            text,
+            text_pair=text_pair,
+            add_special_tokens=add_special_tokens,
+            padding_strategy=padding_strategy,
+            truncation_strategy=truncation_strategy,
+            max_length=max_length,
+            is_split_into_words=is_split_into_words,
+            return_tensors=return_tensors,
+            return_token_type_ids=return_token_type_ids,
+            return_attention_mask=return_attention_mask,
+            verbose=verbose,
+            **kwargs,
+        )
 
     # ----------------------------------------------------------------------------------------------------------------
     # Chat

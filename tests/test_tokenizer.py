@@ -266,6 +266,34 @@ def test_pretokenized_and_pair_inputs(tok: QWenTokenizer) -> None:
     assert tok.encode("") == [] and tok("")["input_ids"] == []
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"return_tensors": "pt"},
+        {"return_attention_mask": False},
+        {"return_length": True},
+        {"truncation": True, "max_length": 5},
+        {"padding": "max_length", "max_length": 64},
+        {"max_length": 3},  # no truncation asked: only the too-long warning
+    ],
+)
+def test_direct_encoding_path_equals_the_generic_one(tok: QWenTokenizer, options: dict) -> None:
+    """`tok(text)` skips transformers' generic steps when it can; the result must be what those steps give for the ids."""
+    text = "Hello <|im_end|> 世界, this is a test.\n"
+    ids = tok.encode(text)
+    assert ids == tok.tokenizer.encode(text, allowed_special="all")
+    fast, generic = tok(text, **options), tok(ids, **options)  # a list of ids takes the generic route
+    assert fast.keys() == generic.keys()
+    for key in fast:
+        value = fast[key]
+        assert (value.tolist() if hasattr(value, "tolist") else value) == (
+            generic[key].tolist() if hasattr(generic[key], "tolist") else generic[key]
+        ), key
+    if "return_tensors" not in options:
+        assert tok.encode(text, **options) == generic["input_ids"]
+
+
 def test_pickle_round_trip(tok: QWenTokenizer, tokenizer_facts: dict) -> None:
     # DataLoader workers and datasets.map pickle the tokenizer.
     copy = pickle.loads(pickle.dumps(tok))
