@@ -81,7 +81,7 @@ def worker(implementation: str, task: str, folder: str, quick: bool) -> dict:
     torch.manual_seed(0)
     model = load(implementation, folder)
     vocab = model.config.vocab_size
-    repeats = 2 if quick else 3
+    repeats = 2
     if task == "prefill":
         ids = prompt_ids(1, 128 if quick else 512, vocab)
         seconds = best_seconds(lambda: model(ids, use_cache=False, logits_to_keep=1), repeats)
@@ -89,7 +89,7 @@ def worker(implementation: str, task: str, folder: str, quick: bool) -> dict:
     else:
         batch = int(task.removeprefix("decode"))
         ids = prompt_ids(batch, 32, vocab)
-        new_tokens = 16 if quick else 64
+        new_tokens = 16 if quick else 32
         # Decode speed alone: the time of N new tokens minus the time of 1 (prefill plus set-up).
         full = best_seconds(lambda: greedy(model, ids, new_tokens), repeats)
         first = best_seconds(lambda: greedy(model, ids, 1), repeats)

@@ -76,8 +76,10 @@ def test_chat_greedy_reply_and_history(tiny_chat_model, tokenizer):
     out = tiny_chat_model.generate(torch.tensor([ids]), max_new_tokens=8, **GREEDY)
     assert response == decode_tokens(out[0], tokenizer, context_length=len(ids))
     assert history == [("你好", response)]
+    first_history = history
     second, history = tiny_chat_model.chat(tokenizer, "给这个故事起一个标题", history=history, max_new_tokens=8, **GREEDY)
     assert len(history) == 2 and history[1] == ("给这个故事起一个标题", second)
+    assert first_history == [("你好", response)], "the caller's history list must not be changed"
 
 
 def test_chat_stream_grows_to_the_chat_reply(tiny_chat_model, tokenizer):
@@ -127,3 +129,22 @@ def test_apply_chat_template_batches_like_the_tokenizer(tokenizer):
     assert batch["input_ids"].shape == (2, width)
     for row, ids, mask in zip(batch["input_ids"].tolist(), single, batch["attention_mask"].tolist()):
         assert row[width - len(ids):] == ids and sum(mask) == len(ids) and mask[-1] == 1
+
+
+def test_chat_never_picks_embedding_padding_rows(tiny_chat_model, tokenizer):
+    """Ids between the tokenizer's last id and vocab_size have no text; a chat reply must still decode."""
+    import copy
+
+    model = copy.deepcopy(tiny_chat_model)
+    padding_ids = range(len(tokenizer), model.config.vocab_size)
+    assert len(padding_ids) == 151936 - 151851
+    with torch.no_grad():
+        # Every real token scores 0; among 85 random padding rows some score above 0 at every step.
+        model.lm_head.weight[: len(tokenizer)] = 0.0
+    _, ids = make_context(tokenizer, "hi", system="You are a helpful assistant.")
+    raw = model.generate(torch.tensor([ids]), max_new_tokens=4, **GREEDY)[0, len(ids):].tolist()
+    assert all(token in padding_ids for token in raw), "the rigged model should prefer padding rows when unguarded"
+    response, _ = model.chat(tokenizer, "hi", history=None, max_new_tokens=4, **GREEDY)
+    assert len(tokenizer.encode(response)) >= 1
+    streamed = list(model.chat_stream(tokenizer, "hi", history=None, max_new_tokens=4, **GREEDY))
+    assert streamed[-1] == response

@@ -61,6 +61,19 @@ def test_sharded_safetensors_and_pytorch_bin_load_the_same_weights(tmp_path, tin
     torch.save(tiny_chat_model.state_dict(), as_bin / "pytorch_model.bin")
     torch.testing.assert_close(logits_of(QWenLMHeadModel.from_pretrained(as_bin)), logits_of(tiny_chat_model))
 
+    # Sharded .bin files with an index, as the August 2023 checkpoints were published.
+    as_bin_shards = tmp_path / "bin-shards"
+    shutil.copytree(as_bin, as_bin_shards)
+    (as_bin_shards / "pytorch_model.bin").unlink()
+    names = list(tiny_chat_model.state_dict())
+    weight_map = {}
+    for number, part in enumerate((names[: len(names) // 2], names[len(names) // 2 :]), start=1):
+        shard = f"pytorch_model-0000{number}-of-00002.bin"
+        torch.save({name: tiny_chat_model.state_dict()[name] for name in part}, as_bin_shards / shard)
+        weight_map.update({name: shard for name in part})
+    (as_bin_shards / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    torch.testing.assert_close(logits_of(QWenLMHeadModel.from_pretrained(as_bin_shards)), logits_of(tiny_chat_model))
+
 
 def test_aug_2023_field_names_load_the_same_model(tmp_path, tiny_chat_dir, tiny_chat_model):
     old = tmp_path / "old"

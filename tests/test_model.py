@@ -11,7 +11,7 @@ from transformers import DynamicCache
 
 from qwen import QWenConfig, QWenLMHeadModel
 from qwen.checkpoint import config_for_size
-from qwen.modeling_qwen import causal_mask, logn_scale, ntk_alpha_for_length, rotary_inv_freq
+from qwen.modeling_qwen import causal_mask, logn_scale, ntk_alpha_for_length, project, rotary_inv_freq
 
 
 def small_config(**overrides) -> QWenConfig:
@@ -228,3 +228,34 @@ def test_gradient_checkpointing_recomputes_blocks():
     loss.backward()
     assert len(calls) == 2, "the block's forward must run again during backward"
     assert model.transformer.h[0].attn.c_attn.weight.grad is not None
+
+
+@pytest.mark.parametrize("rows", [1, 2, 8, 128, 129])
+@pytest.mark.parametrize("bias", [True, False])
+def test_project_equals_the_linear_layer(rows, bias):
+    torch.manual_seed(rows)
+    layer = torch.nn.Linear(96, 200, bias=bias)
+    x = torch.randn(rows, 1, 96)  # (B, T, in) as in batched decoding
+    with torch.no_grad():
+        out = project(layer, x)
+        assert out.shape == (rows, 1, 200)
+        torch.testing.assert_close(out, layer(x), atol=1e-5, rtol=1e-5)
+
+
+def test_project_leaves_training_and_wrapped_layers_to_their_own_forward():
+    class Scaled(torch.nn.Linear):  # stands for LoRA / quantized subclasses with their own forward
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    layer = Scaled(8, 4)
+    x = torch.randn(4, 3, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(project(layer, x), layer(x))
+    plain = torch.nn.Linear(8, 4)
+    calls = []
+    plain.register_forward_hook(lambda module, args, out: calls.append(1))
+    with torch.no_grad():
+        project(plain, x)
+    assert calls == [1], "hooks (accelerate offloading, PEFT) must see the call"
+    out = project(torch.nn.Linear(8, 4), x.requires_grad_())
+    assert out.requires_grad
