@@ -1,0 +1,509 @@
+"""A generation engine that serves many requests at once: continuous batching over a slot KV cache.
+
+The server, the demos and any other concurrent user submit prompts; one background thread runs the model. Each
+iteration admits waiting requests (prefilling each prompt alone), then decodes one token for every running request
+in a single batched forward, so a request that arrives while others are decoding joins the running batch at the next
+step instead of waiting for them to finish. Finished or cancelled requests free their slot at once.
+
+The layout follows gpt-fast: `prefill`, `decode_step` and `sample` are small functions; the KV cache is a
+preallocated buffer per layer, `(slots, heads, capacity, head_dim)`, where running requests occupy rows 0..B-1 so the
+batch's cache is a view, never a copy.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import Cache
+
+logger = logging.getLogger(__name__)
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+REPLACEMENT_CHARACTER = "\ufffd"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Requests and what they report back
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request is decoded. `temperature == 0` (or `do_sample=False`) means greedy."""
+
+    max_new_tokens: int = 512
+    do_sample: bool = True
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop_token_ids: frozenset[int] = frozenset()
+    stop_strings: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}.")
+        if self.temperature < 0 or not math.isfinite(self.temperature):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}.")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}.")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}.")
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0
+
+
+@dataclass
+class GenerationEvent:
+    """A piece of a reply. `text` is new text only; the last event has `finish_reason` set."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+class RequestHandle:
+    """What `GenerationEngine.submit` returns: iterate it (blocking) for events, or receive them by callback."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, on_event: Callable[[GenerationEvent], None] | None):
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self._on_event = on_event
+        self._events: queue.SimpleQueue[GenerationEvent] = queue.SimpleQueue()
+        self.cancelled = threading.Event()
+        self.finished = threading.Event()
+
+    def cancel(self) -> None:
+        """Stop generating for this request; the engine frees its slot at the next step."""
+        self.cancelled.set()
+
+    def _emit(self, event: GenerationEvent) -> None:
+        if event.finish_reason is not None:
+            self.finished.set()
+        if self._on_event is not None:
+            self._on_event(event)
+        else:
+            self._events.put(event)
+
+    def __iter__(self) -> Iterator[GenerationEvent]:
+        if self._on_event is not None:
+            raise RuntimeError("This request reports through its on_event callback; it cannot also be iterated.")
+        while True:
+            event = self._events.get()
+            yield event
+            if event.finish_reason is not None:
+                return
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The slot KV cache
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class SlotKVCache(Cache):
+    """Preallocated keys and values for up to `slots` sequences of different lengths.
+
+    Rows 0..B-1 hold the running sequences. Before a batched decode step the engine sets `lengths` (tokens cached per
+    row); `update` writes each row's new key at its own position and returns the first `max(lengths) + 1` positions
+    of rows 0..B-1 as a view. The attention mask hides each row's positions past its own length.
+    """
+
+    def __init__(self, num_layers: int, slots: int, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+        super().__init__(layers=[])
+        self.num_layers, self.slots, self.heads, self.head_dim = num_layers, slots, heads, head_dim
+        self.dtype, self.device = dtype, device
+        self.capacity = 0
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.lengths = torch.zeros(0, dtype=torch.long)
+        self.qwen_ntk_alphas: list[float] = []
+
+    def ensure_capacity(self, needed: int) -> None:
+        """Grow the buffers (doubling) so that every row can hold `needed` positions."""
+        if needed <= self.capacity:
+            return
+        capacity = max(needed, 2 * self.capacity, 256)
+        shape = (self.slots, self.heads, capacity, self.head_dim)
+        for layer in range(self.num_layers):
+            for buffers in (self.keys, self.values):
+                grown = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                if buffers and self.capacity:
+                    grown[:, :, : self.capacity] = buffers[layer]
+                if len(buffers) > layer:
+                    buffers[layer] = grown
+                else:
+                    buffers.append(grown)
+        self.capacity = capacity
+
+    def store(self, row: int, prefilled: DynamicCache) -> int:
+        """Copy one prefilled sequence's keys and values into `row`; returns its length."""
+        length = prefilled.get_seq_length()
+        self.ensure_capacity(length + 1)
+        for layer in range(self.num_layers):
+            self.keys[layer][row, :, :length] = prefilled.layers[layer].keys[0]  # (nh, T, hs)
+            self.values[layer][row, :, :length] = prefilled.layers[layer].values[0]
+        return length
+
+    def move_row(self, source: int, target: int) -> None:
+        for buffers in (self.keys, self.values):
+            for layer in range(self.num_layers):
+                buffers[layer][target] = buffers[layer][source]
+
+    # The Cache interface the model uses ---------------------------------------------------------------------------
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return int(self.lengths.max()) if self.lengths.numel() else 0
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = key_states.shape[0]  # key_states: (B, nh, 1, hs)
+        rows = torch.arange(batch, device=self.device)
+        positions = self.lengths.to(self.device)
+        self.keys[layer_idx][rows, :, positions] = key_states[:, :, 0]
+        self.values[layer_idx][rows, :, positions] = value_states[:, :, 0]
+        kv_len = self.get_seq_length() + 1
+        return self.keys[layer_idx][:batch, :, :kv_len], self.values[layer_idx][:batch, :, :kv_len]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Sampling
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def apply_penalties(logits: torch.Tensor, seen: list[int], generated_counts: dict[int, int], params: SamplingParams):
+    """Repetition penalty over prompt and reply (as transformers does), presence/frequency over the reply (OpenAI)."""
+    if params.repetition_penalty != 1.0 and seen:
+        index = torch.tensor(sorted(set(seen)), device=logits.device)
+        chosen = logits[index]
+        logits[index] = torch.where(chosen < 0, chosen * params.repetition_penalty, chosen / params.repetition_penalty)
+    if (params.presence_penalty or params.frequency_penalty) and generated_counts:
+        index = torch.tensor(list(generated_counts), device=logits.device)
+        counts = torch.tensor(list(generated_counts.values()), dtype=logits.dtype, device=logits.device)
+        logits[index] -= params.presence_penalty + params.frequency_penalty * counts
+    return logits
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """One token id from fp32 `logits` (V,): temperature, then top-k, then top-p (nucleus), as transformers orders them."""
+    if params.greedy:
+        return int(torch.argmax(logits))
+    logits = logits / params.temperature
+    vocab = logits.shape[-1]
+    # Nucleus sampling only needs the head of the distribution: sort a few hundred candidates, and everything only when
+    # they do not reach top_p (a flat distribution).
+    k = params.top_k if params.top_k else vocab
+    if params.top_p < 1.0:
+        k = min(k, 1024)
+    values, indices = torch.topk(logits, min(k, vocab))
+    probs = torch.softmax(values, dim=-1)
+    if params.top_p < 1.0:
+        full_mass = torch.softmax(logits, dim=-1)[indices].sum() if k < vocab else torch.tensor(1.0)
+        if not params.top_k and float(full_mass) < params.top_p:
+            values, indices = torch.sort(logits, descending=True)
+            probs = torch.softmax(values, dim=-1)
+        elif k < vocab and not params.top_k:
+            probs = torch.softmax(logits, dim=-1)[indices]
+        cumulative = torch.cumsum(probs, dim=-1)
+        # Keep the smallest prefix whose mass reaches top_p (the token that crosses it included).
+        keep = (cumulative - probs) < params.top_p
+        keep[0] = True
+        probs = torch.where(keep, probs, torch.zeros_like(probs))
+    choice = torch.multinomial(probs / probs.sum(), 1, generator=generator)
+    return int(indices[choice])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Text assembly: stop strings and partial UTF-8 never reach the client
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class TextAssembler:
+    """Turns a growing list of token ids into safe text deltas.
+
+    Text is held back while it ends in a partial UTF-8 character (decoded as U+FFFD) or in what may become a stop
+    string; a stop string ends the reply before it.
+    """
+
+    def __init__(self, tokenizer: Any, stop_strings: tuple[str, ...]):
+        self.tokenizer = tokenizer
+        self.stop_strings = tuple(s for s in stop_strings if s)
+        self.token_ids: list[int] = []
+        self.emitted = ""
+
+    def add(self, token_id: int) -> tuple[str, bool]:
+        """Append a token; return (new safe text, whether a stop string was reached)."""
+        self.token_ids.append(token_id)
+        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True, errors="replace")
+        for stop in self.stop_strings:
+            position = text.find(stop, max(0, len(self.emitted) - len(stop)))
+            if position != -1:
+                return self._advance(text[:position]), True
+        safe = text.rstrip(REPLACEMENT_CHARACTER)
+        held = max((self._partial_stop_length(safe, stop) for stop in self.stop_strings), default=0)
+        return self._advance(safe[: len(safe) - held]), False
+
+    def flush(self) -> str:
+        """The rest of the text at the end of a reply (a held-back stop-string prefix was not a stop after all)."""
+        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True, errors="replace")
+        return self._advance(text)
+
+    @staticmethod
+    def _partial_stop_length(text: str, stop: str) -> int:
+        for length in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:length]):
+                return length
+        return 0
+
+    def _advance(self, text: str) -> str:
+        if len(text) <= len(self.emitted) or not text.startswith(self.emitted):
+            return ""
+        delta, self.emitted = text[len(self.emitted):], text
+        return delta
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The engine
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Running:
+    handle: RequestHandle
+    assembler: TextAssembler
+    generator: torch.Generator | None
+    length: int  # tokens in the KV cache
+    next_token: int  # sampled, not yet fed to the model
+    seen: list[int]
+    row: int  # its row in the slot cache
+    ntk_alpha: float  # chosen at prefill, kept while decoding (as the released model does)
+    generated_counts: dict[int, int] = field(default_factory=dict)
+    completion_tokens: int = 0
+    unsent_ids: list[int] = field(default_factory=list)  # tokens whose text is still held back
+
+
+class GenerationEngine:
+    """Runs a `QWenLMHeadModel` for many concurrent requests on one background thread.
+
+    Args:
+        model: the loaded model (any device and dtype it supports).
+        tokenizer: its `QWenTokenizer`.
+        max_batch_size: how many requests decode together; more wait in a queue.
+        max_context: longest prompt + reply allowed (default: the model's `seq_length`... or a larger
+            `max_position_embeddings` when dynamic NTK is on).
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, max_batch_size: int = 8, max_context: int | None = None) -> None:
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be at least 1.")
+        config = model.config
+        if getattr(config, "use_window_attn", False):
+            raise ValueError("The batching engine does not support window attention; turn use_window_attn off.")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.max_context = max_context or (
+            max(config.seq_length, config.max_position_embeddings) if config.use_dynamic_ntk else config.seq_length
+        )
+        self.device = next(model.parameters()).device
+        self.cache = SlotKVCache(
+            config.num_hidden_layers, max_batch_size, config.num_attention_heads, config.kv_channels,
+            next(model.parameters()).dtype, self.device,
+        )
+        self._waiting: queue.SimpleQueue[RequestHandle] = queue.SimpleQueue()
+        self._running: list[_Running] = []
+        self._wake = threading.Event()
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="qwen-engine", daemon=True)
+        self._thread.start()
+
+    # Public API ------------------------------------------------------------------------------------------------------
+
+    def submit(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        on_event: Callable[[GenerationEvent], None] | None = None,
+    ) -> RequestHandle:
+        """Queue a request. `on_event` (called on the engine thread) receives events instead of iteration."""
+        if not prompt_ids:
+            raise ValueError("The prompt is empty.")
+        if len(prompt_ids) >= self.max_context:
+            raise ValueError(
+                f"The prompt has {len(prompt_ids)} tokens; this model's context holds {self.max_context} "
+                "including the reply. Shorten the conversation."
+            )
+        if self._closing.is_set():
+            raise RuntimeError("The engine is shut down.")
+        handle = RequestHandle(list(prompt_ids), params, on_event)
+        self._waiting.put(handle)
+        self._wake.set()
+        return handle
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Finish nothing more: cancel all requests and stop the thread."""
+        self._closing.set()
+        self._wake.set()
+        self._thread.join(timeout)
+
+    # The loop --------------------------------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._closing.is_set():
+            try:
+                self._admit()
+                self._drop_cancelled()
+                if not self._running:
+                    self._wake.wait(0.5)
+                    self._wake.clear()
+                    continue
+                self._decode_step()
+            except Exception as error:  # a failed step must not take the server down: fail its requests only
+                logger.exception("generation step failed")
+                for running in self._running:
+                    self._finish(running, "error", error=f"{type(error).__name__}: {error}")
+                self._running.clear()
+        for running in self._running:
+            self._finish(running, "cancelled")
+        while not self._waiting.empty():
+            self._waiting.get()._emit(GenerationEvent(finish_reason="cancelled"))
+
+    def _admit(self) -> None:
+        while len(self._running) < self.max_batch_size and not self._waiting.empty():
+            handle = self._waiting.get()
+            if handle.cancelled.is_set():
+                handle._emit(GenerationEvent(finish_reason="cancelled", prompt_tokens=len(handle.prompt_ids)))
+                continue
+            try:
+                self._prefill(handle)
+            except Exception as error:
+                logger.exception("prefill failed")
+                handle._emit(GenerationEvent(finish_reason="error", error=f"{type(error).__name__}: {error}",
+                                             prompt_tokens=len(handle.prompt_ids)))
+
+    @torch.inference_mode()
+    def _prefill(self, handle: RequestHandle) -> None:
+        params = handle.params
+        prefilled = DynamicCache(config=self.model.config)
+        ids = torch.tensor([handle.prompt_ids], device=self.device)
+        logits = self.model(ids, cache=prefilled, use_cache=True, logits_to_keep=1).logits[0, -1].float()
+        row = len(self._running)
+        length = self.cache.store(row, prefilled)
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=logits.device).manual_seed(params.seed)
+        running = _Running(
+            handle=handle,
+            assembler=TextAssembler(self.tokenizer, params.stop_strings),
+            generator=generator,
+            length=length,
+            next_token=-1,
+            seen=list(handle.prompt_ids),
+            row=row,
+            ntk_alpha=(getattr(prefilled, "qwen_ntk_alphas", None) or [1.0])[0],
+        )
+        self._running.append(running)
+        self._accept(running, logits)
+
+    @torch.inference_mode()
+    def _decode_step(self) -> None:
+        batch = len(self._running)
+        lengths = torch.tensor([r.length for r in self._running], dtype=torch.long)
+        self.cache.ensure_capacity(int(lengths.max()) + 1)
+        self.cache.lengths = lengths
+        self.cache.qwen_ntk_alphas = [r.ntk_alpha for r in self._running]
+        kv_len = int(lengths.max()) + 1
+        tokens = torch.tensor([[r.next_token] for r in self._running], device=self.device)  # (B, 1)
+        positions = lengths.to(self.device)[:, None]  # (B, 1)
+        allowed = torch.arange(kv_len, device=self.device)[None, :] <= positions  # (B, S)
+        logits = self.model(
+            tokens,
+            attention_mask=allowed[:, None, None, :],  # (B, 1, 1, S)
+            position_ids=positions,
+            cache=self.cache,
+            use_cache=True,
+        ).logits[:, -1].float()
+        for row, running in enumerate(list(self._running)):
+            running.length += 1
+            self._accept(running, logits[row])
+        self._running = [r for r in self._running if not r.handle.finished.is_set()]
+        self._compact()
+
+    def _accept(self, running: _Running, logits: torch.Tensor) -> None:
+        """Sample the next token for one request from its logits, stream its text, and finish it when due."""
+        params = running.handle.params
+        logits = apply_penalties(logits.clone(), running.seen, running.generated_counts, params)
+        # Ids past the tokenizer (embedding padding) have no text; a reply must always decode.
+        logits[len(self.tokenizer):] = -math.inf
+        token = sample(logits, params, running.generator)
+        if token in params.stop_token_ids:
+            self._finish(running, "stop")
+            return
+        running.completion_tokens += 1
+        running.seen.append(token)
+        running.generated_counts[token] = running.generated_counts.get(token, 0) + 1
+        text, stopped = running.assembler.add(token)
+        running.unsent_ids.append(token)
+        if text:
+            running.handle._emit(GenerationEvent(text=text, token_ids=running.unsent_ids))
+            running.unsent_ids = []
+        if stopped:
+            self._finish(running, "stop", flush=False)
+        elif running.completion_tokens >= params.max_new_tokens or running.length + 1 >= self.max_context:
+            self._finish(running, "length")
+        else:
+            running.next_token = token
+
+    def _finish(self, running: _Running, reason: FinishReason, flush: bool = True, error: str | None = None) -> None:
+        if running.handle.finished.is_set():
+            return
+        rest = running.assembler.flush() if flush and reason != "error" else ""
+        running.handle._emit(
+            GenerationEvent(
+                text=rest,
+                token_ids=running.unsent_ids,
+                finish_reason=reason,
+                prompt_tokens=len(running.handle.prompt_ids),
+                completion_tokens=running.completion_tokens,
+                error=error,
+            )
+        )
+
+    def _drop_cancelled(self) -> None:
+        for running in self._running:
+            if running.handle.cancelled.is_set():
+                self._finish(running, "cancelled", flush=False)
+        before = len(self._running)
+        self._running = [r for r in self._running if not r.handle.finished.is_set()]
+        if len(self._running) != before:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Keep running requests in rows 0..B-1 of the cache, in `self._running` order."""
+        # Survivors keep their order, so each moves to a row no later one still occupies.
+        for row, running in enumerate(self._running):
+            if running.row != row:
+                self.cache.move_row(running.row, row)
+                running.row = row

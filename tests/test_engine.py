@@ -1,0 +1,136 @@
+"""The batching engine against plain generate(): same tokens alone, in a batch, joining mid-flight, after cancels."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from qwen.engine import GenerationEngine, SamplingParams, TextAssembler, sample
+from qwen.qwen_generation_utils import make_context
+
+STOP_IDS = frozenset({151643, 151644, 151645})
+
+
+def greedy(max_new_tokens: int = 12, **extra) -> SamplingParams:
+    return SamplingParams(max_new_tokens=max_new_tokens, do_sample=False, stop_token_ids=STOP_IDS, **extra)
+
+
+def prompt(tokenizer, query: str) -> list[int]:
+    return make_context(tokenizer, query, system="You are a helpful assistant.")[1]
+
+
+def reference(model, tokenizer, ids: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy tokens from transformers' generate(), cut at the first stop id."""
+    out = model.generate(
+        torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=1.0,
+        top_p=None, top_k=None, suppress_tokens=list(range(len(tokenizer), model.config.vocab_size)),
+    )[0, len(ids):].tolist()
+    for index, token in enumerate(out):
+        if token in STOP_IDS:
+            return out[:index]
+    return out
+
+
+def collect(handle) -> tuple[list[int], str, str]:
+    tokens, text, reason = [], "", None
+    for event in handle:
+        tokens += event.token_ids
+        text += event.text
+        reason = event.finish_reason or reason
+    return tokens, text, reason
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_chat_model, tokenizer):
+    engine = GenerationEngine(tiny_chat_model, tokenizer, max_batch_size=3)
+    yield engine
+    engine.close()
+
+
+QUERIES = ["你好", "Tell me a long story about a dragon and a knight.", "1+1=?", "Write Python code.", "晚安"]
+
+
+def test_one_request_gives_the_generate_tokens(engine, tiny_chat_model, tokenizer):
+    ids = prompt(tokenizer, QUERIES[0])
+    tokens, text, reason = collect(engine.submit(ids, greedy(12)))
+    expected = reference(tiny_chat_model, tokenizer, ids, 12)
+    assert tokens == expected
+    assert text == tokenizer.decode(expected, skip_special_tokens=True)
+    assert reason == ("length" if len(expected) == 12 else "stop")
+
+
+def test_concurrent_requests_beyond_the_batch_limit_each_match_alone(engine, tiny_chat_model, tokenizer):
+    prompts = [prompt(tokenizer, q) for q in QUERIES]
+    handles = [engine.submit(ids, greedy(10 + i)) for i, ids in enumerate(prompts)]  # 5 requests, 3 slots
+    for i, (ids, handle) in enumerate(zip(prompts, handles)):
+        tokens, _, _ = collect(handle)
+        assert tokens == reference(tiny_chat_model, tokenizer, ids, 10 + i), QUERIES[i]
+
+
+def test_a_request_joins_a_running_batch(engine, tiny_chat_model, tokenizer):
+    long_ids, short_ids = prompt(tokenizer, QUERIES[1]), prompt(tokenizer, QUERIES[2])
+    first = engine.submit(long_ids, greedy(40))
+    events = iter(first)
+    head = [next(events) for _ in range(3)]  # the first request is decoding now
+    second = engine.submit(short_ids, greedy(8))
+    rest = list(events)
+    assert engine.running <= 2
+    tokens = [t for e in head + rest for t in e.token_ids]
+    assert tokens == reference(tiny_chat_model, tokenizer, long_ids, 40)
+    assert collect(second)[0] == reference(tiny_chat_model, tokenizer, short_ids, 8)
+
+
+def test_cancel_frees_the_slot(engine, tokenizer):
+    handle = engine.submit(prompt(tokenizer, QUERIES[1]), greedy(500))
+    events = iter(handle)
+    next(events)
+    handle.cancel()
+    assert [e.finish_reason for e in events][-1] == "cancelled"
+    deadline = time.time() + 5
+    while engine.running and time.time() < deadline:
+        time.sleep(0.01)
+    assert engine.running == 0
+
+
+def test_seeded_sampling_repeats_and_prompt_limit(engine, tokenizer):
+    ids = prompt(tokenizer, QUERIES[3])
+    params = SamplingParams(max_new_tokens=8, temperature=0.9, top_p=0.8, seed=7, stop_token_ids=STOP_IDS)
+    assert collect(engine.submit(ids, params))[0] == collect(engine.submit(ids, params))[0]
+    with pytest.raises(ValueError, match="context"):
+        engine.submit([1] * engine.max_context, greedy())
+
+
+def test_sample_top_k_top_p_and_greedy():
+    logits = torch.tensor([0.0, 3.0, 2.9, -1.0, 1.0])
+    assert sample(logits, SamplingParams(do_sample=False), None) == 1
+    assert sample(logits, SamplingParams(top_k=1), None) == 1
+    assert sample(logits, SamplingParams(top_p=0.01), None) == 1
+    generator = torch.Generator().manual_seed(0)
+    picks = {sample(logits, SamplingParams(top_p=0.7), generator) for _ in range(200)}
+    assert picks == {1, 2}  # 1 and 2 hold ~0.72 of the mass together; 1 alone ~0.37
+    big = torch.randn(151936, generator=torch.Generator().manual_seed(1))
+    picks = {sample(big, SamplingParams(top_p=0.5), generator) for _ in range(20)}
+    order = torch.argsort(big, descending=True)
+    mass = torch.cumsum(torch.softmax(big, -1)[order], 0)
+    allowed = set(order[: int((mass < 0.5).sum()) + 1].tolist())
+    assert picks <= allowed  # a flat distribution takes the full-sort path and still respects top_p
+
+
+def test_text_assembler_holds_back_stop_strings_and_partial_characters(tokenizer):
+    text = "Thought: look it up 🙂\nAction: search\nObservation: found"
+    ids = tokenizer.encode(text)
+    assembler = TextAssembler(tokenizer, ("Observation:",))
+    out, stopped = "", False
+    for token in ids:
+        delta, stopped = assembler.add(token)
+        assert "\ufffd" not in delta
+        out += delta
+        assert not out.endswith("Observ") or stopped
+        if stopped:
+            break
+    assert stopped and out == "Thought: look it up 🙂\nAction: search\n"
+    plain = TextAssembler(tokenizer, ("Observation:",))
+    pieces = [plain.add(t)[0] for t in tokenizer.encode("Obs is short for observe")]
+    assert "".join(pieces) + plain.flush() == "Obs is short for observe"
