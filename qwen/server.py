@@ -113,6 +113,22 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
 
 
+def chat_prompt_ids(
+    tokenizer: Any, messages: list[dict[str, Any]], functions: list[dict[str, Any]] | None, max_window_size: int
+) -> list[int]:
+    """ChatML prompt ids for OpenAI-style messages, with the ReAct transcript when there are functions.
+
+    Raises ValueError for a conversation that cannot be written as a prompt (the message says which entry).
+    """
+    system, history, query = react.build_react_conversation(messages, functions)
+    if query is not None:
+        return make_context(tokenizer, query, history=history, system=system, max_window_size=max_window_size)[1]
+    # After a tool result (or an assistant message) the model continues the last assistant turn.
+    earlier, question, partial = react.continuation_parts(history)
+    _, ids = make_context(tokenizer, question, history=earlier, system=system, max_window_size=max_window_size)
+    return ids + tokenizer.encode(partial, allowed_special=set(), disallowed_special=())
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The app
 # --------------------------------------------------------------------------------------------------------------------
@@ -214,18 +230,13 @@ def create_app(engine: GenerationEngine, settings: ServerSettings | None = None)
         check_model(body.model)
         try:
             functions = react.normalize_tools(body.functions, body.tools, body.tool_choice, body.function_call)
-            system, history, query = react.build_react_conversation(body.messages, functions)
+        except ValueError as error:
+            raise APIError(400, str(error), param="tools" if body.tools is not None else "functions") from error
+        max_window = min(getattr(generation_config, "max_window_size", None) or engine.max_context, engine.max_context)
+        try:
+            prompt_ids = chat_prompt_ids(tokenizer, body.messages, functions, max_window)
         except ValueError as error:
             raise APIError(400, str(error), param="messages") from error
-        max_window = min(getattr(generation_config, "max_window_size", None) or engine.max_context, engine.max_context)
-        if query is None:
-            # After a tool result (or an assistant message) the model continues the last assistant turn.
-            earlier, question, partial = react.continuation_parts(history)
-            _, prompt_ids = make_context(tokenizer, question, history=earlier, system=system,
-                                         max_window_size=max_window)
-            prompt_ids += tokenizer.encode(partial, allowed_special=set(), disallowed_special=())
-        else:
-            _, prompt_ids = make_context(tokenizer, query, history=history, system=system, max_window_size=max_window)
         params = sampling(body, len(prompt_ids), react.stop_words(functions))
         legacy = body.functions is not None
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -496,4 +507,4 @@ def _authorized(request: Request, settings: ServerSettings) -> bool:
     return False
 
 
-__all__ = ["APIError", "ServerSettings", "create_app"]
+__all__ = ["APIError", "ServerSettings", "chat_prompt_ids", "create_app"]

@@ -12,14 +12,18 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import httpx
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 FENCE = re.compile(r"^```(\w+)\n(.*?)^```", re.MULTILINE | re.DOTALL)
 # Commands that set up the machine (already done for the test run) rather than use the repository.
-SET_UP = ("pip install", "python -m qwen.vocab fetch", "python -m pytest", "python bench/")
+SET_UP = ("pip install", "python -m qwen.vocab fetch", "python -m pytest", "python bench/", "python -m pytest -m slow")
 
 
 def readme_blocks() -> list[tuple[str, str]]:
@@ -32,33 +36,75 @@ def run(command: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Comple
     return result
 
 
-def test_readme_blocks_run_in_order(tmp_path: Path, tiny_chat_dir: Path, tiny_base_dir: Path) -> None:
-    # Released folders carry no code of ours until `install-code` is run on them.
-    for name, source in (("Qwen-7B-Chat", tiny_chat_dir), ("Qwen-7B", tiny_base_dir)):
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(command: list[str], cwd: Path, env: dict[str, str], port: int) -> subprocess.Popen:
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"{shlex.join(command)} exited:\n{process.stdout.read()[-4000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    process.kill()
+    raise AssertionError(f"{shlex.join(command)} did not answer within 120 s")
+
+
+def test_readme_blocks_run_in_order(tmp_path: Path, tool_chat_dir: Path, tiny_base_dir: Path) -> None:
+    # The chat folder is a tiny checkpoint trained on the README's weather conversation, so that the function-calling
+    # example gets a real tool call. Released folders carry no code of ours until `install-code` is run on them.
+    for name, source in (("Qwen-7B-Chat", tool_chat_dir), ("Qwen-7B", tiny_base_dir)):
         shutil.copytree(source, tmp_path / name)
         assert not list((tmp_path / name).glob("*.py"))
-        # Released configs allow 512 new tokens; the blocks' code path is the same with fewer, and the run shorter.
+        # Released configs allow 512 new tokens; 64 runs the same code paths (and fits the tool call) in less time.
         generation_config = tmp_path / name / "generation_config.json"
-        generation_config.write_text(json.dumps({**json.loads(generation_config.read_text()), "max_new_tokens": 24}))
+        generation_config.write_text(json.dumps({**json.loads(generation_config.read_text()), "max_new_tokens": 64}))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
 
     ran = {"bash": 0, "python": 0}
-    for language, body in readme_blocks():
-        if language == "bash":
-            for line in body.splitlines():
-                command = line.split("#")[0].strip()
-                if not command or command.startswith(SET_UP):
-                    continue
-                assert command.startswith("python -m qwen."), f"unexpected README command: {command}"
-                run([sys.executable, *shlex.split(command)[1:]], tmp_path, env)
-                ran["bash"] += 1
-        elif language == "python":
-            if "import qwen" not in body:
-                # Such a block must work on remote code alone.
-                body += '\nimport sys\nassert "qwen" not in sys.modules, "this block imported the qwen package"\n'
-            run([sys.executable, "-c", body], tmp_path, env)
-            ran["python"] += 1
-    assert ran["bash"] >= 2 and ran["python"] >= 5, ran
+    servers: list[subprocess.Popen] = []
+    port = free_port()
+    try:
+        for language, body in readme_blocks():
+            run_block(language, body, tmp_path, env, port, servers, ran)
+    finally:
+        for server in servers:
+            server.terminate()
+            server.wait(10)
+    assert ran["bash"] >= 3 and ran["python"] >= 7, ran
     # install-code ran on the chat folder; the remote-code block above loaded from it.
     assert (tmp_path / "Qwen-7B-Chat" / "modeling_qwen.py").is_file()
     assert any(path.name == "modeling_qwen.py" for path in (tmp_path / "modules").rglob("*.py"))
+
+
+def run_block(language: str, body: str, cwd: Path, env: dict[str, str], port: int, servers: list, ran: dict) -> None:
+    if language == "bash":
+        for line in body.splitlines():
+            command = line.split("#")[0].strip()
+            if not command or command.startswith(SET_UP):
+                continue
+            if command.startswith("python openai_api.py"):
+                # The server runs in the background on a free port while the client blocks below talk to it.
+                argv = shlex.split(command.replace("--server-port 8000", f"--server-port {port}"))[1:]
+                argv[0] = str(README.parent / "openai_api.py")
+                servers.append(start_server([sys.executable, *argv, "--cpu-only"], cwd, env, port))
+            else:
+                assert command.startswith("python -m qwen."), f"unexpected README command: {command}"
+                run([sys.executable, *shlex.split(command)[1:]], cwd, env)
+            ran["bash"] += 1
+    elif language == "python":
+        body = body.replace("127.0.0.1:8000", f"127.0.0.1:{port}")
+        if "import qwen" not in body and "from openai import" not in body:
+            # Such a block must work on remote code alone.
+            body += '\nimport sys\nassert "qwen" not in sys.modules, "this block imported the qwen package"\n'
+        result = run([sys.executable, "-c", body], cwd, env)
+        if "tools=tools" in body:
+            assert "21" in result.stdout, result.stdout  # the answer built from the tool's result
+        ran["python"] += 1

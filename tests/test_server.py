@@ -250,3 +250,85 @@ def test_malformed_json_and_authentication(server):
         assert response.status_code == 401 and response.json()["error"]["type"] == "authentication_error"
     with pytest.raises(openai.AuthenticationError):
         OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0).models.list()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Function calling, against a tiny checkpoint trained to call get_weather and then answer (see conftest.py)
+
+from conftest import (  # noqa: E402
+    WEATHER_ANSWER, WEATHER_ARGUMENTS, WEATHER_QUESTION, WEATHER_RESULT, WEATHER_THOUGHT, WEATHER_TOOLS,
+)
+
+LEGACY_FUNCTIONS = [tool["function"] for tool in WEATHER_TOOLS]
+
+
+@pytest.fixture(scope="module")
+def tool_client(tool_chat_dir):
+    process, base = start_server(tool_chat_dir)
+    yield OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+    stop_server(process)
+
+
+def test_tools_flow_two_turns(tool_client):
+    messages = [{"role": "user", "content": WEATHER_QUESTION}]
+    reply = tool_client.chat.completions.create(model=MODEL, messages=messages, tools=WEATHER_TOOLS, **GREEDY)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content == WEATHER_THOUGHT
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_")
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == json.loads(WEATHER_ARGUMENTS)
+    messages += [choice.message, {"role": "tool", "tool_call_id": call.id, "content": WEATHER_RESULT}]
+    final = tool_client.chat.completions.create(model=MODEL, messages=messages, tools=WEATHER_TOOLS, **GREEDY)
+    assert final.choices[0].finish_reason == "stop"
+    assert final.choices[0].message.content == WEATHER_ANSWER
+    assert not final.choices[0].message.tool_calls
+
+
+def test_legacy_functions_flow_two_turns(tool_client):
+    messages = [{"role": "user", "content": WEATHER_QUESTION}]
+    reply = tool_client.chat.completions.create(model=MODEL, messages=messages, functions=LEGACY_FUNCTIONS, **GREEDY)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "function_call"
+    assert choice.message.function_call.name == "get_weather"
+    assert choice.message.function_call.arguments == WEATHER_ARGUMENTS
+    messages += [
+        {"role": "assistant", "content": choice.message.content,
+         "function_call": {"name": "get_weather", "arguments": choice.message.function_call.arguments}},
+        {"role": "function", "name": "get_weather", "content": WEATHER_RESULT},
+    ]
+    final = tool_client.chat.completions.create(model=MODEL, messages=messages, functions=LEGACY_FUNCTIONS, **GREEDY)
+    assert (final.choices[0].finish_reason, final.choices[0].message.content) == ("stop", WEATHER_ANSWER)
+
+
+def test_streamed_tool_call(tool_client):
+    chunks = list(tool_client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": WEATHER_QUESTION}], tools=WEATHER_TOOLS, stream=True,
+        **GREEDY,
+    ))
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    calls = [call for c in chunks if c.choices for call in (c.choices[0].delta.tool_calls or [])]
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert content == WEATHER_THOUGHT
+    assert len(calls) == 1 and calls[0].function.name == "get_weather" and calls[0].id.startswith("call_")
+    assert json.loads(calls[0].function.arguments) == json.loads(WEATHER_ARGUMENTS)
+    assert finishes == ["tool_calls"]
+    # The final answer streams as content, without the ReAct markers.
+    messages = [{"role": "user", "content": WEATHER_QUESTION},
+                {"role": "assistant", "content": WEATHER_THOUGHT, "tool_calls": [
+                    {"id": "call_1", "type": "function",
+                     "function": {"name": "get_weather", "arguments": WEATHER_ARGUMENTS}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": WEATHER_RESULT}]
+    chunks = list(tool_client.chat.completions.create(model=MODEL, messages=messages, tools=WEATHER_TOOLS,
+                                                      stream=True, **GREEDY))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == WEATHER_ANSWER
+
+
+def test_tool_choice_none_and_bad_tools(tool_client):
+    reply = tool_client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": WEATHER_QUESTION}],
+                                                tools=WEATHER_TOOLS, tool_choice="none", max_tokens=4, **GREEDY)
+    assert not reply.choices[0].message.tool_calls
+    with pytest.raises(openai.BadRequestError):
+        tool_client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                            tools=WEATHER_TOOLS, tool_choice={"type": "function",
+                                                                              "function": {"name": "nope"}})
