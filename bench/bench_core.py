@@ -216,7 +216,7 @@ def main() -> None:
             print(f"Same weights, same logits: max |difference| {difference:.1e} (fp32)\n")
             print("\n".join(model_table(folder, args.quick, 1 if args.quick else args.rounds)) + "\n")
     if not args.skip_tokenizer:
-        print("\n".join(tokenizer_table(2 if args.quick else 5)))
+        print("\n".join(tokenizer_table(2 if args.quick else 9)))
 
 
 if __name__ == "__main__":
