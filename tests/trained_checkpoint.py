@@ -26,6 +26,7 @@ memorized in 100 to 150 steps, two to five seconds on two CPU cores.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -33,7 +34,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +165,20 @@ def write_memorizing_checkpoint(
     return folder
 
 
+@contextlib.contextmanager
+def _denormals_flushed() -> Iterator[None]:
+    """Treat denormal floats as zero: training steps produce them, and x86 CPUs compute on them 10-20x slower.
+
+    Measured on two cores: 50 steps over three 700-token conversations took 87 s without this and 7 s with it.
+    Checks and inference run with the default (off), as every other user of the model does.
+    """
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
+
+
 def _train(
     model: qwen.QWenLMHeadModel, conversations: list[Conversation], *, steps: int, lr: float, min_prob: float
 ) -> None:
@@ -184,13 +199,14 @@ def _train(
     started = time.perf_counter()
     for step in range(1, steps + 1):
         model.train()
-        hidden = model.transformer(input_ids=input_ids).last_hidden_state[:, :-1][reply_positions]  # (N, hidden)
-        logits = hidden @ head.T  # (N, U)
-        logits = torch.cat([logits, logits.new_full((logits.shape[0], 1), rest_logit)], dim=1)  # (N, U+1)
-        loss = F.cross_entropy(logits, used_targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        with _denormals_flushed():
+            hidden = model.transformer(input_ids=input_ids).last_hidden_state[:, :-1][reply_positions]  # (N, hidden)
+            logits = hidden @ head.T  # (N, U)
+            logits = torch.cat([logits, logits.new_full((logits.shape[0], 1), rest_logit)], dim=1)  # (N, U+1)
+            loss = F.cross_entropy(logits, used_targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
         last_loss = loss.item()
         with torch.no_grad():
             estimate = logits.detach().log_softmax(-1).gather(1, used_targets[:, None]).min().exp().item()

@@ -1,0 +1,123 @@
+"""Throughput of `openai_api.py` under concurrent streaming clients.
+
+    python bench/bench_server.py            # 1, 4, 8 and 16 clients on the mid-size random checkpoint, CPU
+    python bench/bench_server.py --quick    # fewer tokens, for a smoke run
+
+The server runs as users run it (a subprocess of `openai_api.py`), and every client is the real `openai` SDK
+streaming a chat completion. Reported per concurrency level: aggregate completion tokens per second (from the
+`usage` the server reports), its ratio to one client in the same run, time to first token and the gap between
+streamed chunks (p50 / p95).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+from openai import OpenAI
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from qwen.checkpoint import write_random_checkpoint  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(folder: str, port: int, max_batch_size: int) -> subprocess.Popen:
+    command = [sys.executable, str(REPO / "openai_api.py"), "-c", folder, "--cpu-only", "--server-port", str(port),
+               "--max-batch-size", str(max_batch_size)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    process.kill()
+    raise SystemExit("the server did not start")
+
+
+def one_client(client: OpenAI, index: int, max_tokens: int) -> dict:
+    start = time.perf_counter()
+    stamps, tokens = [], 0
+    stream = client.chat.completions.create(
+        model="qwen", messages=[{"role": "user", "content": f"Client {index}: tell me a long story."}],
+        max_tokens=max_tokens, temperature=0, stream=True, stream_options={"include_usage": True},
+    )
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            stamps.append(time.perf_counter())
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    return {"ttft": stamps[0] - start if stamps else float("nan"), "gaps": gaps, "tokens": tokens}
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def run_level(client: OpenAI, clients: int, max_tokens: int) -> dict:
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(lambda i: one_client(client, i, max_tokens), range(clients)))
+    wall = time.perf_counter() - start
+    gaps = [gap for result in results for gap in result["gaps"]]
+    ttfts = [result["ttft"] for result in results]
+    return {
+        "tokens_per_s": sum(result["tokens"] for result in results) / wall,
+        "ttft_p50": statistics.median(ttfts), "ttft_p95": percentile(ttfts, 0.95),
+        "gap_p50": percentile(gaps, 0.5), "gap_p95": percentile(gaps, 0.95),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--levels", default="1,4,8,16", help="comma-separated client counts")
+    args = parser.parse_args()
+    levels = [int(level) for level in args.levels.split(",")]
+    max_tokens = 16 if args.quick else 48
+
+    with tempfile.TemporaryDirectory() as folder:
+        write_random_checkpoint(folder, size="mid")
+        port = free_port()
+        server = start_server(folder, port, max(levels))
+        try:
+            client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=600)
+            run_level(client, 1, 4)  # warm-up
+            rows = {clients: run_level(client, clients, max_tokens) for clients in levels}
+        finally:
+            server.terminate()
+            server.wait(10)
+
+    single = rows[levels[0]]["tokens_per_s"]
+    print(f"mid checkpoint, {max_tokens} tokens per client, greedy, {os.cpu_count()} CPUs\n")
+    print("| clients | tokens/s (all clients) | vs 1 client | first token p50 / p95, s | chunk gap p50 / p95, s |")
+    print("|---:|---:|---:|---:|---:|")
+    for clients, row in rows.items():
+        print(f"| {clients} | {row['tokens_per_s']:.1f} | {row['tokens_per_s'] / single:.2f}x | "
+              f"{row['ttft_p50']:.2f} / {row['ttft_p95']:.2f} | {row['gap_p50']:.3f} / {row['gap_p95']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
