@@ -332,3 +332,13 @@ def test_tool_choice_none_and_bad_tools(tool_client):
         tool_client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
                                             tools=WEATHER_TOOLS, tool_choice={"type": "function",
                                                                               "function": {"name": "nope"}})
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["tools", "functions"])
+def test_function_call_example_script_runs_against_the_server(tool_client, legacy):
+    command = [sys.executable, str(REPO / "examples" / "function_call_examples.py"), "--base-url",
+               str(tool_client.base_url), "--model", MODEL] + (["--legacy"] if legacy else [])
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"-> get_weather({WEATHER_ARGUMENTS})" in result.stdout
+    assert result.stdout.strip().endswith(WEATHER_ANSWER)
