@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -44,6 +45,8 @@ import torch.nn.functional as F
 import qwen
 from qwen.checkpoint import config_for_size, write_random_checkpoint
 from qwen.qwen_generation_utils import make_context
+
+log = logging.getLogger(__name__)
 
 Conversation = tuple[list[int], list[int]]  # (prompt ids, reply ids)
 
@@ -225,6 +228,10 @@ def _train(
         failure = _first_mismatch(model, conversations)
         if failure is None:
             model.eval()
+            log.info(
+                "memorized %d replies (%d tokens) in %d steps, %.1f s", len(conversations), len(targets), step,
+                time.perf_counter() - started,
+            )
             return
     raise MemorizationError(
         f"{len(conversations)} replies ({len(targets)} tokens) not memorized in {steps} steps "
