@@ -307,8 +307,8 @@ class GenerationEngine:
         model: the loaded model (any device and dtype it supports).
         tokenizer: its `QWenTokenizer`.
         max_batch_size: how many requests decode together; more wait in a queue.
-        max_context: longest prompt + reply allowed (default: the model's `seq_length`... or a larger
-            `max_position_embeddings` when dynamic NTK is on).
+        max_context: longest prompt + reply allowed. Default: `seq_length`, or the larger of it and
+            `max_position_embeddings` when dynamic NTK stretches the context.
     """
 
     def __init__(self, model: Any, tokenizer: Any, max_batch_size: int = 8, max_context: int | None = None) -> None:
@@ -429,7 +429,6 @@ class GenerationEngine:
 
     @torch.inference_mode()
     def _decode_step(self) -> None:
-        batch = len(self._running)
         lengths = torch.tensor([r.length for r in self._running], dtype=torch.long)
         self.cache.ensure_capacity(int(lengths.max()) + 1)
         self.cache.lengths = lengths

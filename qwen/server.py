@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from fastapi import FastAPI, Request
@@ -372,6 +372,12 @@ def _chat_message(text: str, reason: str | None, functions: list[dict] | None, l
     return {"role": "assistant", "content": parsed.content, "tool_calls": [tool_call]}, "tool_calls"
 
 
+def _error_chunk(event: GenerationEvent) -> str:
+    """A failed generation inside a stream, whose HTTP status was already sent."""
+    return json.dumps({"error": {"message": f"Generation failed: {event.error}", "type": "server_error",
+                                 "param": None, "code": None}})
+
+
 def _chunk(kind: str, completion_id: str, created: int, model: str, choices: list[dict], usage: dict | None = None) -> str:
     chunk = {"id": completion_id, "object": kind, "created": created, "model": model, "choices": choices}
     if usage is not None:
@@ -437,8 +443,7 @@ async def _stream_chat(engine, prompt_ids, choice_params, functions, legacy, com
                              [{"index": index, "delta": delta, "finish_reason": None}])
             if event.finish_reason is not None:
                 if event.finish_reason == "error":
-                    yield json.dumps({"error": {"message": f"Generation failed: {event.error}",
-                                                "type": "server_error", "param": None, "code": None}})
+                    yield _error_chunk(event)
                     return
                 completion_tokens += event.completion_tokens
                 reason = ("function_call" if legacy else "tool_calls") if (called or (parser and parser.called)) \
@@ -475,8 +480,7 @@ async def _stream_completion(engine, prompt_ids, choice_params, completion_id, c
             finish = None
             if event.finish_reason is not None:
                 if event.finish_reason == "error":
-                    yield json.dumps({"error": {"message": f"Generation failed: {event.error}",
-                                                "type": "server_error", "param": None, "code": None}})
+                    yield _error_chunk(event)
                     return
                 completion_tokens += event.completion_tokens
                 finish = _finish(event.finish_reason)

@@ -9,8 +9,8 @@ import torch
 
 from qwen.engine import GenerationEngine, SamplingParams, TextAssembler, sample
 from qwen.qwen_generation_utils import make_context
+from support import STOP_IDS, greedy_reference
 
-STOP_IDS = frozenset({151643, 151644, 151645})
 
 
 def greedy(max_new_tokens: int = 12, **extra) -> SamplingParams:
@@ -19,18 +19,6 @@ def greedy(max_new_tokens: int = 12, **extra) -> SamplingParams:
 
 def prompt(tokenizer, query: str) -> list[int]:
     return make_context(tokenizer, query, system="You are a helpful assistant.")[1]
-
-
-def reference(model, tokenizer, ids: list[int], max_new_tokens: int) -> list[int]:
-    """Greedy tokens from transformers' generate(), cut at the first stop id."""
-    out = model.generate(
-        torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=1.0,
-        top_p=None, top_k=None, suppress_tokens=list(range(len(tokenizer), model.config.vocab_size)),
-    )[0, len(ids):].tolist()
-    for index, token in enumerate(out):
-        if token in STOP_IDS:
-            return out[:index]
-    return out
 
 
 def collect(handle) -> tuple[list[int], str, str]:
@@ -55,7 +43,7 @@ QUERIES = ["你好", "Tell me a long story about a dragon and a knight.", "1+1=?
 def test_one_request_gives_the_generate_tokens(engine, tiny_chat_model, tokenizer):
     ids = prompt(tokenizer, QUERIES[0])
     tokens, text, reason = collect(engine.submit(ids, greedy(12)))
-    expected = reference(tiny_chat_model, tokenizer, ids, 12)
+    expected = greedy_reference(tiny_chat_model, tokenizer, ids, 12)
     assert tokens == expected
     assert text == tokenizer.decode(expected, skip_special_tokens=True)
     assert reason == ("length" if len(expected) == 12 else "stop")
@@ -66,7 +54,7 @@ def test_concurrent_requests_beyond_the_batch_limit_each_match_alone(engine, tin
     handles = [engine.submit(ids, greedy(10 + i)) for i, ids in enumerate(prompts)]  # 5 requests, 3 slots
     for i, (ids, handle) in enumerate(zip(prompts, handles)):
         tokens, _, _ = collect(handle)
-        assert tokens == reference(tiny_chat_model, tokenizer, ids, 10 + i), QUERIES[i]
+        assert tokens == greedy_reference(tiny_chat_model, tokenizer, ids, 10 + i), QUERIES[i]
 
 
 def test_a_request_joins_a_running_batch(engine, tiny_chat_model, tokenizer):
@@ -78,8 +66,8 @@ def test_a_request_joins_a_running_batch(engine, tiny_chat_model, tokenizer):
     rest = list(events)
     assert engine.running <= 2
     tokens = [t for e in head + rest for t in e.token_ids]
-    assert tokens == reference(tiny_chat_model, tokenizer, long_ids, 40)
-    assert collect(second)[0] == reference(tiny_chat_model, tokenizer, short_ids, 8)
+    assert tokens == greedy_reference(tiny_chat_model, tokenizer, long_ids, 40)
+    assert collect(second)[0] == greedy_reference(tiny_chat_model, tokenizer, short_ids, 8)
 
 
 def test_cancel_frees_the_slot(engine, tokenizer):

@@ -12,13 +12,12 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
+
+from support import free_port, stop, wait_until_healthy
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 FENCE = re.compile(r"^```(\w+)\n(.*?)^```", re.MULTILINE | re.DOTALL)
@@ -36,25 +35,10 @@ def run(command: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Comple
     return result
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def start_server(command: list[str], cwd: Path, env: dict[str, str], port: int) -> subprocess.Popen:
     process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"{shlex.join(command)} exited:\n{process.stdout.read()[-4000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    process.kill()
-    raise AssertionError(f"{shlex.join(command)} did not answer within 120 s")
+    wait_until_healthy(process, port)
+    return process
 
 
 def test_readme_blocks_run_in_order(tmp_path: Path, tool_chat_dir: Path, tiny_base_dir: Path) -> None:
@@ -76,8 +60,7 @@ def test_readme_blocks_run_in_order(tmp_path: Path, tool_chat_dir: Path, tiny_ba
             run_block(language, body, tmp_path, env, port, servers, ran)
     finally:
         for server in servers:
-            server.terminate()
-            server.wait(10)
+            stop(server)
     assert ran["bash"] >= 3 and ran["python"] >= 7, ran
     # install-code ran on the chat folder; the remote-code block above loaded from it.
     assert (tmp_path / "Qwen-7B-Chat" / "modeling_qwen.py").is_file()

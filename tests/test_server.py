@@ -5,7 +5,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,21 +13,14 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import torch
 from openai import OpenAI
 
 from qwen.qwen_generation_utils import make_context
+from support import free_port, greedy_reference, stop, wait_until_healthy
 
 REPO = Path(__file__).resolve().parents[1]
 API_KEY = "sk-test-key"
 MODEL = "qwen-tiny"
-STOP_IDS = {151643, 151644, 151645}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_server(folder: Path, *extra: str) -> tuple[subprocess.Popen, str]:
@@ -37,49 +29,20 @@ def start_server(folder: Path, *extra: str) -> tuple[subprocess.Popen, str]:
                "--model-name", MODEL, "--cpu-only", *extra]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited:\n{process.stdout.read()}")
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                return process, base
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    process.kill()
-    raise RuntimeError("server did not start within 120 s")
-
-
-def stop_server(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(10)
-    except subprocess.TimeoutExpired:
-        process.kill()
+    wait_until_healthy(process, port)
+    return process, f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")
 def server(tiny_chat_dir):
     process, base = start_server(tiny_chat_dir, "--api-key", API_KEY, "--max-batch-size", "4")
     yield base
-    stop_server(process)
+    stop(process)
 
 
 @pytest.fixture()
 def client(server) -> OpenAI:
     return OpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0, timeout=120)
-
-
-def greedy_reference(model, tokenizer, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-    out = model.generate(
-        torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=1.0,
-        top_p=None, top_k=None, suppress_tokens=list(range(len(tokenizer), model.config.vocab_size)),
-    )[0, len(prompt_ids):].tolist()
-    for index, token in enumerate(out):
-        if token in STOP_IDS:
-            return out[:index]
-    return out
 
 
 GREEDY = dict(temperature=0, extra_body={"repetition_penalty": 1.0})
@@ -266,7 +229,7 @@ LEGACY_FUNCTIONS = [tool["function"] for tool in WEATHER_TOOLS]
 def tool_client(tool_chat_dir):
     process, base = start_server(tool_chat_dir)
     yield OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
-    stop_server(process)
+    stop(process)
 
 
 def test_tools_flow_two_turns(tool_client):

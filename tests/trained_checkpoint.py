@@ -220,7 +220,9 @@ def _train(
         last_check = step
         model.eval()
         with torch.no_grad():
-            full = model(input_ids=input_ids).logits[:, :-1][reply_positions].log_softmax(-1)  # (N, vocab)
+            # The model's own forward, with the output layer applied at reply positions only (B*T*vocab is GBs).
+            hidden = model.transformer(input_ids=input_ids).last_hidden_state[:, :-1][reply_positions]  # (N, hidden)
+            full = model.lm_head(hidden).log_softmax(-1)  # (N, vocab)
             lowest = full.gather(1, targets[:, None]).min().exp().item()
         if lowest < min_prob:
             failure = f"lowest reply-token probability {lowest:.3f} < min_prob={min_prob}"

@@ -1,0 +1,54 @@
+"""Helpers several test files share: greedy reference decoding and starting a server process on a free port."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+
+import httpx
+import torch
+
+STOP_IDS = frozenset({151643, 151644, 151645})  # <|endoftext|>, <|im_start|>, <|im_end|>
+
+
+def greedy_reference(model, tokenizer, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy tokens from transformers' generate() for one prompt, cut before the first stop id."""
+    out = model.generate(
+        torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=1.0,
+        top_p=None, top_k=None, suppress_tokens=list(range(len(tokenizer), model.config.vocab_size)),
+    )[0, len(prompt_ids):].tolist()
+    for index, token in enumerate(out):
+        if token in STOP_IDS:
+            return out[:index]
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until_healthy(process: subprocess.Popen, port: int, timeout: float = 120) -> None:
+    """Block until the server answers /health; fail with its output if it exits or never answers."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            output = process.stdout.read() if process.stdout else ""
+            raise AssertionError(f"the server exited (code {process.returncode}):\n{output[-4000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    process.kill()
+    raise AssertionError(f"the server did not answer on port {port} within {timeout:.0f} s")
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
