@@ -11,6 +11,7 @@ import torch
 from qwen import QWenLMHeadModel
 from qwen.checkpoint import write_random_checkpoint
 from trained_checkpoint import (
+    DEFAULT_CONFIG_OVERRIDES,
     RELEASED_METADATA,
     MemorizationError,
     chat_turn,
@@ -74,17 +75,21 @@ def test_default_sampling_settings_give_the_memorized_reply(memorized_model, tok
 
 def test_folder_holds_the_released_layout_with_released_metadata(memorized_dir, tmp_path):
     assert sorted(os.listdir(memorized_dir)) == sorted([*RELEASED_METADATA, "model.safetensors"])
-    reference = write_random_checkpoint(tmp_path / "reference", size="tiny", config_only=True)
+    reference = write_random_checkpoint(
+        tmp_path / "reference", size="tiny", config_only=True, **DEFAULT_CONFIG_OVERRIDES
+    )
     for name in RELEASED_METADATA:
         assert (memorized_dir / name).read_bytes() == (reference / name).read_bytes(), name
     config = json.loads((memorized_dir / "config.json").read_text())
     assert config["architectures"] == ["QWenLMHeadModel"] and "auto_map" in config
 
 
-def test_weights_are_trained_not_random(memorized_dir, tmp_path):
-    random_model = QWenLMHeadModel.from_pretrained(write_random_checkpoint(tmp_path / "random", size="tiny", seed=0))
-    trained = QWenLMHeadModel.from_pretrained(memorized_dir)
-    assert not torch.equal(random_model.transformer.h[0].attn.c_attn.weight, trained.transformer.h[0].attn.c_attn.weight)
+def test_the_reply_comes_from_training(tmp_path, tokenizer):
+    # The same checkpoint before training (same size, overrides and seed) writes noise, not the tool call.
+    random_dir = write_random_checkpoint(tmp_path / "random", size="tiny", seed=0, **DEFAULT_CONFIG_OVERRIDES)
+    random_model = QWenLMHeadModel.from_pretrained(random_dir).eval()
+    response, _ = random_model.chat(tokenizer, WEATHER[0], history=None, max_new_tokens=40, **GREEDY)
+    assert "Action" not in response
 
 
 def test_cache_returns_the_same_folder_without_training(memorized_dir, tmp_path_factory, conversations, monkeypatch):
@@ -96,6 +101,7 @@ def test_cache_returns_the_same_folder_without_training(memorized_dir, tmp_path_
     monkeypatch.setattr(trained_checkpoint, "write_memorizing_checkpoint", no_training)
     root = tmp_path_factory.getbasetemp() / "memorized"
     assert memorizing_checkpoint_cached(root, conversations) == memorized_dir
+    assert memorizing_checkpoint_cached(root, conversations, seed=0, size="tiny") == memorized_dir
     assert not list(root.glob("*.partial"))
     with pytest.raises(AssertionError, match="reused"):
         memorizing_checkpoint_cached(root, conversations, seed=1)

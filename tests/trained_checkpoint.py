@@ -6,28 +6,34 @@ that checkpoint and trains it on the CPU (plain AdamW loop, fp32) until greedy d
 exactly the reply it was given, then saves it back in the released layout. Nothing is faked: the folder loads with
 `from_pretrained` like any other, and a server or demo under test runs the real model on it.
 
-    import qwen
+    from qwen import QWenLMHeadModel, QWenTokenizer
+    from qwen.vocab import find_vocab
     from trained_checkpoint import chat_turn, memorizing_checkpoint_cached
 
-    tokenizer = qwen.QWenTokenizer(str(qwen.vocab.find_vocab()))
+    tokenizer = QWenTokenizer(str(find_vocab()))
     conversations = [chat_turn(tokenizer, "What's the weather in Paris?", 'Thought: ...\\nAction: get_weather\\n...')]
     folder = memorizing_checkpoint_cached(tmp_path_factory.getbasetemp() / "memorized", conversations)
-    model = qwen.QWenLMHeadModel.from_pretrained(folder)
+    model = QWenLMHeadModel.from_pretrained(folder)
     model.chat(tokenizer, "What's the weather in Paris?", do_sample=False, repetition_penalty=1.0)  # -> that reply
 
 How it trains fast: the 151,936-row output layer is most of the cost of a step (a full-vocabulary matmul and softmax
 for every position, about 0.4 s on two cores even at hidden size 32). Only the rows of tokens that appear in some reply
-are trained, as a separate parameter; every other row keeps its small random weights, so its logit stays near zero,
-and the softmax counts all of them as one extra column holding log(their number), the mass they add at logit 0.
+are trained, as a separate parameter; every other row keeps its small random weights, so its logit stays small, and
+the softmax counts all of them as one extra column holding log(their number), the mass they would add at logit 0.
 Training stops once the full model, with its full vocabulary, gives every reply token at least `min_prob` and greedy
-`generate()` writes every reply exactly. With the default `tiny` size, two or three replies of 30 to 100 tokens are
-memorized in 100 to 150 steps, two to five seconds on two CPU cores.
+`generate()` writes every reply exactly. With the default `tiny` size, two to four replies of 20 to 110 tokens after
+25-token prompts take 75 to 150 steps, 3 to 6 s on two CPU cores; two 630-token tool prompts that differ in one word
+take 90 to 220 steps (0.1 s each).
+
+Every reply token ends up with probability >= 0.99, so the folder's own sampling settings (top_p=0.8,
+repetition_penalty=1.1 in generation_config.json) keep only that token and give the same reply as greedy decoding.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -51,11 +57,16 @@ log = logging.getLogger(__name__)
 Conversation = tuple[list[int], list[int]]  # (prompt ids, reply ids)
 
 EOD_ID = 151643  # <|endoftext|>, used as padding
-IM_END_ID = 151645
 DEFAULT_SYSTEM = "You are a helpful assistant."
 # The files a released checkpoint folder holds besides its weights, which must stay as write_random_checkpoint wrote
 # them: save_pretrained writes its own config.json and generation_config.json (transformers' fields, no auto_map).
 RELEASED_METADATA = ("config.json", "generation_config.json", "tokenizer_config.json", "qwen.tiktoken")
+
+
+# Five times the released initializer_range of 0.02: sharper attention from the start, so a reply that depends on
+# one token of a long prompt is learnt sooner (two ~630-token tool prompts differing in one word: 90-140 steps
+# instead of ~600). config.json records it; nothing reads it at inference.
+DEFAULT_CONFIG_OVERRIDES: dict[str, Any] = {"initializer_range": 0.1}
 
 
 class MemorizationError(RuntimeError):
@@ -130,7 +141,8 @@ def _first_mismatch(model: qwen.QWenLMHeadModel, conversations: Sequence[Convers
         written = output[0, len(prompt) : len(prompt) + len(reply)].tolist()
         if written != list(reply):
             position = next((i for i, (a, b) in enumerate(zip(written, reply)) if a != b), len(written))
-            return f"conversation {index}: reply token {position} is {written[position:position + 1]}, not {reply[position]}"
+            got = written[position:position + 1]
+            return f"conversation {index}: reply token {position} is {got}, not {reply[position]}"
     return None
 
 
@@ -151,10 +163,12 @@ def write_memorizing_checkpoint(
     `conversations` holds (prompt ids, reply ids) pairs (see `chat_turn`); a reply normally ends with <|im_end|>
     (151645) so that generation stops there. Training stops once every reply token has probability >= `min_prob`
     over the full vocabulary and greedy `generate()` writes every reply; it raises `MemorizationError` if that takes
-    more than `steps` steps. `size` and `config_overrides` go to `write_random_checkpoint`.
+    more than `steps` steps. `size` and `config_overrides` (on top of `DEFAULT_CONFIG_OVERRIDES`) go to
+    `write_random_checkpoint`; conversations longer than 256 tokens need `seq_length=` at least their length.
     """
     folder = Path(folder)
     conversations = [(list(prompt), list(reply)) for prompt, reply in conversations]
+    config_overrides = {**DEFAULT_CONFIG_OVERRIDES, **config_overrides}
     config = config_for_size(size, **config_overrides)
     _check_conversations(conversations, config.vocab_size, config.seq_length)
     with torch.random.fork_rng(devices=[]):  # the caller's RNG state is left as it was
@@ -168,12 +182,15 @@ def write_memorizing_checkpoint(
     return folder
 
 
+_WRITE_SIGNATURE = inspect.signature(write_memorizing_checkpoint)  # the settings a cache key covers
+
+
 @contextlib.contextmanager
 def _denormals_flushed() -> Iterator[None]:
     """Treat denormal floats as zero: training steps produce them, and x86 CPUs compute on them 10-20x slower.
 
     Measured on two cores: 50 steps over three 700-token conversations took 87 s without this and 7 s with it.
-    Checks and inference run with the default (off), as every other user of the model does.
+    Checks run with PyTorch's default (off), as inference does; it is off again afterwards.
     """
     torch.set_flush_denormal(True)
     try:
@@ -188,8 +205,8 @@ def _train(
     input_ids, labels = _batch(conversations, pad_id=EOD_ID)
     reply_positions = labels != -100  # (B, T-1)
     targets = labels[reply_positions]  # (N,)
-    # Trainable output rows: the tokens some reply needs. The other rows stay frozen near-zero logits, counted in the
-    # softmax as one column of log(count): the mass of that many logits at 0.
+    # Trainable output rows: the tokens some reply needs. The other rows stay frozen with small logits, counted in the
+    # softmax as one column of log(count) = logsumexp of that many logits at 0.
     used = torch.unique(targets)  # (U,)
     used_targets = torch.searchsorted(used, targets)  # (N,) indices into `used`
     head = torch.nn.Parameter(model.lm_head.weight.detach()[used].clone())  # (U, hidden)
@@ -229,7 +246,6 @@ def _train(
             continue
         failure = _first_mismatch(model, conversations)
         if failure is None:
-            model.eval()
             log.info(
                 "memorized %d replies (%d tokens) in %d steps, %.1f s", len(conversations), len(targets), step,
                 time.perf_counter() - started,
@@ -262,7 +278,11 @@ def memorizing_checkpoint_cached(
     asking for the same replies shares one trained folder. Callers must not modify the folder they get.
     """
     cache_root = Path(cache_root)
-    folder = cache_root / f"memorized-{_cache_key(conversations, settings)}"
+    # Key on every setting, defaults filled in, so spelling out a default finds the same folder.
+    bound = _WRITE_SIGNATURE.bind(cache_root, conversations, **settings)
+    bound.apply_defaults()
+    key_settings = {name: value for name, value in bound.arguments.items() if name not in ("folder", "conversations")}
+    folder = cache_root / f"memorized-{_cache_key(conversations, key_settings)}"
     if folder.is_dir():
         return folder
     cache_root.mkdir(parents=True, exist_ok=True)
