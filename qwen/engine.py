@@ -207,28 +207,23 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     if params.greedy:
         return int(torch.argmax(logits))
     logits = logits / params.temperature
-    vocab = logits.shape[-1]
-    # Nucleus sampling only needs the head of the distribution: sort a few hundred candidates, and everything only when
-    # they do not reach top_p (a flat distribution).
-    k = params.top_k if params.top_k else vocab
+    candidates = None  # vocabulary ids of `probs`' entries; None means all of them, in order
+    if params.top_k:
+        logits, candidates = torch.topk(logits, min(params.top_k, logits.shape[-1]))
+    probs = torch.softmax(logits, dim=-1)
     if params.top_p < 1.0:
-        k = min(k, 1024)
-    values, indices = torch.topk(logits, min(k, vocab))
-    probs = torch.softmax(values, dim=-1)
-    if params.top_p < 1.0:
-        full_mass = torch.softmax(logits, dim=-1)[indices].sum() if k < vocab else torch.tensor(1.0)
-        if not params.top_k and float(full_mass) < params.top_p:
-            values, indices = torch.sort(logits, descending=True)
-            probs = torch.softmax(values, dim=-1)
-        elif k < vocab and not params.top_k:
-            probs = torch.softmax(logits, dim=-1)[indices]
-        cumulative = torch.cumsum(probs, dim=-1)
+        # Nucleus sampling only needs the head of the distribution: look at the likeliest 1024 first, and sort
+        # everything only when they do not reach top_p (a flat distribution).
+        head_probs, head = torch.topk(probs, min(1024, probs.shape[-1]))
+        if float(head_probs.sum()) < params.top_p:
+            head_probs, head = torch.sort(probs, descending=True)
         # Keep the smallest prefix whose mass reaches top_p (the token that crosses it included).
-        keep = (cumulative - probs) < params.top_p
+        keep = (torch.cumsum(head_probs, dim=-1) - head_probs) < params.top_p
         keep[0] = True
-        probs = torch.where(keep, probs, torch.zeros_like(probs))
-    choice = torch.multinomial(probs / probs.sum(), 1, generator=generator)
-    return int(indices[choice])
+        probs = torch.where(keep, head_probs, torch.zeros_like(head_probs))
+        candidates = head if candidates is None else candidates[head]
+    choice = int(torch.multinomial(probs, 1, generator=generator))
+    return choice if candidates is None else int(candidates[choice])
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -453,7 +448,8 @@ class GenerationEngine:
     def _accept(self, running: _Running, logits: torch.Tensor) -> None:
         """Sample the next token for one request from its logits, stream its text, and finish it when due."""
         params = running.handle.params
-        logits = apply_penalties(logits.clone(), running.seen, running.generated_counts, params)
+        # `logits` is this request's own row of the step's output, so it is changed in place.
+        logits = apply_penalties(logits, running.seen, running.generated_counts, params)
         # Ids past the tokenizer (embedding padding) have no text; a reply must always decode.
         logits[len(self.tokenizer):] = -math.inf
         token = sample(logits, params, running.generator)
