@@ -15,7 +15,7 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -312,8 +312,6 @@ def create_app(engine: GenerationEngine, settings: ServerSettings | None = None)
 
 
 def _with_seed(params: SamplingParams, seed: int | None) -> SamplingParams:
-    from dataclasses import replace
-
     return replace(params, seed=seed)
 
 
