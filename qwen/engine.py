@@ -24,10 +24,14 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
+from .modeling_qwen import project
+
 logger = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 REPLACEMENT_CHARACTER = "\ufffd"
+# Most prompt tokens (rows x longest prompt) prefilled in one forward; bounds the activations of a batched prefill.
+PREFILL_TOKEN_BUDGET = 4096
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -153,14 +157,12 @@ class SlotKVCache(Cache):
                     buffers.append(grown)
         self.capacity = capacity
 
-    def store(self, row: int, prefilled: DynamicCache) -> int:
-        """Copy one prefilled sequence's keys and values into `row`; returns its length."""
-        length = prefilled.get_seq_length()
+    def store(self, row: int, prefilled: DynamicCache, batch_index: int, length: int) -> None:
+        """Copy the first `length` positions of sequence `batch_index` of a prefilled batch into `row`."""
         self.ensure_capacity(length + 1)
         for layer in range(self.num_layers):
-            self.keys[layer][row, :, :length] = prefilled.layers[layer].keys[0]  # (nh, T, hs)
-            self.values[layer][row, :, :length] = prefilled.layers[layer].values[0]
-        return length
+            self.keys[layer][row, :, :length] = prefilled.layers[layer].keys[batch_index, :, :length]  # (nh, T, hs)
+            self.values[layer][row, :, :length] = prefilled.layers[layer].values[batch_index, :, :length]
 
     def move_row(self, source: int, target: int) -> None:
         for buffers in (self.keys, self.values):
@@ -386,41 +388,83 @@ class GenerationEngine:
             self._waiting.get()._emit(GenerationEvent(finish_reason="cancelled"))
 
     def _admit(self) -> None:
-        while len(self._running) < self.max_batch_size and not self._waiting.empty():
+        admitted: list[RequestHandle] = []
+        while len(self._running) + len(admitted) < self.max_batch_size and not self._waiting.empty():
             handle = self._waiting.get()
             if handle.cancelled.is_set():
                 handle._emit(GenerationEvent(finish_reason="cancelled", prompt_tokens=len(handle.prompt_ids)))
-                continue
+            else:
+                admitted.append(handle)
+        for group in self._prefill_groups(admitted):
             try:
-                self._prefill(handle)
+                self._prefill(group)
             except Exception as error:
                 logger.exception("prefill failed")
-                handle._emit(GenerationEvent(finish_reason="error", error=f"{type(error).__name__}: {error}",
-                                             prompt_tokens=len(handle.prompt_ids)))
+                for handle in group:
+                    handle._emit(GenerationEvent(finish_reason="error", error=f"{type(error).__name__}: {error}",
+                                                 prompt_tokens=len(handle.prompt_ids)))
+
+    def _prefill_groups(self, handles: list[RequestHandle]) -> list[list[RequestHandle]]:
+        """Split prompts admitted together into batches worth one forward each.
+
+        On a CPU a short prompt's prefill costs about as much as reading every weight once, so prompts that arrive
+        together are prefilled together. A batch is right-padded to its longest prompt; prompts of similar length go
+        together so that padding stays within a third of the batch's tokens. A prompt past `seq_length` with dynamic
+        NTK goes alone: its rotary scaling depends on its own length.
+        """
+        config = self.model.config
+        groups: list[list[RequestHandle]] = []
+        group: list[RequestHandle] = []
+        for handle in sorted(handles, key=lambda h: len(h.prompt_ids)):
+            length = len(handle.prompt_ids)
+            padded = (len(group) + 1) * length
+            real = sum(len(h.prompt_ids) for h in group) + length
+            alone = config.use_dynamic_ntk and length > config.seq_length
+            if group and (alone or padded > PREFILL_TOKEN_BUDGET or 2 * padded > 3 * real):
+                groups.append(group)
+                group = []
+            group.append(handle)
+        if group:
+            groups.append(group)
+        return groups
 
     @torch.inference_mode()
-    def _prefill(self, handle: RequestHandle) -> None:
-        params = handle.params
+    def _prefill(self, handles: list[RequestHandle]) -> None:
+        """Prefill prompts in one right-padded forward and start decoding them.
+
+        Right padding needs no mask: under causal attention a prompt's tokens never see the padding after them, so
+        each row's keys, values and last-token logits are those of the prompt alone.
+        """
+        lengths = [len(handle.prompt_ids) for handle in handles]
+        longest = max(lengths)
+        pad = self.tokenizer.eod_id
+        ids = torch.tensor([h.prompt_ids + [pad] * (longest - len(h.prompt_ids)) for h in handles], device=self.device)
         prefilled = DynamicCache(config=self.model.config)
-        ids = torch.tensor([handle.prompt_ids], device=self.device)
-        logits = self.model(ids, cache=prefilled, use_cache=True, logits_to_keep=1).logits[0, -1].float()
-        row = len(self._running)
-        length = self.cache.store(row, prefilled)
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator(device=logits.device).manual_seed(params.seed)
-        running = _Running(
-            handle=handle,
-            assembler=TextAssembler(self.tokenizer, params.stop_strings),
-            generator=generator,
-            length=length,
-            next_token=-1,
-            seen=list(handle.prompt_ids),
-            row=row,
-            ntk_alpha=(getattr(prefilled, "qwen_ntk_alphas", None) or [1.0])[0],
-        )
-        self._running.append(running)
-        self._accept(running, logits)
+        hidden = self.model.transformer(ids, cache=prefilled, use_cache=True).last_hidden_state  # (G, T, C)
+        last = torch.tensor(lengths, device=self.device) - 1
+        logits = project(self.model.lm_head, hidden[torch.arange(len(handles), device=self.device), last]).float()
+        ntk_alpha = (getattr(prefilled, "qwen_ntk_alphas", None) or [1.0])[0]
+        for index, (handle, length) in enumerate(zip(handles, lengths)):
+            params = handle.params
+            row = len(self._running)
+            self.cache.store(row, prefilled, index, length)
+            generator = None
+            if params.seed is not None:
+                generator = torch.Generator(device=logits.device).manual_seed(params.seed)
+            running = _Running(
+                handle=handle,
+                assembler=TextAssembler(self.tokenizer, params.stop_strings),
+                generator=generator,
+                length=length,
+                next_token=-1,
+                seen=list(handle.prompt_ids),
+                row=row,
+                ntk_alpha=ntk_alpha,
+            )
+            self._running.append(running)
+            self._accept(running, logits[index])
+        self._running = [r for r in self._running if not r.handle.finished.is_set()]
+        self._compact()
 
     @torch.inference_mode()
     def _decode_step(self) -> None:

@@ -52,17 +52,19 @@ DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 # Projections
 # --------------------------------------------------------------------------------------------------------------------
 
-# Up to this many rows the weight-left product wins; for long prompts MKL's usual path is as fast or faster.
-_WEIGHT_LEFT_MAX_ROWS = 128
+# Up to this many rows the weight-left product wins (by 1.1-1.6x at 200 rows for the wide c_attn, w1 and lm_head);
+# for long prompts MKL's usual path is as fast or faster.
+_WEIGHT_LEFT_MAX_ROWS = 256
 
 
 def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`layer(x)`, computed as `(W @ x^T)^T` for a plain fp32 nn.Linear at inference on the CPU.
 
-    MKL's sgemm for `x @ W^T` with 2 to ~128 rows (decoding a batch, short prompts) is 1.1-2.5x slower on x86 CPUs
-    than the same product with the weight as the left operand, and batched decoding is mostly such products: a batch
-    of 8 decodes about twice as fast this way (bench/bench_core.py). One row is a matrix-vector product either way. Anything else — CUDA, half precision, training, LoRA/GPTQ/bitsandbytes layers, modules with hooks —
-    takes the module's own forward.
+    MKL's sgemm for `x @ W^T` with 2 to ~256 rows (decoding a batch, short or batched prompts) is 1.1-2.5x slower on
+    x86 CPUs than the same product with the weight as the left operand, and batched decoding is mostly such products:
+    a batch of 8 decodes about twice as fast this way (bench/bench_core.py). One row is a matrix-vector product either
+    way. Anything else (CUDA, half precision, training, LoRA/GPTQ/bitsandbytes layers, modules with hooks) takes the
+    module's own forward.
     """
     if (
         type(layer) is not nn.Linear

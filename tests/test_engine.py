@@ -7,10 +7,9 @@ import time
 import pytest
 import torch
 
-from qwen.engine import GenerationEngine, SamplingParams, TextAssembler, sample
+from qwen.engine import PREFILL_TOKEN_BUDGET, GenerationEngine, RequestHandle, SamplingParams, TextAssembler, sample
 from qwen.qwen_generation_utils import make_context
 from support import STOP_IDS, greedy_reference
-
 
 
 def greedy(max_new_tokens: int = 12, **extra) -> SamplingParams:
@@ -68,6 +67,34 @@ def test_a_request_joins_a_running_batch(engine, tiny_chat_model, tokenizer):
     tokens = [t for e in head + rest for t in e.token_ids]
     assert tokens == greedy_reference(tiny_chat_model, tokenizer, long_ids, 40)
     assert collect(second)[0] == greedy_reference(tiny_chat_model, tokenizer, short_ids, 8)
+
+
+def test_prompts_arriving_together_are_prefilled_in_one_batch_and_match_alone(engine, tiny_chat_model, tokenizer):
+    running = engine.submit(prompt(tokenizer, QUERIES[1]), greedy(30))
+    events = iter(running)
+    next(events)  # the engine is decoding; the next three wait and are admitted together at the next step
+    prompts = [prompt(tokenizer, q) for q in (QUERIES[0], QUERIES[3], "Explain " + QUERIES[1])]
+    assert len({len(ids) for ids in prompts}) == 3  # right padding is exercised
+    handles = [engine.submit(ids, greedy(9)) for ids in prompts]
+    for ids, handle in zip(prompts, handles):
+        assert collect(handle)[0] == greedy_reference(tiny_chat_model, tokenizer, ids, 9)
+    list(events)
+
+
+def test_prefill_groups_bound_padding_and_size(engine):
+    def handles(*lengths):
+        return [RequestHandle([1] * n, greedy(), None) for n in lengths]
+
+    def group_lengths(*lengths):
+        return [[len(h.prompt_ids) for h in g] for g in engine._prefill_groups(handles(*lengths))]
+
+    assert group_lengths(30, 20, 25) == [[20, 25, 30]]  # sorted, one forward
+    assert group_lengths(10, 100) == [[10], [100]]  # padding 10 -> 100 would double the work
+    per_batch = PREFILL_TOKEN_BUDGET // 200
+    assert group_lengths(*[200] * (per_batch + 1)) == [[200] * per_batch, [200]]
+    assert engine.model.config.use_dynamic_ntk and engine.model.config.seq_length == 256
+    assert group_lengths(300, 300) == [[300], [300]]  # NTK scaling is per prompt past seq_length
+    assert group_lengths() == []
 
 
 def test_cancel_frees_the_slot(engine, tokenizer):
