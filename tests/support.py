@@ -12,11 +12,13 @@ import torch
 STOP_IDS = frozenset({151643, 151644, 151645})  # <|endoftext|>, <|im_start|>, <|im_end|>
 
 
-def greedy_reference(model, tokenizer, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+def greedy_reference(model, tokenizer, prompt_ids: list[int], max_new_tokens: int, repetition_penalty: float = 1.0
+                     ) -> list[int]:
     """Greedy tokens from transformers' generate() for one prompt, cut before the first stop id."""
     out = model.generate(
-        torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=1.0,
-        top_p=None, top_k=None, suppress_tokens=list(range(len(tokenizer), model.config.vocab_size)),
+        torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
+        repetition_penalty=repetition_penalty, top_p=None, top_k=None,
+        suppress_tokens=list(range(len(tokenizer), model.config.vocab_size)),
     )[0, len(prompt_ids):].tolist()
     for index, token in enumerate(out):
         if token in STOP_IDS:

@@ -13,10 +13,11 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import torch
 from openai import OpenAI
 
 from qwen.qwen_generation_utils import make_context
-from support import free_port, greedy_reference, stop, wait_until_healthy
+from support import STOP_IDS, free_port, greedy_reference, stop, wait_until_healthy
 
 REPO = Path(__file__).resolve().parents[1]
 API_KEY = "sk-test-key"
@@ -124,6 +125,42 @@ def test_stop_strings_and_n_and_seed(client):
                                            temperature=0.8, top_p=0.9)
     assert [c.index for c in sampled.choices] == [0, 1]
     assert [c.message.content for c in sampled.choices] == [c.message.content for c in again.choices]
+
+
+def test_every_sampling_field_is_honoured(client, tiny_chat_model, tokenizer):
+    messages = [{"role": "user", "content": "Count"}]  # the tiny model repeats tokens within 40
+    _, prompt_ids = make_context(tokenizer, messages[0]["content"], system="You are a helpful assistant.")
+
+    def content(**fields) -> str:
+        reply = client.chat.completions.create(model=MODEL, messages=messages, user="alice", **fields)
+        return reply.choices[0].message.content
+
+    # max_completion_tokens is the current name of max_tokens and wins over it.
+    short = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=9, max_completion_tokens=3,
+                                           **GREEDY)
+    assert short.usage.completion_tokens <= 3
+    # repetition_penalty (an extension) as transformers applies it, checked against generate().
+    expected = greedy_reference(tiny_chat_model, tokenizer, prompt_ids, 40, repetition_penalty=1.5)
+    assert content(max_tokens=40, temperature=0, extra_body={"repetition_penalty": 1.5}) == tokenizer.decode(expected)
+    # top_k=1 leaves one candidate, so sampling at any temperature is greedy decoding.
+    greedy = content(max_tokens=40, **GREEDY)
+    assert content(max_tokens=40, temperature=1.5, seed=3, extra_body={"top_k": 1, "repetition_penalty": 1.0}) == greedy
+    # presence and frequency penalties as OpenAI defines them, against a plain greedy loop over full forwards.
+    ids, counts = list(prompt_ids), {}
+    with torch.no_grad():
+        for _ in range(40):
+            logits = tiny_chat_model(torch.tensor([ids])).logits[0, -1].float()
+            logits[len(tokenizer):] = -float("inf")
+            for token, count in counts.items():
+                logits[token] -= 1.5 + 0.7 * count
+            token = int(logits.argmax())
+            if token in STOP_IDS:
+                break
+            ids.append(token)
+            counts[token] = counts.get(token, 0) + 1
+    penalised = content(max_tokens=40, presence_penalty=1.5, frequency_penalty=0.7, **GREEDY)
+    assert penalised == tokenizer.decode(ids[len(prompt_ids):])
+    assert greedy not in (penalised, tokenizer.decode(expected))  # the penalties changed this reply
 
 
 def test_completions_for_raw_prompts(client, tiny_chat_model, tokenizer):
