@@ -2,6 +2,7 @@
 
     python openai_api.py -c Qwen-7B-Chat [--server-name 127.0.0.1] [--server-port 8000] [--cpu-only]
                          [--api-key KEY | --api-auth user:pass] [--model-name qwen] [--max-batch-size 8]
+    python openai_api.py -c demo        # a tiny random-weight model: no download, no GPU
 """
 
 from __future__ import annotations
@@ -12,16 +13,15 @@ import logging
 import uvicorn
 
 from qwen.engine import GenerationEngine
-from qwen.loading import load_model_and_tokenizer
+from qwen.loading import add_model_arguments, load_from_args
 from qwen.server import ServerSettings, create_app
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-c", "--checkpoint-path", required=True, help="checkpoint folder")
+    add_model_arguments(parser)
     parser.add_argument("--server-name", default="127.0.0.1", help="address to listen on (0.0.0.0 for all)")
     parser.add_argument("--server-port", type=int, default=8000)
-    parser.add_argument("--cpu-only", action="store_true", help="run on the CPU even when a GPU is present")
     parser.add_argument("--api-key", help="require `Authorization: Bearer KEY` (what OpenAI SDKs send)")
     parser.add_argument("--api-auth", help="require HTTP basic auth, given as user:password")
     parser.add_argument("--model-name", default="qwen", help="the model id that /v1/models lists and requests name")
@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    model, tokenizer = load_model_and_tokenizer(args.checkpoint_path, cpu_only=args.cpu_only)
+    model, tokenizer = load_from_args(args)
     engine = GenerationEngine(model, tokenizer, max_batch_size=args.max_batch_size)
     settings = ServerSettings(
         model_name=args.model_name,

@@ -71,6 +71,23 @@ class SamplingParams:
     def greedy(self) -> bool:
         return not self.do_sample or self.temperature == 0
 
+    @classmethod
+    def from_generation_config(cls, generation_config: Any, **overrides: Any) -> SamplingParams:
+        """The checkpoint's `generation_config.json` defaults, with every override that is not None on top.
+
+        Unset fields fall back as transformers would: no top-k/top-p cut, temperature 1, 512 new tokens.
+        """
+        values: dict[str, Any] = {
+            "max_new_tokens": getattr(generation_config, "max_new_tokens", None) or 512,
+            "do_sample": bool(getattr(generation_config, "do_sample", False)),
+            "temperature": getattr(generation_config, "temperature", None) or 1.0,
+            "top_p": getattr(generation_config, "top_p", None) or 1.0,
+            "top_k": getattr(generation_config, "top_k", None) or 0,
+            "repetition_penalty": getattr(generation_config, "repetition_penalty", None) or 1.0,
+        }
+        values.update({name: value for name, value in overrides.items() if value is not None})
+        return cls(**values)
+
 
 @dataclass
 class GenerationEvent:

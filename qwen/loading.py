@@ -1,8 +1,18 @@
-"""One loader for every script: a checkpoint folder in, a ready model and tokenizer out, or one clear error."""
+"""One loader for every script: a checkpoint in, a ready model and tokenizer out, or one clear error.
+
+A checkpoint is named the way users name it on the command line (`-c`): a local folder, a Hugging Face hub id such as
+`Qwen/Qwen-7B-Chat` (downloaded into the hub cache, or found there offline), or `demo`, a small random-weight chat
+checkpoint built once into the user's cache so that every script runs on a fresh machine with no download.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +23,11 @@ from .modeling_qwen import QWenLMHeadModel
 from .tokenization_qwen import VOCAB_FILE_NAME, QWenTokenizer
 
 
-class CheckpointError(ValueError):
+class LoadError(ValueError):
+    """A loading request the user can fix; the message says what is wrong and what to do."""
+
+
+class CheckpointError(LoadError):
     """The folder given is not a usable Qwen (v1) checkpoint; the message says what is missing and what to do."""
 
 
@@ -45,26 +59,93 @@ def check_checkpoint_folder(folder: str | Path) -> Path:
     return path
 
 
+DEMO_CHECKPOINT = "demo"
+DEMO_NOTICE = (
+    "Using the demo checkpoint: a tiny model with RANDOM weights, so its replies are noise. It shows that everything "
+    "runs; pass -c with a real Qwen checkpoint (a folder or a hub id such as Qwen/Qwen-7B-Chat) to chat for real."
+)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def demo_checkpoint_folder() -> Path:
+    """Where `-c demo` lives: `$QWEN_DEMO_CHECKPOINT`, else `demo-checkpoint` next to the cached vocabulary."""
+    explicit = os.environ.get("QWEN_DEMO_CHECKPOINT")
+    if explicit:
+        return Path(explicit).expanduser()
+    from .vocab import default_vocab_path
+
+    return default_vocab_path().parent / "demo-checkpoint"
+
+
+def ensure_demo_checkpoint() -> Path:
+    """Build the demo checkpoint on first use (about a second, 2 MB of weights) and return its folder."""
+    folder = demo_checkpoint_folder()
+    if (folder / "config.json").is_file():
+        return folder
+    from .checkpoint import write_random_checkpoint
+    from .vocab import find_vocab
+
+    vocab = find_vocab()  # fails first with the fetch instructions, before anything is written
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside its final place and renamed, so that two scripts starting at once never see half a folder.
+    staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=folder.parent))
+    try:
+        write_random_checkpoint(staging, size="tiny", chat=True, seed=0, vocab_file=vocab)
+        try:
+            staging.rename(folder)
+        except OSError:  # another process finished first
+            if not (folder / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def is_demo_checkpoint(name: str | Path) -> bool:
+    """Whether a `-c` value means the random demo model (a folder that happens to be called `demo` does not)."""
+    return str(name) == DEMO_CHECKPOINT and not Path(name).is_dir()
+
+
+def resolve_checkpoint(name: str | Path) -> Path:
+    """The local folder for a `-c` value: `demo`, an existing folder, or a hub id; else a CheckpointError."""
+    if is_demo_checkpoint(name):
+        return ensure_demo_checkpoint()
+    path = Path(name).expanduser()
+    if path.exists() or not _HUB_ID.match(str(name)):
+        return check_checkpoint_folder(path)
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return check_checkpoint_folder(snapshot_download(str(name)))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as error:
+        raise CheckpointError(
+            f"{str(name)!r} is not a local folder, and it could not be fetched from the Hugging Face hub "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'no details'}). Check the "
+            "spelling, or download the checkpoint where there is internet and pass its folder with -c."
+        ) from error
+
+
 def load_model_and_tokenizer(
     folder: str | Path,
     cpu_only: bool = False,
     dtype: torch.dtype | str | None = None,
     device_map: str | dict[str, Any] | None = None,
 ) -> tuple[QWenLMHeadModel, QWenTokenizer]:
-    """Load a checkpoint folder for inference, with the generation config it ships.
+    """Load a checkpoint (a folder, a hub id or `demo`) for inference, with the generation config it ships.
 
     Without `device_map`, the model goes on the GPU(s) when there are any (`"auto"`) and `cpu_only` is not set, else
     on the CPU. Without `dtype`, the released rule applies: bf16 or fp16 on a GPU, fp32 on the CPU.
     """
-    path = check_checkpoint_folder(folder)
+    path = resolve_checkpoint(folder)
     if isinstance(dtype, str):
         if dtype not in ("float32", "bfloat16", "float16", "auto"):
-            raise ValueError(f"Unknown dtype {dtype!r}; use float32, bfloat16, float16 or auto.")
+            raise LoadError(f"Unknown dtype {dtype!r}; use float32, bfloat16, float16 or auto.")
         dtype = None if dtype == "auto" else getattr(torch, dtype)
     if device_map is None:
         device_map = "cpu" if cpu_only or not torch.cuda.is_available() else "auto"
     if dtype == torch.float16 and device_map == "cpu":
-        raise ValueError("float16 matmuls are slow or unsupported on the CPU; use float32 or bfloat16 there.")
+        raise LoadError("float16 matmuls are slow or unsupported on the CPU; use float32 or bfloat16 there.")
     tokenizer = QWenTokenizer.from_pretrained(path)
     model = QWenLMHeadModel.from_pretrained(path, device_map=device_map, dtype=dtype).eval()
     if (path / "generation_config.json").is_file():
@@ -72,4 +153,35 @@ def load_model_and_tokenizer(
     return model, tokenizer
 
 
-__all__ = ["CheckpointError", "check_checkpoint_folder", "load_model_and_tokenizer"]
+def add_model_arguments(parser: argparse.ArgumentParser, default_checkpoint: str | None = None) -> None:
+    """The loading options every script shares: `-c`, `--cpu-only`, `--dtype`."""
+    parser.add_argument(
+        "-c", "--checkpoint-path", default=default_checkpoint, required=default_checkpoint is None,
+        help="checkpoint folder, hub id (e.g. Qwen/Qwen-7B-Chat), or 'demo' for a tiny random-weight model",
+    )
+    parser.add_argument("--cpu-only", action="store_true", help="run on the CPU even when a GPU is present")
+    parser.add_argument(
+        "--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
+        help="weights' precision; auto is bf16 (or fp16) on a GPU and fp32 on the CPU, as the released model chose",
+    )
+
+
+def load_from_args(args: argparse.Namespace) -> tuple[QWenLMHeadModel, QWenTokenizer]:
+    """Load what `add_model_arguments` described, saying so on screen when it is the random demo model.
+
+    A problem the user can fix (wrong path, not a Qwen checkpoint, missing vocabulary, a dtype the device cannot run)
+    ends the script with its one-line message instead of a traceback.
+    """
+    try:
+        model, tokenizer = load_model_and_tokenizer(args.checkpoint_path, cpu_only=args.cpu_only, dtype=args.dtype)
+    except (LoadError, FileNotFoundError) as error:
+        raise SystemExit(f"error: {error}") from None
+    if is_demo_checkpoint(args.checkpoint_path):
+        print(DEMO_NOTICE, flush=True)
+    return model, tokenizer
+
+
+__all__ = [
+    "DEMO_CHECKPOINT", "DEMO_NOTICE", "CheckpointError", "LoadError", "add_model_arguments", "check_checkpoint_folder",
+    "ensure_demo_checkpoint", "is_demo_checkpoint", "load_from_args", "load_model_and_tokenizer", "resolve_checkpoint",
+]

@@ -203,15 +203,13 @@ def create_app(engine: GenerationEngine, settings: ServerSettings | None = None)
                                 f"context of {engine.max_context}.", param="max_tokens",
                            code="context_length_exceeded")
         default_max = getattr(generation_config, "max_new_tokens", None) or 512
-        temperature = body.temperature if body.temperature is not None else (generation_config.temperature or 1.0)
-        return SamplingParams(
+        return SamplingParams.from_generation_config(
+            generation_config,
             max_new_tokens=limit if limit is not None else min(default_max, room),
-            do_sample=bool(generation_config.do_sample) and temperature > 0,
-            temperature=temperature,
-            top_p=body.top_p if body.top_p is not None else (generation_config.top_p or 1.0),
-            top_k=body.top_k if body.top_k is not None else (generation_config.top_k or 0),
-            repetition_penalty=body.repetition_penalty if body.repetition_penalty is not None
-            else (generation_config.repetition_penalty or 1.0),
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k,
+            repetition_penalty=body.repetition_penalty,
             presence_penalty=body.presence_penalty,
             frequency_penalty=body.frequency_penalty,
             seed=body.seed,

@@ -157,3 +157,102 @@ def test_generation_config_from_folder_is_honoured(tiny_chat_dir, tiny_chat_mode
     config.repetition_penalty = 1.0
     response, _ = tiny_chat_model.chat(tokenizer, "hi", history=None, generation_config=config)
     assert len(tokenizer.encode(response)) <= 3
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# qwen.loading: the one loader the server and the demos use
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_loader_reads_the_folder_with_its_generation_config(tiny_chat_dir, tiny_chat_model):
+    from qwen.loading import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(tiny_chat_dir, cpu_only=True)
+    assert model.device.type == "cpu" and model.dtype == torch.float32 and not model.training
+    assert model.generation_config.chat_format == "chatml"
+    torch.testing.assert_close(logits_of(model), logits_of(tiny_chat_model), rtol=0, atol=0)
+    assert isinstance(tokenizer, QWenTokenizer)
+    assert load_model_and_tokenizer(tiny_chat_dir, cpu_only=True, dtype="bfloat16")[0].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        ("missing", "does not exist"),
+        ("no_config", "no config.json"),
+        ("bad_json", "not valid JSON"),
+        ("llama", "'llama' model, not a Qwen"),
+        ("no_vocab", "qwen.vocab fetch"),
+    ],
+)
+def test_loader_names_what_is_wrong_with_a_folder(tmp_path, tiny_chat_dir, breakage, message):
+    from qwen.loading import CheckpointError, load_model_and_tokenizer
+
+    folder = tmp_path / "ckpt"
+    if breakage != "missing":
+        shutil.copytree(tiny_chat_dir, folder)
+    if breakage == "no_config":
+        (folder / "config.json").unlink()
+    elif breakage == "bad_json":
+        (folder / "config.json").write_text("{not json")
+    elif breakage == "llama":
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    elif breakage == "no_vocab":
+        (folder / "qwen.tiktoken").unlink()
+    with pytest.raises(CheckpointError, match=message):
+        load_model_and_tokenizer(folder, cpu_only=True)
+
+
+def test_loader_refuses_fp16_on_the_cpu_and_unknown_dtypes(tiny_chat_dir):
+    from qwen.loading import LoadError, load_model_and_tokenizer
+
+    with pytest.raises(LoadError, match="use float32 or bfloat16"):
+        load_model_and_tokenizer(tiny_chat_dir, cpu_only=True, dtype="float16")
+    with pytest.raises(LoadError, match="Unknown dtype"):
+        load_model_and_tokenizer(tiny_chat_dir, cpu_only=True, dtype="float8")
+
+
+def test_a_hub_id_that_cannot_be_fetched_is_one_clear_error(monkeypatch, tmp_path):
+    from qwen.loading import CheckpointError, resolve_checkpoint
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network here anyway; offline makes it fail at once
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(CheckpointError, match="could not be fetched from the Hugging Face hub"):
+        resolve_checkpoint("Qwen/Qwen-7B-Chat-that-is-not-here")
+
+
+def test_demo_checkpoint_is_built_once_and_announced(tmp_path, vocab_file):
+    """`-c demo` on a fresh machine: built into the cache on first use, reused after, and said to be random."""
+    folder = tmp_path / "cache" / "demo"
+    env = {**os.environ, "QWEN_DEMO_CHECKPOINT": str(folder), "QWEN_VOCAB_FILE": str(vocab_file)}
+    script = textwrap.dedent("""
+        import argparse
+        from qwen.loading import add_model_arguments, load_from_args
+        parser = argparse.ArgumentParser()
+        add_model_arguments(parser)
+        model, tokenizer = load_from_args(parser.parse_args())
+        print("layers", model.config.num_hidden_layers, "vocab", len(tokenizer))
+    """)
+    first = subprocess.run([sys.executable, "-c", script, "-c", "demo"], env=env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    assert "RANDOM weights" in first.stdout and "layers 2 vocab 151851" in first.stdout
+    built = (folder / "model.safetensors").stat().st_mtime_ns
+    second = subprocess.run([sys.executable, "-c", script, "-c", "demo"], env=env, capture_output=True, text=True)
+    assert second.returncode == 0 and "RANDOM weights" in second.stdout
+    assert (folder / "model.safetensors").stat().st_mtime_ns == built  # reused, not rebuilt
+    assert [p.name for p in folder.parent.iterdir()] == ["demo"]  # no staging folder left behind
+
+
+def test_scripts_stop_with_one_line_for_a_bad_checkpoint(tmp_path):
+    script = textwrap.dedent("""
+        import argparse
+        from qwen.loading import add_model_arguments, load_from_args
+        parser = argparse.ArgumentParser()
+        add_model_arguments(parser)
+        load_from_args(parser.parse_args())
+    """)
+    result = subprocess.run([sys.executable, "-c", script, "-c", str(tmp_path / "nowhere")], capture_output=True,
+                            text=True)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: Checkpoint folder") and "Traceback" not in result.stderr
