@@ -1,0 +1,165 @@
+"""Fine-tuning data: conversation files in, ChatML token ids with an assistant-only label mask out.
+
+The file format is the one of the original fine-tuning script: a JSON list (or JSON Lines, one sample per line) of
+
+    {"id": "identity_0", "system": "optional system prompt",
+     "conversations": [{"from": "user", "value": "你好"}, {"from": "assistant", "value": "我是通义千问..."}]}
+
+Each sample becomes the ids `model.chat()` would feed for the same conversation (built by the same turn encoder as
+`make_context`, so a fine-tuned model is trained on exactly the prompts it later sees), and labels that are -100
+everywhere except on each assistant reply and the `<|im_end|>` that closes it: the model learns to answer and to stop,
+not to write the user's turns or the role headers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .qwen_generation_utils import _encode_text, _turn
+
+IGNORE_INDEX = -100
+DEFAULT_SYSTEM = "You are a helpful assistant."
+ROLES = ("user", "assistant")
+
+
+class DataError(ValueError):
+    """A sample the fine-tuning data cannot use; the message names the sample and what is wrong."""
+
+
+@dataclass(frozen=True)
+class TokenizedSample:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def load_samples(path: str | Path) -> list[dict[str, Any]]:
+    """Read a JSON list or a JSON Lines file of samples, checking every one (see `check_sample`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"Data file {str(path)!r} does not exist.")
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            samples = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path} is not valid JSON ({error}).") from error
+    else:
+        samples = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                samples.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}, line {number}: not valid JSON ({error}).") from error
+    if not samples:
+        raise DataError(f"{path} holds no samples.")
+    for index, sample in enumerate(samples):
+        check_sample(sample, index)
+    return samples
+
+
+def sample_name(sample: Any, index: int) -> str:
+    identifier = sample.get("id") if isinstance(sample, dict) else None
+    return f"sample {identifier!r} (#{index})" if identifier is not None else f"sample #{index}"
+
+
+def check_sample(sample: Any, index: int) -> None:
+    """Raise DataError, naming the sample, unless it is a usable conversation."""
+    name = sample_name(sample, index)
+    if not isinstance(sample, dict):
+        raise DataError(f"{name} is a {type(sample).__name__}, not an object with 'conversations'.")
+    turns = sample.get("conversations")
+    if not isinstance(turns, list):
+        raise DataError(f"{name} has no 'conversations' list.")
+    if not turns:
+        raise DataError(f"{name} has an empty conversation.")
+    system = sample.get("system", DEFAULT_SYSTEM)
+    if not isinstance(system, str):
+        raise DataError(f"{name}: 'system' must be a string.")
+    for position, turn in enumerate(turns):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise DataError(f"{name}, turn {position}: each turn needs 'from' and 'value'.")
+        if turn["from"] not in ROLES:
+            raise DataError(f"{name}, turn {position}: unknown role {turn['from']!r}; use 'user' or 'assistant'.")
+        if not isinstance(turn["value"], str):
+            raise DataError(f"{name}, turn {position}: 'value' must be a string.")
+    if not any(turn["from"] == "assistant" for turn in turns):
+        raise DataError(f"{name} has no assistant turn, so there is nothing to learn from it.")
+
+
+def tokenize_sample(tokenizer: Any, sample: dict[str, Any], max_length: int | None = None) -> TokenizedSample:
+    """ChatML ids of one checked sample and its labels (-100 except assistant replies and their `<|im_end|>`).
+
+    Longer samples are cut at `max_length` tokens.
+    """
+    newline = _encode_text(tokenizer, "\n")
+    input_ids: list[int] = []
+    labels: list[int] = []
+    turns = [("system", sample.get("system", DEFAULT_SYSTEM))]
+    turns += [(turn["from"], turn["value"]) for turn in sample["conversations"]]
+    for position, (role, content) in enumerate(turns):
+        if position:
+            input_ids += newline
+            labels += [IGNORE_INDEX] * len(newline)
+        _, ids = _turn(tokenizer, role, content)
+        input_ids += ids
+        if role == "assistant":
+            header = 1 + len(_encode_text(tokenizer, role)) + len(newline)  # <|im_start|>assistant\n
+            labels += [IGNORE_INDEX] * header + ids[header:]
+        else:
+            labels += [IGNORE_INDEX] * len(ids)
+    if max_length is not None:
+        input_ids, labels = input_ids[:max_length], labels[:max_length]
+    return TokenizedSample(input_ids, labels)
+
+
+class ConversationDataset(torch.utils.data.Dataset):
+    """Samples tokenized up front, or (`lazy=True`) each time one is read, for files too big to tokenize at once."""
+
+    def __init__(self, samples: Sequence[dict[str, Any]], tokenizer: Any, max_length: int, lazy: bool = False) -> None:
+        self.samples = list(samples)
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.lazy = lazy
+        self._tokenized = None if lazy else [tokenize_sample(tokenizer, s, max_length) for s in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        item = self._tokenized[index] if self._tokenized is not None else tokenize_sample(
+            self.tokenizer, self.samples[index], self.max_length
+        )
+        return {"input_ids": item.input_ids, "labels": item.labels}
+
+
+@dataclass
+class PadToLongest:
+    """Collate samples into a batch padded to its own longest sample (not to the model's maximum length)."""
+
+    pad_token_id: int
+
+    def __call__(self, features: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        longest = max(len(f["input_ids"]) for f in features)
+        input_ids = torch.full((len(features), longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(features), longest), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(features), longest), dtype=torch.long)
+        for row, feature in enumerate(features):
+            length = len(feature["input_ids"])
+            input_ids[row, :length] = torch.tensor(feature["input_ids"])
+            labels[row, :length] = torch.tensor(feature["labels"])
+            attention_mask[row, :length] = 1
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+__all__ = [
+    "DEFAULT_SYSTEM", "IGNORE_INDEX", "ConversationDataset", "DataError", "PadToLongest", "TokenizedSample",
+    "check_sample", "load_samples", "tokenize_sample",
+]
