@@ -89,6 +89,11 @@ class SamplingParams:
         return cls(**values)
 
 
+def chat_stop_token_ids(tokenizer: Any) -> frozenset[int]:
+    """The ids that end a ChatML reply: `<|im_end|>`, and `<|im_start|>` / `<|endoftext|>` should the model skip it."""
+    return frozenset({tokenizer.eod_id, tokenizer.im_start_id, tokenizer.im_end_id})
+
+
 @dataclass
 class GenerationEvent:
     """A piece of a reply. `text` is new text only; the last event has `finish_reason` set."""

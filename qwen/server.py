@@ -28,7 +28,7 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import react
-from .engine import GenerationEngine, GenerationEvent, SamplingParams
+from .engine import GenerationEngine, GenerationEvent, SamplingParams, chat_stop_token_ids
 from .qwen_generation_utils import make_context
 
 
@@ -139,7 +139,7 @@ def create_app(engine: GenerationEngine, settings: ServerSettings | None = None)
     settings = settings or ServerSettings()
     tokenizer = engine.tokenizer
     generation_config = engine.model.generation_config
-    stop_token_ids = frozenset({tokenizer.eod_id, tokenizer.im_start_id, tokenizer.im_end_id})
+    stop_token_ids = chat_stop_token_ids(tokenizer)
     app = FastAPI(title="Qwen OpenAI-compatible API", docs_url=None, redoc_url=None)
     app.add_middleware(
         CORSMiddleware,
