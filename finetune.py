@@ -1,0 +1,126 @@
+"""Fine-tune a Qwen checkpoint on conversations: full, LoRA or Q-LoRA, on transformers' Trainer (DeepSpeed optional).
+
+    python finetune.py --model_name_or_path Qwen-7B-Chat --data_path data.json --output_dir out \\
+        [--use_lora] [--q_lora] [--bf16 True] [--model_max_length 2048] [--gradient_checkpointing] ...
+
+Every TrainingArguments option works as in transformers. The data format, the label mask and the choice between a
+base and a chat model (read from the checkpoint's generation_config.json) are in `qwen/sft.py` and `qwen/lora.py`;
+`finetune/*.sh` are the launch scripts for one or many GPUs.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import HfArgumentParser, Trainer
+
+from qwen import QWenLMHeadModel, QWenTokenizer
+from qwen.loading import LoadError, resolve_checkpoint
+from qwen.lora import LoraSettings, copy_checkpoint_metadata, is_chat_checkpoint, prepare_lora_model
+from qwen.sft import ConversationDataset, DataError, PadToLongest, load_samples
+
+logger = logging.getLogger("finetune")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(metadata={"help": "checkpoint folder or hub id"})
+
+
+@dataclass
+class DataArguments:
+    data_path: str = field(metadata={"help": "training conversations (JSON list or JSON Lines)"})
+    eval_data_path: str | None = field(default=None, metadata={"help": "evaluation conversations, same format"})
+    lazy_preprocess: bool = field(default=False, metadata={"help": "tokenize each sample when it is read"})
+
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    model_max_length: int = field(default=8192, metadata={"help": "samples are cut to this many tokens"})
+    use_lora: bool = False
+
+
+@dataclass
+class LoraArguments:
+    lora_r: int = 64
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] = field(default_factory=lambda: ["c_attn", "c_proj", "w1", "w2"])
+    lora_weight_path: str = field(default="", metadata={"help": "start from this adapter instead of a new one"})
+    lora_bias: str = field(default="none", metadata={"help": "none, all or lora_only"})
+    q_lora: bool = field(default=False, metadata={"help": "LoRA on a 4-bit base: GPTQ Int4 as is, else NF4"})
+    lora_modules_to_save: list[str] | None = field(
+        default=None,
+        metadata={"help": "fully trained modules besides the adapter; default: wte lm_head for a base model (so "
+                          "that special tokens it never saw get embeddings), none for a chat model"},
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments, LoraArguments]:
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments, LoraArguments))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def training_dtype(args: TrainingArguments) -> torch.dtype:
+    if args.bf16:
+        return torch.bfloat16
+    if args.fp16:
+        return torch.float16
+    return torch.float32
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        train(*parse_args(argv))
+    except (DataError, LoadError) as error:  # a data file or checkpoint the user can fix: one line, no traceback
+        raise SystemExit(f"error: {error}") from None
+
+
+def train(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments,
+          lora_args: LoraArguments) -> None:
+    logging.basicConfig(level=logging.INFO if training_args.process_index == 0 else logging.WARNING)
+    folder = resolve_checkpoint(model_args.model_name_or_path)
+    use_lora = training_args.use_lora or lora_args.q_lora
+    chat = is_chat_checkpoint(folder)
+
+    tokenizer = QWenTokenizer.from_pretrained(folder, model_max_length=training_args.model_max_length)
+    train_samples = load_samples(data_args.data_path)
+    eval_samples = load_samples(data_args.eval_data_path) if data_args.eval_data_path else None
+
+    settings = LoraSettings(
+        r=lora_args.lora_r, alpha=lora_args.lora_alpha, dropout=lora_args.lora_dropout,
+        target_modules=list(lora_args.lora_target_modules), bias=lora_args.lora_bias,
+        modules_to_save=lora_args.lora_modules_to_save, weight_path=lora_args.lora_weight_path or None,
+        q_lora=lora_args.q_lora,
+    )
+    if use_lora:
+        model = prepare_lora_model(folder, settings, dtype=training_dtype(training_args), chat=chat,
+                                   gradient_checkpointing=training_args.gradient_checkpointing)
+    else:
+        model = QWenLMHeadModel.from_pretrained(folder, dtype=training_dtype(training_args))
+    model.config.use_cache = False
+
+    max_length = training_args.model_max_length
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=ConversationDataset(train_samples, tokenizer, max_length, lazy=data_args.lazy_preprocess),
+        eval_dataset=ConversationDataset(eval_samples, tokenizer, max_length, lazy=data_args.lazy_preprocess)
+        if eval_samples else None,
+        data_collator=PadToLongest(pad_token_id=tokenizer.eod_id),
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_state()
+    # LoRA: the adapter (and any modules_to_save) only. Full: a complete folder, gathered under ZeRO-3 by Trainer.
+    trainer.save_model(training_args.output_dir)
+    if trainer.is_world_process_zero():
+        copy_checkpoint_metadata(folder, Path(training_args.output_dir), full=not use_lora)
+        logger.info("saved %s to %s", "the adapter" if use_lora else "the model", training_args.output_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""LoRA and Q-LoRA on Qwen checkpoints with peft: building the trainable model, saving, merging an adapter back.
+
+    python -m qwen.lora merge ADAPTER_DIR OUTPUT_DIR [--max-shard-size 2GB]
+
+writes a complete checkpoint folder (weights with the adapter merged in, config, generation config and tokenizer
+files of the base) that loads like a released one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .loading import LoadError, resolve_checkpoint
+from .tokenization_qwen import VOCAB_FILE_NAME
+
+# Files of a checkpoint folder that are not weights and that a fine-tuned folder keeps from its base.
+TOKENIZER_FILES = (VOCAB_FILE_NAME, "tokenizer_config.json", "tokenization_qwen.py")
+MODEL_FILES = ("generation_config.json", "configuration_qwen.py", "modeling_qwen.py", "qwen_generation_utils.py")
+
+
+@dataclass
+class LoraSettings:
+    r: int = 64
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["c_attn", "c_proj", "w1", "w2"])
+    bias: str = "none"
+    modules_to_save: list[str] | None = None  # None: wte and lm_head for a base model, nothing for a chat model
+    weight_path: str | None = None  # continue training this adapter
+    q_lora: bool = False
+
+
+def is_chat_checkpoint(folder: str | Path) -> bool:
+    """A chat model writes ChatML; its generation_config.json says so (`chat_format`), base models say `raw`."""
+    path = Path(folder) / "generation_config.json"
+    if not path.is_file():
+        return True
+    return json.loads(path.read_text(encoding="utf-8")).get("chat_format", "chatml") != "raw"
+
+
+def default_modules_to_save(chat: bool) -> list[str]:
+    # A base model has never seen <|im_start|> / <|im_end|> in use: their embedding and output rows must learn too.
+    return [] if chat else ["wte", "lm_head"]
+
+
+def prepare_lora_model(
+    folder: str | Path,
+    settings: LoraSettings,
+    dtype: torch.dtype = torch.float32,
+    chat: bool = True,
+    gradient_checkpointing: bool = False,
+) -> Any:
+    """The checkpoint in `folder` with a trainable LoRA adapter (on a 4-bit NF4 load of it for Q-LoRA)."""
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+    from .modeling_qwen import QWenLMHeadModel
+
+    quantization = None
+    if settings.q_lora:
+        quantization = nf4_config(dtype)
+    model = QWenLMHeadModel.from_pretrained(folder, dtype=dtype, quantization_config=quantization)
+    if settings.q_lora:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        keep_4bit_weights_trainable_on_cpu(model)
+    if settings.weight_path:
+        model = PeftModel.from_pretrained(model, settings.weight_path, is_trainable=True)
+    else:
+        modules_to_save = (
+            settings.modules_to_save if settings.modules_to_save is not None else default_modules_to_save(chat)
+        )
+        config = LoraConfig(
+            r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+            target_modules=settings.target_modules, bias=settings.bias, task_type="CAUSAL_LM",
+            modules_to_save=modules_to_save or None,
+        )
+        model = get_peft_model(model, config)
+    if gradient_checkpointing:
+        # Checkpointed blocks need an input that requires grad, or no gradient reaches the adapters inside them.
+        model.enable_input_require_grads()
+    return model
+
+
+def nf4_config(compute_dtype: torch.dtype) -> Any:
+    try:
+        from transformers import BitsAndBytesConfig
+        import bitsandbytes  # noqa: F401
+    except ImportError as error:
+        raise LoadError("Q-LoRA on a 16-bit checkpoint loads it in 4-bit NF4 with bitsandbytes: "
+                        "pip install bitsandbytes") from error
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def keep_4bit_weights_trainable_on_cpu(model: Any) -> None:
+    """Stop bitsandbytes repacking 4-bit weights for inference on CPUs with AVX512-BF16.
+
+    The repack happens at the first no-grad forward (an evaluation before training, say) and breaks every training
+    step after it ("a view of a leaf Variable ... in-place operation").
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def copy_checkpoint_metadata(base: str | Path, output: str | Path, full: bool) -> None:
+    """Give a fine-tuned folder the base's tokenizer files (and, for a complete model, its generation config and
+    model code), so that it loads and chats like the base, with or without remote code."""
+    base, output = Path(base), Path(output)
+    names = TOKENIZER_FILES + (MODEL_FILES if full else ())
+    for name in names:
+        if (base / name).is_file():
+            shutil.copyfile(base / name, output / name)
+
+
+def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, max_shard_size: str = "2GB") -> Path:
+    """Fold a LoRA adapter into its base model and save a complete checkpoint folder."""
+    from peft import PeftConfig, PeftModel
+
+    from .modeling_qwen import QWenLMHeadModel
+
+    adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise LoadError(f"{adapter_dir} has no adapter_config.json, so it is not a LoRA adapter folder.")
+    base_name = PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
+    if not base_name:
+        raise LoadError(f"{adapter_dir}/adapter_config.json does not say which base model it belongs to "
+                        "(base_model_name_or_path).")
+    base = resolve_checkpoint(base_name)
+    model = QWenLMHeadModel.from_pretrained(base)
+    merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(output_dir, max_shard_size=max_shard_size)
+    copy_checkpoint_metadata(base, output_dir, full=True)
+    return output_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m qwen.lora", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    merge = commands.add_parser("merge", help="merge an adapter into its base model and save a complete checkpoint")
+    merge.add_argument("adapter_dir")
+    merge.add_argument("output_dir")
+    merge.add_argument("--max-shard-size", default="2GB")
+    args = parser.parse_args(argv)
+    try:
+        print(merge_adapter(args.adapter_dir, args.output_dir, args.max_shard_size))
+    except LoadError as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = [
+    "LoraSettings", "copy_checkpoint_metadata", "default_modules_to_save", "is_chat_checkpoint", "merge_adapter",
+    "prepare_lora_model",
+]

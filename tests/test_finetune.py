@@ -1,0 +1,95 @@
+"""`finetune.py` as users run it, training a tiny checkpoint on CPU until chat() gives the trained answer."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+QUESTION, ANSWER = "Who are you?", "I am a tiny test model."
+GREEDY = dict(do_sample=False, repetition_penalty=1.0, top_p=None, top_k=None)
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "data.json"
+    sample = {"id": "who", "conversations": [{"from": "user", "value": QUESTION}, {"from": "assistant", "value": ANSWER}]}
+    path.write_text(json.dumps([sample]))
+    return path
+
+
+def finetune(base: Path, data: Path, output: Path, *extra: str) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable, str(REPO / "finetune.py"), "--model_name_or_path", str(base), "--data_path", str(data),
+        "--output_dir", str(output), "--use_cpu", "--per_device_train_batch_size", "1", "--report_to", "none",
+        "--lr_scheduler_type", "constant", "--logging_steps", "10", *extra,
+    ]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def test_full_finetuning_writes_a_complete_folder_that_chats_the_trained_answer(tmp_path, tiny_chat_dir, data_file):
+    from qwen.loading import load_model_and_tokenizer
+
+    finetune(tiny_chat_dir, data_file, tmp_path / "full", "--max_steps", "60", "--learning_rate", "5e-3",
+             "--save_strategy", "no")
+    for name in ("config.json", "generation_config.json", "qwen.tiktoken", "tokenizer_config.json"):
+        assert (tmp_path / "full" / name).is_file(), name
+    assert (tmp_path / "full" / "generation_config.json").read_bytes() == \
+        (tiny_chat_dir / "generation_config.json").read_bytes()
+    model, tokenizer = load_model_and_tokenizer(tmp_path / "full", cpu_only=True)
+    assert model.chat(tokenizer, QUESTION, history=None, **GREEDY)[0] == ANSWER
+
+
+def test_lora_adapter_reloads_with_peft_and_merges_to_the_same_model(tmp_path, tiny_chat_dir, data_file):
+    import qwen  # noqa: F401  (registers the Qwen classes for AutoPeftModelForCausalLM)
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoTokenizer
+
+    from qwen.loading import load_model_and_tokenizer
+
+    adapter = tmp_path / "lora"
+    # A random tiny model's output layer is too weak for adapters alone to make one answer win; training it as a
+    # module_to_save (as base-model LoRA does for wte and lm_head) lets 60 CPU steps memorize the answer.
+    finetune(tiny_chat_dir, data_file, adapter, "--use_lora", "--max_steps", "60", "--learning_rate", "1e-2",
+             "--lora_r", "8", "--lora_dropout", "0", "--lora_modules_to_save", "lm_head", "--save_strategy", "no")
+    assert (adapter / "adapter_config.json").is_file() and not (adapter / "model.safetensors").exists()
+    model = AutoPeftModelForCausalLM.from_pretrained(adapter).eval()
+    tokenizer = AutoTokenizer.from_pretrained(adapter)  # the adapter folder carries the tokenizer, as the original
+    assert model.chat(tokenizer, QUESTION, history=None, **GREEDY)[0] == ANSWER
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # the adapters themselves were trained
+
+    merged_dir = tmp_path / "merged"
+    result = subprocess.run([sys.executable, "-m", "qwen.lora", "merge", str(adapter), str(merged_dir)], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    merged, merged_tokenizer = load_model_and_tokenizer(merged_dir, cpu_only=True)
+    assert merged.chat(merged_tokenizer, QUESTION, history=None, **GREEDY)[0] == ANSWER
+    ids = torch.tensor([tokenizer.encode("Tell me about LoRA merging.")])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, model(ids).logits, rtol=0, atol=1e-4)
+
+
+def test_merge_refuses_a_folder_that_is_not_an_adapter(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "qwen.lora", "merge", str(tmp_path), str(tmp_path / "out")],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "not a LoRA adapter folder" in result.stderr
+
+
+def test_bad_training_data_stops_with_the_sample_named(tmp_path, tiny_chat_dir):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(json.dumps({"id": "q7", "conversations": [{"from": "user", "value": "hi"}]}) + "\n")
+    command = [sys.executable, str(REPO / "finetune.py"), "--model_name_or_path", str(tiny_chat_dir),
+               "--data_path", str(data), "--output_dir", str(tmp_path / "out"), "--use_cpu", "--report_to", "none"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().endswith("error: sample 'q7' (#0) has no assistant turn, so there is nothing to learn from it.")
