@@ -42,6 +42,18 @@ class DataArguments:
 class TrainingArguments(transformers.TrainingArguments):
     model_max_length: int = field(default=8192, metadata={"help": "samples are cut to this many tokens"})
     use_lora: bool = False
+    warmup_ratio: float | None = field(
+        default=None,
+        metadata={"help": "warmup as a fraction of all steps, as the original scripts say it (transformers 5 folded "
+                          "it into --warmup_steps, which takes a fraction below 1 as a ratio)"},
+    )
+
+    def __post_init__(self) -> None:
+        if self.warmup_ratio is not None:
+            if self.warmup_steps:
+                raise ValueError("Give --warmup_ratio or --warmup_steps, not both.")
+            self.warmup_steps = self.warmup_ratio
+        super().__post_init__()
 
 
 @dataclass

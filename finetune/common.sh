@@ -1,0 +1,34 @@
+# Shared by the finetune/*.sh launchers: options, defaults and torchrun's distributed arguments.
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
+usage() {
+    echo "usage: $0 -m MODEL -d DATA [-o OUTPUT_DIR] [--deepspeed CONFIG.json] [-- more finetune.py flags]" >&2
+    exit 2
+}
+
+parse_common_args() {
+    MODEL="Qwen/Qwen-7B"
+    DATA=""
+    OUTPUT="output_qwen"
+    EXTRA_ARGS=()
+    while [[ $# -gt 0 ]]; do
+        case "$1" in
+            -m|--model) MODEL="$2"; shift 2 ;;
+            -d|--data) DATA="$2"; shift 2 ;;
+            -o|--output) OUTPUT="$2"; shift 2 ;;
+            --deepspeed) DS_CONFIG="$2"; shift 2 ;;
+            -h|--help) usage ;;
+            --) shift; EXTRA_ARGS=("$@"); break ;;
+            *) echo "unknown option: $1" >&2; usage ;;
+        esac
+    done
+    [[ -n "$DATA" ]] || { echo "-d DATA is required (a JSON or JSON Lines file of conversations)" >&2; usage; }
+
+    if [[ -z "${GPUS_PER_NODE:-}" ]]; then
+        GPUS_PER_NODE=$(python -c "import torch; print(max(torch.cuda.device_count(), 1))")
+    fi
+    DISTRIBUTED_ARGS=(
+        --nproc_per_node "$GPUS_PER_NODE" --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}"
+        --master_addr "${MASTER_ADDR:-localhost}" --master_port "${MASTER_PORT:-6001}"
+    )
+}
