@@ -95,6 +95,10 @@ def main(argv: list[str] | None = None) -> None:
 def train(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments,
           lora_args: LoraArguments) -> None:
     logging.basicConfig(level=logging.INFO if training_args.process_index == 0 else logging.WARNING)
+    if training_args.use_cpu or not torch.cuda.is_available():
+        # Adam's updates shrink into denormal floats late in a run, and x86 CPUs compute on those 10-20x slower;
+        # flushing them to zero changes nothing a model can notice.
+        torch.set_flush_denormal(True)
     folder = resolve_checkpoint(model_args.model_name_or_path)
     use_lora = training_args.use_lora or lora_args.q_lora
     chat = is_chat_checkpoint(folder)

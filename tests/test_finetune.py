@@ -93,3 +93,22 @@ def test_bad_training_data_stops_with_the_sample_named(tmp_path, tiny_chat_dir):
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().endswith("error: sample 'q7' (#0) has no assistant turn, so there is nothing to learn from it.")
+
+
+def test_qlora_on_an_nf4_load_trains_and_its_adapter_reloads(tmp_path, tiny_chat_dir, data_file):
+    """Q-LoRA on a 16-bit checkpoint: bitsandbytes loads it in 4-bit NF4 (on CPU here) and LoRA trains on top."""
+    pytest.importorskip("bitsandbytes")
+    import qwen  # noqa: F401
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoTokenizer
+
+    adapter = tmp_path / "qlora"
+    finetune(tiny_chat_dir, data_file, adapter, "--use_lora", "--q_lora", "--gradient_checkpointing", "--max_steps",
+             "60", "--learning_rate", "1e-2", "--lora_r", "8", "--lora_dropout", "0", "--lora_modules_to_save",
+             "lm_head", "--save_strategy", "no")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["target_modules"] and set(config["target_modules"]) == {"c_attn", "c_proj", "w1", "w2"}
+    # The adapter was trained against 4-bit weights; on the full-precision base it still gives the answer.
+    model = AutoPeftModelForCausalLM.from_pretrained(adapter).eval()
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    assert model.chat(tokenizer, QUESTION, history=None, **GREEDY)[0] == ANSWER
