@@ -77,14 +77,14 @@ class SamplingParams:
 
         Unset fields fall back as transformers would: no top-k/top-p cut, temperature 1, 512 new tokens.
         """
-        values: dict[str, Any] = {
-            "max_new_tokens": getattr(generation_config, "max_new_tokens", None) or 512,
-            "do_sample": bool(getattr(generation_config, "do_sample", False)),
-            "temperature": getattr(generation_config, "temperature", None) or 1.0,
-            "top_p": getattr(generation_config, "top_p", None) or 1.0,
-            "top_k": getattr(generation_config, "top_k", None) or 0,
-            "repetition_penalty": getattr(generation_config, "repetition_penalty", None) or 1.0,
-        }
+        defaults = {"max_new_tokens": 512, "do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 0,
+                    "repetition_penalty": 1.0}
+        values: dict[str, Any] = {}
+        for name, default in defaults.items():
+            # `is None`, not `or`: a configured 0 (greedy temperature, an invalid top_p) must reach the checks.
+            value = getattr(generation_config, name, None)
+            values[name] = default if value is None else value
+        values["do_sample"] = bool(values["do_sample"])
         values.update({name: value for name, value in overrides.items() if value is not None})
         return cls(**values)
 
@@ -552,6 +552,7 @@ class GenerationEngine:
             )
         )
 
+    @torch.inference_mode()  # compacting writes into the cache, whose tensors were made in inference mode
     def _drop_cancelled(self) -> None:
         for running in self._running:
             if running.handle.cancelled.is_set():

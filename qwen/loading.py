@@ -91,6 +91,11 @@ def ensure_demo_checkpoint() -> Path:
     staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=folder.parent))
     try:
         write_random_checkpoint(staging, size="tiny", chat=True, seed=0, vocab_file=vocab)
+        # A random model's reply is noise with a nearly flat distribution (so top-p sampling weighs the whole
+        # vocabulary at every token): a short one shows the same thing sooner than the released 512 tokens.
+        settings_path = staging / "generation_config.json"
+        settings = json.loads(settings_path.read_text(encoding="utf-8"))
+        settings_path.write_text(json.dumps({**settings, "max_new_tokens": 64}, indent=2), encoding="utf-8")
         try:
             staging.rename(folder)
         except OSError:  # another process finished first

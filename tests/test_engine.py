@@ -149,3 +149,31 @@ def test_text_assembler_holds_back_stop_strings_and_partial_characters(tokenizer
     plain = TextAssembler(tokenizer, ("Observation:",))
     pieces = [plain.add(t)[0] for t in tokenizer.encode("Obs is short for observe")]
     assert "".join(pieces) + plain.flush() == "Obs is short for observe"
+
+
+def test_sampling_params_from_a_generation_config():
+    from transformers import GenerationConfig
+
+    released = GenerationConfig(do_sample=True, top_p=0.8, top_k=0, repetition_penalty=1.1, max_new_tokens=512)
+    params = SamplingParams.from_generation_config(released, temperature=0.7, seed=3)
+    assert (params.do_sample, params.top_p, params.top_k, params.temperature, params.seed) == (True, 0.8, 0, 0.7, 3)
+    assert params.repetition_penalty == 1.1 and params.max_new_tokens == 512
+    # A configured zero is a value, not "unset": temperature 0 means greedy, top_p 0 is refused.
+    assert SamplingParams.from_generation_config(GenerationConfig(do_sample=True, temperature=0.0)).greedy
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams.from_generation_config(GenerationConfig(do_sample=True, top_p=0.0))
+    assert SamplingParams.from_generation_config(released, top_p=None).top_p == 0.8  # None overrides nothing
+
+
+def test_cancelling_an_earlier_request_leaves_later_ones_intact(engine, tiny_chat_model, tokenizer):
+    first = engine.submit(prompt(tokenizer, QUERIES[1]), greedy(200))
+    events = iter(first)
+    next(events)
+    second_ids = prompt(tokenizer, QUERIES[2])
+    second = engine.submit(second_ids, greedy(30))
+    second_events = iter(second)
+    head = [next(second_events)]  # both are decoding; the second sits in the row after the first
+    first.cancel()  # the second moves up a row in the cache
+    tokens = [t for e in head + list(second_events) for t in e.token_ids]
+    assert tokens == greedy_reference(tiny_chat_model, tokenizer, second_ids, 30)
+    list(events)

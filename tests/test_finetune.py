@@ -112,3 +112,39 @@ def test_qlora_on_an_nf4_load_trains_and_its_adapter_reloads(tmp_path, tiny_chat
     model = AutoPeftModelForCausalLM.from_pretrained(adapter).eval()
     tokenizer = AutoTokenizer.from_pretrained(adapter)
     assert model.chat(tokenizer, QUESTION, history=None, **GREEDY)[0] == ANSWER
+
+
+def validated_deepspeed_config(config: dict) -> object:
+    """Fill the "auto" values the way Trainer does for a 7B Qwen, then parse with DeepSpeed's own config class."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from transformers import TrainingArguments
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    from qwen.checkpoint import config_for_size
+
+    args = TrainingArguments(output_dir="unused", use_cpu=True, per_device_train_batch_size=2,
+                             gradient_accumulation_steps=4, learning_rate=1e-4, bf16=True)
+    filled = HfTrainerDeepSpeedConfig(config)
+    filled.trainer_config_process(args)
+    model = torch.nn.Module()
+    model.config = config_for_size("7B")
+    filled.trainer_config_finalize(args, model, num_training_steps=1000)
+    return DeepSpeedConfig(filled.config)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_shipped_deepspeed_configs_parse(stage):
+    config = json.loads((REPO / "finetune" / f"ds_config_zero{stage}.json").read_text())
+    parsed = validated_deepspeed_config(config)
+    assert parsed.zero_optimization_stage == stage
+    assert parsed.train_batch_size == 8 and parsed.bfloat16_config.enabled
+    if stage == 3:  # full fine-tuning saves one consolidated 16-bit checkpoint, not shards per rank
+        assert parsed.zero_config.gather_16bit_weights_on_model_save
+
+
+def test_deepspeed_parser_rejects_a_broken_config():
+    config = json.loads((REPO / "finetune" / "ds_config_zero2.json").read_text())
+    config["zero_optimization"]["stage"] = 7
+    with pytest.raises(Exception, match="stage"):
+        validated_deepspeed_config(config)

@@ -14,8 +14,10 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 
 from support import free_port, stop, wait_until_healthy
 
@@ -50,7 +52,8 @@ def test_readme_blocks_run_in_order(tmp_path: Path, tool_chat_dir: Path, tiny_ba
         # Released configs allow 512 new tokens; 64 runs the same code paths (and fits the tool call) in less time.
         generation_config = tmp_path / name / "generation_config.json"
         generation_config.write_text(json.dumps({**json.loads(generation_config.read_text()), "max_new_tokens": 64}))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"),
+           "QWEN_DEMO_CHECKPOINT": str(tmp_path / "demo-checkpoint"), "GRADIO_ANALYTICS_ENABLED": "False"}
 
     ran = {"bash": 0, "python": 0}
     servers: list[subprocess.Popen] = []
@@ -67,13 +70,48 @@ def test_readme_blocks_run_in_order(tmp_path: Path, tool_chat_dir: Path, tiny_ba
     assert any(path.name == "modeling_qwen.py" for path in (tmp_path / "modules").rglob("*.py"))
 
 
+def run_demo(command: str, cwd: Path, env: dict[str, str]) -> None:
+    """The terminal demo reads no input here (end of input quits it); the web demo must serve its page."""
+    argv = shlex.split(command)[1:]
+    argv[0] = str(README.parent / argv[0])
+    if "web_demo.py" in argv[0]:
+        port = free_port()
+        argv = [a for a in argv if a != "--inbrowser"] + ["--server-port", str(port), "--cpu-only"]
+        process = subprocess.Popen([sys.executable, *argv], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True)
+        try:
+            wait_until_serving(process, f"http://127.0.0.1:{port}/")
+        finally:
+            stop(process)
+        return
+    result = subprocess.run([sys.executable, *argv, "--cpu-only"], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"{command} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+    if "-c demo" in command:
+        assert "RANDOM weights" in result.stdout
+
+
+def wait_until_serving(process: subprocess.Popen, url: str, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert process.poll() is None, f"the web demo exited:\n{process.stdout.read()[-3000:]}"
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    raise AssertionError(f"the web demo did not serve {url} within {timeout:.0f} s")
+
+
 def run_block(language: str, body: str, cwd: Path, env: dict[str, str], port: int, servers: list, ran: dict) -> None:
     if language == "bash":
         for line in body.splitlines():
             command = line.split("#")[0].strip()
             if not command or command.startswith(SET_UP):
                 continue
-            if command.startswith("python openai_api.py"):
+            if command.startswith(("python cli_demo.py", "python web_demo.py")):
+                run_demo(command, cwd, env)
+            elif command.startswith("python openai_api.py"):
                 # The server runs in the background on a free port while the client blocks below talk to it.
                 argv = shlex.split(command.replace("--server-port 8000", f"--server-port {port}"))[1:]
                 argv[0] = str(README.parent / "openai_api.py")

@@ -1,0 +1,438 @@
+"""Chat with a Qwen (v1) chat checkpoint in the terminal; replies appear as they are generated.
+
+    python cli_demo.py -c Qwen-7B-Chat [-s SEED] [--cpu-only] [--system TEXT]
+    python cli_demo.py -c demo                       # a tiny random-weight model: no download, no GPU
+    python cli_demo.py -c Qwen-7B-Chat --query "Hi"  # print one reply and exit (for scripts)
+
+In the chat, type :h for the commands (history, seed, generation settings, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import copy
+import importlib
+import math
+import os
+import re
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+from qwen.engine import GenerationEngine, RequestHandle, SamplingParams, chat_stop_token_ids
+from qwen.loading import add_model_arguments, load_from_args
+from qwen.qwen_generation_utils import DEFAULT_MAX_WINDOW_SIZE, HistoryType, make_context
+
+DEFAULT_SYSTEM = "You are a helpful assistant."
+DEFAULT_SEED = 1234  # the original cli_demo.py's default
+MAX_SEED = 2**64 - 1  # the largest seed torch.Generator.manual_seed takes
+USER_PROMPT = "User> "
+REPLY_PREFIX = "Qwen: "
+
+WELCOME = (
+    "Chat with Qwen: type a message and press Enter. :h shows the commands, :q or Ctrl-D quits, "
+    "Ctrl-C stops a reply."
+)
+HELP = """\
+Commands:
+    :help / :h              show this help
+    :exit / :quit / :q      quit (Ctrl-D too)
+    :clear / :cl            clear the screen
+    :clear-his / :clh       clear the conversation history
+    :history / :his         show the conversation history
+    :seed                   show the random seed used for sampling
+    :seed <N>               set the seed (each reply is sampled from it, so one prompt and seed give one reply)
+    :conf                   show the generation settings
+    :conf <key>=<value>     change settings, e.g. :conf temperature=0.7 top_p=0.9 (several pairs allowed)
+    :reset-conf             restore the checkpoint's generation settings
+Ctrl-C while Qwen replies stops the reply; a stopped reply is NOT kept in the history, so the next message is
+answered as if that question had not been asked. Ctrl-C twice quits. A line starting with ':' and a letter is
+read as a command."""
+
+# What `:conf` may change, and the type each takes. These are the fields the engine's SamplingParams honours, plus
+# max_window_size, which decides how much history fits in the prompt.
+EDITABLE_FIELDS: dict[str, type] = {
+    "max_new_tokens": int,
+    "do_sample": bool,
+    "temperature": float,
+    "top_p": float,
+    "top_k": int,
+    "repetition_penalty": float,
+    "max_window_size": int,
+}
+SAMPLING_FIELDS = ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "repetition_penalty")
+_COMMAND = re.compile(r"^:[A-Za-z]")
+# C0 controls except newline and tab, DEL and C1 controls: a model's text must never drive the user's terminal.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def terminal_safe(text: str) -> str:
+    """Text with control characters (escape sequences, carriage returns, ...) shown as `\\xNN` instead of obeyed."""
+    return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
+
+
+def parse_value(name: str, text: str) -> Any:
+    """The value `text` gives field `name`, parsed as a Python literal (never evaluated); ValueError if unfit."""
+    kind = EDITABLE_FIELDS[name]
+    if kind is bool and text.lower() in ("true", "false"):  # people type true/false as often as True/False
+        return text.lower() == "true"
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        raise ValueError(f"{text!r} is not a literal value") from None
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} takes True or False, not {text!r}")
+        return value
+    # bool is an int subclass, but `top_k=True` is a slip, not a number.
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} takes a number, not {text!r}")
+    if kind is int:
+        if not isinstance(value, int):
+            raise ValueError(f"{name} takes a whole number, not {text!r}")
+        return value
+    if not math.isfinite(value):
+        raise ValueError(f"{name} takes a finite number, not {text!r}")
+    return float(value)
+
+
+class _ReplyWriter:
+    """Writes streamed text stripped at both ends, as the reply is kept in the history.
+
+    Leading whitespace is skipped, and trailing whitespace is held back until more text follows it, so what the user
+    sees is exactly the stored reply even though it is written piece by piece.
+    """
+
+    def __init__(self, out: TextIO, safe: bool) -> None:
+        self.out = out
+        self.safe = safe
+        self.started = False
+        self.pending = ""
+
+    def feed(self, text: str) -> None:
+        text = self.pending + text
+        if not self.started:
+            text = text.lstrip()
+            self.started = bool(text)
+        body = text.rstrip()
+        self.pending = text[len(body):]
+        if body:
+            self.out.write(terminal_safe(body) if self.safe else body)
+            self.out.flush()
+
+
+@dataclass
+class Reply:
+    text: str  # stripped, as stored in the history
+    finish_reason: str  # "stop", "length", "cancelled" or "error"
+    error: str | None = None
+
+
+@contextmanager
+def _ctrl_c_cancels(handle: RequestHandle) -> Iterator[None]:
+    """While a reply streams, Ctrl-C cancels it instead of raising KeyboardInterrupt somewhere in the loop.
+
+    The engine then ends the request with a final "cancelled" event, so the stream loop finishes normally and the
+    reply is dropped in one place. A second Ctrl-C raises KeyboardInterrupt, the way out should the engine not answer.
+    """
+    if threading.current_thread() is not threading.main_thread():  # signal handlers can only be set there
+        yield
+        return
+
+    def on_interrupt(signum: int, frame: Any) -> None:
+        if handle.cancelled.is_set():
+            raise KeyboardInterrupt
+        handle.cancel()
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class ChatSession:
+    """One conversation: its history, system prompt, seed and editable generation settings, over a shared engine."""
+
+    def __init__(
+        self,
+        engine: GenerationEngine,
+        tokenizer: Any,
+        generation_config: Any,
+        system: str = DEFAULT_SYSTEM,
+        seed: int = DEFAULT_SEED,
+        out: TextIO | None = None,
+    ) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.system = system
+        self.seed = seed
+        self.out = out or sys.stdout
+        self.history: HistoryType = []
+        # Copies: `:conf` edits never reach the model's own config, and `:reset-conf` has the original to go back to.
+        self.default_conf = copy.deepcopy(generation_config)
+        self.conf = copy.deepcopy(generation_config)
+        self.stop_token_ids = chat_stop_token_ids(tokenizer)
+
+    # Generation -------------------------------------------------------------------------------------------------------
+
+    def sampling_params(self, conf: Any = None) -> SamplingParams:
+        """The settings of the next reply; raises ValueError when `conf` holds a value the engine rejects."""
+        conf = self.conf if conf is None else conf
+        return SamplingParams.from_generation_config(conf, seed=self.seed, stop_token_ids=self.stop_token_ids)
+
+    def window_size(self, params: SamplingParams) -> int:
+        """How many prompt tokens the history may fill: the checkpoint's max_window_size, within the context.
+
+        Room is kept for the reply (at most half the context), so a long conversation drops its oldest turns
+        instead of leaving the reply no room or being refused by the engine.
+        """
+        window = getattr(self.conf, "max_window_size", None) or DEFAULT_MAX_WINDOW_SIZE
+        context = self.engine.max_context
+        return max(1, min(window, context - min(params.max_new_tokens, context // 2)))
+
+    def prompt_ids(self, query: str, params: SamplingParams) -> list[int]:
+        chat_format = getattr(self.conf, "chat_format", None) or "chatml"
+        return make_context(
+            self.tokenizer, query, history=self.history, system=self.system,
+            max_window_size=self.window_size(params), chat_format=chat_format,
+        )[1]
+
+    def reply(self, query: str, safe: bool | None = None) -> Reply:
+        """Stream the reply to `query` to `out` and, unless it was stopped or failed, add the turn to the history.
+
+        Raises ValueError when the prompt cannot be answered (longer than the model's context).
+        """
+        if safe is None:
+            safe = self.out.isatty()
+        params = self.sampling_params()
+        handle = self.engine.submit(self.prompt_ids(query, params), params)
+        writer = _ReplyWriter(self.out, safe)
+        text, reason, error = "", "error", None
+        with _ctrl_c_cancels(handle):
+            for event in handle:
+                text += event.text
+                writer.feed(event.text)
+                if event.finish_reason is not None:
+                    reason, error = event.finish_reason, event.error
+        reply = Reply(text.strip(), reason, error)
+        if reason in ("stop", "length"):
+            self.history.append((query, reply.text))
+        return reply
+
+    # Commands ---------------------------------------------------------------------------------------------------------
+
+    def say(self, text: str = "") -> None:
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    def run_command(self, line: str) -> bool:
+        """Carry out a `:command`; False means the user asked to quit."""
+        name, _, rest = line[1:].partition(" ")
+        name, rest = name.lower(), rest.strip()
+        if name in ("exit", "quit", "q"):
+            return False
+        if name in ("help", "h"):
+            self.say(HELP)
+        elif name in ("clear", "cl"):
+            self.clear_screen()
+        elif name in ("clear-his", "clh"):
+            self.history.clear()
+            self.say("History cleared.")
+        elif name in ("history", "his"):
+            self.show_history()
+        elif name == "seed":
+            self.seed_command(rest)
+        elif name == "conf":
+            self.conf_command(rest)
+        elif name == "reset-conf":
+            self.conf = copy.deepcopy(self.default_conf)
+            self.say("Generation settings reset to the checkpoint's.")
+        else:
+            self.say(f"warning: unknown command :{name}; type :h for the list.")
+        return True
+
+    def clear_screen(self) -> None:
+        if os.name == "nt":
+            os.system("cls")
+        elif self.out.isatty():
+            self.out.write("\x1b[H\x1b[2J")  # cursor home, erase the screen
+            self.out.flush()
+
+    def show_history(self) -> None:
+        if not self.history:
+            self.say("History is empty.")
+            return
+        safe = self.out.isatty()
+        for number, (query, response) in enumerate(self.history, start=1):
+            if safe:
+                query, response = terminal_safe(query), terminal_safe(response)
+            self.say(f"[{number}/{len(self.history)}] User: {query}")
+            self.say(f"[{number}/{len(self.history)}] Qwen: {response}")
+
+    def seed_command(self, rest: str) -> None:
+        if not rest:
+            self.say(f"Seed: {self.seed}")
+            return
+        try:
+            seed = int(rest)
+        except ValueError:
+            seed = -1
+        if not 0 <= seed <= MAX_SEED:
+            self.say(f"warning: the seed must be a whole number from 0 to {MAX_SEED}, not {rest!r}; seed unchanged.")
+            return
+        self.seed = seed
+        self.say(f"Seed set to {seed}.")
+
+    def conf_command(self, rest: str) -> None:
+        if not rest:
+            self.show_conf()
+            return
+        # All pairs or none: a typo in one leaves the settings exactly as they were.
+        candidate = copy.deepcopy(self.conf)
+        for pair in rest.split():
+            key, equals, text = pair.partition("=")
+            if not equals or not key or not text:
+                self.say(f"warning: {pair!r} is not key=value (e.g. :conf top_p=0.9); nothing changed.")
+                return
+            if key not in EDITABLE_FIELDS:
+                self.say(f"warning: unknown setting {key!r}; settable: {', '.join(EDITABLE_FIELDS)}. Nothing changed.")
+                return
+            try:
+                value = parse_value(key, text)
+                if key == "max_window_size" and value < 1:
+                    raise ValueError("max_window_size must be at least 1")
+            except ValueError as error:
+                self.say(f"warning: {error}; nothing changed.")
+                return
+            setattr(candidate, key, value)
+        try:
+            self.sampling_params(candidate)
+        except ValueError as error:
+            self.say(f"warning: {error} Nothing changed.")
+            return
+        self.conf = candidate
+        self.say("Generation settings updated.")
+
+    def show_conf(self) -> None:
+        """The values the next reply uses (fallbacks filled in), which are not always what the config file says."""
+        params = self.sampling_params()
+        self.say("Generation settings (change with :conf key=value):")
+        for name in SAMPLING_FIELDS:
+            self.say(f"    {name} = {getattr(params, name)}")
+        self.say(f"    max_window_size = {getattr(self.conf, 'max_window_size', None) or DEFAULT_MAX_WINDOW_SIZE}")
+        if params.greedy:
+            self.say("    (greedy: temperature, top_p and top_k have no effect)")
+        else:
+            self.say(f"    (sampled with seed {self.seed})")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The two ways to run
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def enable_line_editing() -> None:
+    """Arrow keys and input history for `input()`, where the platform has readline."""
+    if not sys.stdin.isatty():
+        return
+    try:
+        importlib.import_module("readline")  # importing it is what hooks it into input()
+    except ImportError:  # Windows without pyreadline: plain input() still works
+        pass
+
+
+def chat_loop(session: ChatSession, read: Callable[[str], str] = input) -> int:
+    """The interactive chat; returns the exit status."""
+    enable_line_editing()
+    session.say(WELCOME)
+    while True:
+        try:
+            line = read(USER_PROMPT).strip()
+        except EOFError:  # Ctrl-D
+            session.say()
+            return 0
+        except KeyboardInterrupt:  # Ctrl-C at the prompt drops the line being typed, like a shell
+            session.say("\n(type :q or press Ctrl-D to quit)")
+            continue
+        if not line:
+            continue
+        if _COMMAND.match(line):
+            if not session.run_command(line):
+                return 0
+            continue
+        session.out.write(REPLY_PREFIX)
+        session.out.flush()
+        try:
+            reply = session.reply(line)
+        except ValueError as error:  # the prompt does not fit in the context
+            session.say(f"\nerror: {error}")
+            continue
+        if reply.finish_reason == "cancelled":
+            session.say("\n(reply stopped; this turn is not added to the history)")
+        elif reply.finish_reason == "error":
+            session.say(f"\nerror: generation failed ({reply.error}); this turn is not added to the history")
+        else:
+            session.say("\n")
+
+
+def answer_once(session: ChatSession, query: str) -> int:
+    """`--query`: the reply alone on stdout, problems on stderr."""
+    try:
+        reply = session.reply(query)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    session.say()
+    if reply.finish_reason == "error":
+        print(f"error: generation failed ({reply.error})", file=sys.stderr)
+        return 1
+    if reply.finish_reason == "cancelled":
+        return 130
+    return 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
+    parser.add_argument("-s", "--seed", type=int, default=DEFAULT_SEED,
+                        help=f"random seed for sampling (default {DEFAULT_SEED}); change it in the chat with :seed N")
+    parser.add_argument("--system", default=DEFAULT_SYSTEM, help=f"system prompt (default {DEFAULT_SYSTEM!r})")
+    parser.add_argument("--query", help="answer this one message, print the reply and exit")
+    args = parser.parse_args(argv)
+    if not 0 <= args.seed <= MAX_SEED:
+        parser.error(f"--seed must be from 0 to {MAX_SEED}")
+    if args.query is not None and not args.query.strip():
+        parser.error("--query needs a non-empty message")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # Text that the terminal's encoding cannot show becomes '?' rather than ending the chat with a traceback.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="replace")
+    try:
+        model, tokenizer = load_from_args(args)
+    except KeyboardInterrupt:
+        return 130
+    engine = GenerationEngine(model, tokenizer, max_batch_size=1)
+    try:
+        session = ChatSession(engine, tokenizer, model.generation_config, system=args.system, seed=args.seed)
+        if args.query is not None:
+            return answer_once(session, args.query)
+        return chat_loop(session)
+    except KeyboardInterrupt:  # a second Ctrl-C during a reply
+        print(flush=True)
+        return 130
+    finally:
+        engine.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

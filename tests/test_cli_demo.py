@@ -1,0 +1,210 @@
+"""cli_demo.py in a real terminal (pexpect): streamed replies equal to independent references, every command,
+Ctrl-C during a reply and at the prompt, Ctrl-D, --query for scripts, and a clear error for a wrong folder."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pexpect
+
+from qwen.engine import GenerationEngine, SamplingParams
+from qwen.qwen_generation_utils import make_context
+from support import STOP_IDS, greedy_reference
+
+REPO = Path(__file__).resolve().parent.parent
+CLI = REPO / "cli_demo.py"
+SYSTEM = "You are a helpful assistant."
+PROMPT = "User> "
+TIMEOUT = 60
+# Readline's mode switches (bracketed paste, meta key) that surround each prompt; replies never contain an escape
+# character, since the script shows control characters as text.
+READLINE_MODES = re.compile(r"\x1b\[\?\d+[hl]")
+CLEAR_SCREEN = ("\x1b[2J", "\x1bc")
+
+
+def env() -> dict[str, str]:
+    # TERM fixed so that readline behaves the same wherever the tests run.
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TERM": "xterm"}
+
+
+def spawn(folder: Path, *extra: str) -> tuple[pexpect.spawn, io.StringIO]:
+    """The CLI in a pseudo-terminal, and a transcript of everything it wrote to it."""
+    child = pexpect.spawn(
+        sys.executable, [str(CLI), "-c", str(folder), "--cpu-only", *extra], encoding="utf-8", cwd=str(REPO),
+        env=env(), dimensions=(40, 200), timeout=TIMEOUT,
+    )
+    transcript = io.StringIO()
+    child.logfile_read = transcript
+    child.expect_exact(PROMPT)
+    return child, transcript
+
+
+def shown(text: str) -> str:
+    """What a terminal receives for reply text: control characters as \\xNN escapes (written independently here)."""
+    return re.sub(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]", lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def command(child: pexpect.spawn, line: str) -> str:
+    """Send a line, wait for the next prompt, and return what was printed in between (echo excluded)."""
+    child.sendline(line)
+    child.expect_exact(PROMPT)
+    output = READLINE_MODES.sub("", child.before).replace("\r", "")
+    echo, _, rest = output.partition("\n")
+    assert echo == line
+    return rest
+
+
+def ask(child: pexpect.spawn, question: str) -> str:
+    """The reply as displayed, from just after "Qwen: " to the blank line the script prints after it."""
+    output = command(child, question)
+    assert output.startswith("Qwen: "), output
+    return output[len("Qwen: "):].rstrip()
+
+
+def reference_reply(model, tokenizer, question: str, history: list[tuple[str, str]], max_new_tokens: int) -> str:
+    """transformers' greedy decoding with the checkpoint's repetition penalty (1.1), stripped as chat() strips."""
+    ids = make_context(tokenizer, question, history=history, system=SYSTEM)[1]
+    tokens = greedy_reference(model, tokenizer, ids, max_new_tokens, repetition_penalty=1.1)
+    return tokenizer.decode(tokens, skip_special_tokens=True, errors="replace").strip()
+
+
+def finish(child: pexpect.spawn) -> int:
+    child.expect(pexpect.EOF)
+    child.close()
+    return child.exitstatus
+
+
+def test_chat_with_history_and_every_command(tiny_chat_dir, tiny_chat_model, tokenizer, tmp_path):
+    q1, q2 = "Hello! Who are you?", "Tell me more."
+    ref1 = reference_reply(tiny_chat_model, tokenizer, q1, [], 24)
+    ref2 = reference_reply(tiny_chat_model, tokenizer, q2, [(q1, ref1)], 24)
+    ref2_alone = reference_reply(tiny_chat_model, tokenizer, q2, [], 24)
+    assert ref1 and ref2 and ref2 != ref2_alone  # so that the second turn shows whether the history was used
+
+    child, transcript = spawn(tiny_chat_dir)
+    assert "Updated" in command(child, ":conf do_sample=False max_new_tokens=24").title()
+    assert ask(child, q1) == shown(ref1)
+    assert ask(child, q2) == shown(ref2)
+
+    history = command(child, ":his")
+    assert f"[1/2] User: {q1}\n" in history and f"[2/2] User: {q2}\n" in history
+    assert f"[2/2] Qwen: {shown(ref2)}" in history
+    assert "History cleared." in command(child, ":clh")
+    assert "History is empty." in command(child, ":history")
+    assert ask(child, q2) == shown(ref2_alone)
+
+    help_text = command(child, ":h")
+    for name in (":help", ":exit", ":quit", ":q", ":clear", ":cl", ":clear-his", ":clh", ":history", ":his", ":seed",
+                 ":conf", ":reset-conf", "Ctrl-C", "NOT kept in the history"):
+        assert name in help_text
+    assert command(child, ":help") == help_text
+
+    assert "Seed: 1234" in command(child, ":seed")
+    assert "7" in command(child, ":seed 7")
+    assert "Seed: 7" in command(child, ":seed")
+    assert "warning:" in command(child, ":seed seven")
+    assert "Seed: 7" in command(child, ":seed")
+
+    conf = command(child, ":conf")
+    assert "do_sample = False" in conf and "max_new_tokens = 24" in conf and "top_p = 0.8" in conf
+    command(child, ":conf top_p=0.5")
+    assert "top_p = 0.5" in command(child, ":conf")
+
+    marker = tmp_path / "evaluated"
+    for bad in ("nonsense=1", "temperature=__import__('os')",
+                f"temperature=open('{marker}','w')", "top_p=2", "top_k=1.5",
+                "max_new_tokens=0", "temperature=0.5 top_p=2", "do_sample=maybe", "top_p"):
+        output = command(child, f":conf {bad}")
+        assert output.startswith("warning:") and output.count("\n") == 1, (bad, output)
+    assert not marker.exists()
+    conf = command(child, ":conf")
+    assert "top_p = 0.5" in conf and "temperature = 1.0" in conf and "max_new_tokens = 24" in conf
+
+    command(child, ":reset-conf")
+    conf = command(child, ":conf")
+    assert "do_sample = True" in conf and "max_new_tokens = 512" in conf and "top_p = 0.8" in conf
+
+    # Replies were written piece by piece into the scrollback: nothing so far cleared the screen.
+    assert not any(code in transcript.getvalue() for code in CLEAR_SCREEN)
+    command(child, ":cl")
+    assert "\x1b[2J" in transcript.getvalue()
+    assert "unknown command" in command(child, ":nonsense")
+
+    child.sendline(":q")
+    assert finish(child) == 0
+
+
+def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(tiny_chat_dir, tiny_chat_model, tokenizer):
+    child, transcript = spawn(tiny_chat_dir)
+    # Sampled from the random model's flat distribution, 2000 tokens take far longer than the test waits.
+    command(child, ":conf max_new_tokens=2000")
+    child.sendline("Tell me a very long story.")
+    child.expect_exact("Qwen: ")
+    child.expect(r"\S")  # the reply is streaming: some of it is on screen before it ends
+    child.sendintr()
+    child.expect_exact("reply stopped")
+    child.expect_exact(PROMPT)
+    assert "History is empty." in command(child, ":his")  # the stopped turn was dropped
+
+    command(child, ":conf do_sample=False max_new_tokens=8")
+    assert ask(child, "hi") == shown(reference_reply(tiny_chat_model, tokenizer, "hi", [], 8))
+
+    child.send("half a line")
+    child.sendintr()  # at the prompt: the line is dropped, the chat stays
+    child.expect_exact(":q")
+    child.expect_exact(PROMPT)
+    assert "History cleared." in command(child, ":clh")
+    assert not any(code in transcript.getvalue() for code in CLEAR_SCREEN)
+
+    child.sendeof()
+    assert finish(child) == 0
+
+
+def test_query_prints_one_reply_and_exits(tiny_chat_dir, tiny_chat_model, tokenizer, tmp_path):
+    # The checkpoint's generation_config.json decides the settings; a short max_new_tokens keeps sampling quick.
+    folder = tmp_path / "short-replies"
+    folder.mkdir()
+    for item in tiny_chat_dir.iterdir():
+        (folder / item.name).symlink_to(item)
+    config = json.loads((tiny_chat_dir / "generation_config.json").read_text())
+    (folder / "generation_config.json").unlink()
+    (folder / "generation_config.json").write_text(json.dumps({**config, "max_new_tokens": 12}))
+    system = "You are a pirate."
+
+    result = subprocess.run(
+        [sys.executable, str(CLI), "-c", str(folder), "--cpu-only", "-s", "5", "--system", system,
+         "--query", "Where is the treasure?"],
+        cwd=REPO, env=env(), capture_output=True, text=True, timeout=TIMEOUT,
+    )
+    assert result.returncode == 0, result.stderr
+
+    # The same request straight to the engine: sampled with top_p 0.8 and seed 5, as the config and -s say.
+    ids = make_context(tokenizer, "Where is the treasure?", system=system)[1]
+    params = SamplingParams(max_new_tokens=12, do_sample=True, top_p=0.8, repetition_penalty=1.1, seed=5,
+                            stop_token_ids=STOP_IDS)
+    engine = GenerationEngine(tiny_chat_model, tokenizer, max_batch_size=1)
+    try:
+        expected = "".join(event.text for event in engine.submit(ids, params)).strip()
+    finally:
+        engine.close()
+    assert expected
+    assert result.stdout == expected + "\n"  # the reply alone: no banner, no prompt
+
+
+def test_a_missing_folder_is_a_one_line_error(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(CLI), "-c", str(tmp_path / "no-such-checkpoint"), "--cpu-only"],
+        cwd=REPO, env=env(), capture_output=True, text=True, timeout=TIMEOUT,
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error:") and "no-such-checkpoint" in errors[0]
+    assert result.stdout == ""
+

@@ -1,0 +1,259 @@
+"""Chat with a Qwen (v1) chat checkpoint in the browser.
+
+    python web_demo.py -c Qwen-7B-Chat [--cpu-only] [--share] [--inbrowser] [--server-port 8000]
+                       [--server-name 127.0.0.1]
+    python web_demo.py -c demo        # a tiny random-weight model: no download, no GPU, replies are noise
+
+Each browser tab holds its own conversation (the Chatbot's value), and all tabs share one `GenerationEngine`, which
+decodes their replies together. The page loads nothing from the internet: no analytics, no web fonts, and a public
+share link only with --share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+# gradio and huggingface_hub read these when they are imported (huggingface_hub comes in with transformers too), so
+# they are set before the imports below. A value set in the environment is kept.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import gradio as gr  # noqa: E402
+
+from qwen.engine import GenerationEngine, RequestHandle, SamplingParams, chat_stop_token_ids  # noqa: E402
+from qwen.loading import DEMO_NOTICE, add_model_arguments, is_demo_checkpoint, load_from_args  # noqa: E402
+from qwen.qwen_generation_utils import DEFAULT_MAX_WINDOW_SIZE, HistoryType, make_context  # noqa: E402
+
+DEFAULT_SYSTEM = "You are a helpful assistant."  # what model.chat() uses
+
+ChatMessages = list[dict[str, Any]]  # the Chatbot's value: {"role": "user" | "assistant", "content": ...} dicts
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The conversation as the Chatbot holds it, and as the model sees it
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def message_text(message: dict[str, Any]) -> str:
+    """The plain text of a Chatbot message.
+
+    Handlers put strings in; the browser sends lists of parts (`{"type": "text", "text": ...}`) back. Either way it is
+    the text as typed or generated: Gradio renders the Markdown in the browser and stores nothing else.
+    """
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") for part in content or [] if isinstance(part, dict))
+
+
+def history_pairs(messages: ChatMessages) -> HistoryType:
+    """(query, reply) pairs for `make_context`; a question whose reply was stopped before any text pairs with ""."""
+    pairs: HistoryType = []
+    for message in messages:
+        if message.get("role") == "user":
+            pairs.append((message_text(message), ""))
+        elif message.get("role") == "assistant" and pairs:
+            query, reply = pairs[-1]
+            pairs[-1] = (query, reply + message_text(message))
+    return pairs
+
+
+def without_last_reply(messages: ChatMessages) -> ChatMessages:
+    """The conversation up to and including its last question: what Regenerate answers again."""
+    end = len(messages)
+    while end and messages[end - 1].get("role") != "user":
+        end -= 1
+    return list(messages[:end])
+
+
+class WebChat:
+    """Streams replies through the one shared engine, and stops the replies of the browser session that asks.
+
+    Stop and Clear do not cancel the Gradio event: they cancel the session's request in the engine, and the reply's
+    stream then ends by itself, leaving the reply as far as it got (Stop) or an empty chat (Clear). Whatever a stream
+    outputs last is what the page keeps, so the stream itself must empty the chat; Gradio's `cancels=` races with
+    that last output and now and then leaves the Chatbot showing "Error" (gradio 6.31).
+    """
+
+    def __init__(
+        self,
+        engine: GenerationEngine,
+        tokenizer: Any,
+        params: SamplingParams,
+        system: str = DEFAULT_SYSTEM,
+        max_window_size: int = DEFAULT_MAX_WINDOW_SIZE,
+    ) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.params = params
+        self.system = system
+        self.max_window_size = max_window_size
+        self._lock = threading.Lock()
+        # session hash -> its running requests, each with whether Clear was pressed while it ran
+        self._running: dict[str, dict[RequestHandle, bool]] = {}
+
+    def reply(self, messages: ChatMessages, session: str = "") -> Iterator[ChatMessages]:
+        """Answer the last message of `messages`, yielding the conversation with the reply so far as it grows.
+
+        Closing the generator early cancels the request in the engine, which frees its slot at the next step (Gradio
+        closes it when the tab that started it goes away).
+        """
+        *earlier, question = messages
+        _, prompt_ids = make_context(self.tokenizer, message_text(question), history=history_pairs(earlier),
+                                     system=self.system, max_window_size=self.max_window_size)
+        try:
+            handle = self.engine.submit(prompt_ids, self.params)
+        except ValueError as error:  # one question longer than the model's context
+            raise gr.Error(str(error)) from None
+        with self._lock:
+            self._running.setdefault(session, {})[handle] = False
+        reply = ""
+        try:
+            for event in handle:
+                if handle.cancelled.is_set():
+                    break  # stopped: the reply stays as last shown
+                if event.error:
+                    raise gr.Error(f"Generation failed: {event.error}")
+                reply += event.text
+                # Stripped as model.chat() strips its replies, so that the history holds what chat()'s would.
+                yield [*messages, {"role": "assistant", "content": reply.strip()}]
+        finally:
+            handle.cancel()  # a no-op once the reply is complete
+            with self._lock:
+                running = self._running.get(session, {})
+                cleared = running.pop(handle, False)
+                if not running:
+                    self._running.pop(session, None)
+        if cleared:
+            yield []
+
+    def stop(self, session: str, clear: bool = False) -> bool:
+        """Stop the session's replies (`clear`: and have them empty the chat); False if none was running."""
+        with self._lock:
+            running = self._running.get(session, {})
+            for handle in running:
+                running[handle] |= clear
+                handle.cancel()
+            return bool(running)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The page
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def build_demo(
+    engine: GenerationEngine,
+    tokenizer: Any,
+    params: SamplingParams,
+    model_name: str = "Qwen",
+    demo_notice: bool = False,
+    system: str = DEFAULT_SYSTEM,
+    max_window_size: int = DEFAULT_MAX_WINDOW_SIZE,
+) -> gr.Blocks:
+    """The chat page. Each tab's conversation lives in its Chatbot; all that tabs share is the engine."""
+    chat = WebChat(engine, tokenizer, params, system=system, max_window_size=max_window_size)
+    # The default theme's fonts are files Gradio serves itself (no font CDN), so the page stays offline as it is.
+    with gr.Blocks(title="Qwen Chat", analytics_enabled=False) as demo:
+        gr.Markdown(f"# Qwen Chat\nModel: `{model_name}`. Replies stream as they are written; Markdown and code are "
+                    "rendered.")
+        if demo_notice:
+            gr.Markdown(f"> ⚠️ **Random weights.** {DEMO_NOTICE}", elem_id="demo-notice")
+        chatbot = gr.Chatbot(elem_id="chatbot", label="Qwen", height=460)
+        # One line high: Enter sends (a taller Gradio 6 textbox sends on Shift+Enter); Shift+Enter adds a line.
+        message = gr.Textbox(elem_id="msg", show_label=False, lines=1, max_lines=8,
+                             placeholder="Ask something and press Enter (Shift+Enter for a new line)")
+        with gr.Row():
+            submit_btn = gr.Button("Submit", variant="primary", elem_id="submit-btn")
+            regen_btn = gr.Button("Regenerate", elem_id="regen-btn")
+            stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn")
+            clear_btn = gr.Button("Clear history", elem_id="clear-btn")
+
+        def respond(text: str, messages: ChatMessages, event: gr.EventData, request: gr.Request
+                    ) -> Iterator[tuple[Any, Any]]:
+            """Answer a new question (Submit, Enter) or the last one again (Regenerate)."""
+            if event.target is regen_btn:
+                messages = without_last_reply(messages)
+                box = gr.skip()  # leave what is being typed alone
+            else:
+                messages = [*messages, {"role": "user", "content": text}]
+                box = ""
+            if not messages or not message_text(messages[-1]).strip():
+                yield gr.skip(), gr.skip()  # nothing typed, or nothing to regenerate
+                return
+            yield box, messages
+            for shown in chat.reply(messages, request.session_hash):
+                # The textbox is skipped: setting it with every token would wipe out the next question being typed.
+                yield gr.skip(), shown
+
+        # One listener for the three triggers, so that trigger_mode="once" ignores them all while a reply streams:
+        # a tab never streams two replies into one conversation. concurrency_limit lets the tabs' replies run at once,
+        # for the engine to batch (Gradio's default is one at a time). The events are the page's, not an API.
+        gr.on(
+            [submit_btn.click, message.submit, regen_btn.click], respond, [message, chatbot], [message, chatbot],
+            trigger_mode="once", concurrency_limit=engine.max_batch_size, api_visibility="private",
+        )
+
+        def stop(request: gr.Request) -> None:
+            chat.stop(request.session_hash)
+
+        def clear(request: gr.Request) -> Any:
+            # A running reply empties the chat as its stream ends; otherwise it is emptied here.
+            return gr.skip() if chat.stop(request.session_hash, clear=True) else []
+
+        # queue=False: these run at once, beside the reply they stop.
+        stop_btn.click(stop, None, None, queue=False, api_visibility="private")
+        clear_btn.click(clear, None, chatbot, queue=False, api_visibility="private")
+        chatbot.clear(clear, None, chatbot, queue=False, api_visibility="private")  # the Chatbot's own trash icon
+        demo.unload(stop)  # a closed or reloaded tab
+    return demo
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
+    parser.add_argument("--share", action="store_true", help="also serve the page through a public gradio.live link")
+    parser.add_argument("--inbrowser", action="store_true", help="open the page in the default browser")
+    parser.add_argument("--server-port", type=int, default=8000)
+    parser.add_argument("--server-name", default="127.0.0.1", help="address to listen on (0.0.0.0 for all)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    model, tokenizer = load_from_args(args)
+    generation_config = model.generation_config
+    if getattr(generation_config, "chat_format", "chatml") != "chatml":
+        raise SystemExit(f"error: {args.checkpoint_path} is a base model (chat_format "
+                         f"{generation_config.chat_format!r}); the web demo needs a -Chat checkpoint.")
+    engine = GenerationEngine(model, tokenizer, max_batch_size=8)
+    params = SamplingParams.from_generation_config(generation_config, stop_token_ids=chat_stop_token_ids(tokenizer))
+    # As the API server does: the window make_context keeps, never more than the engine's context.
+    max_window_size = min(getattr(generation_config, "max_window_size", None) or engine.max_context, engine.max_context)
+    demo_notice = is_demo_checkpoint(args.checkpoint_path)
+    demo = build_demo(
+        engine, tokenizer, params,
+        model_name="demo" if demo_notice else Path(args.checkpoint_path).name,
+        demo_notice=demo_notice,
+        max_window_size=max_window_size,
+    )
+    try:
+        # ssr_mode=False: server-side rendering would start a Node server, which this page does not need.
+        demo.launch(share=args.share, inbrowser=args.inbrowser, server_name=args.server_name,
+                    server_port=args.server_port, ssr_mode=False)
+    finally:
+        engine.close()
+
+
+if __name__ == "__main__":
+    main()
