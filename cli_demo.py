@@ -26,9 +26,8 @@ from typing import Any, TextIO
 
 from qwen.engine import GenerationEngine, RequestHandle, SamplingParams, chat_stop_token_ids
 from qwen.loading import add_model_arguments, load_from_args
-from qwen.qwen_generation_utils import DEFAULT_MAX_WINDOW_SIZE, HistoryType, make_context
+from qwen.qwen_generation_utils import DEFAULT_MAX_WINDOW_SIZE, DEFAULT_SYSTEM_PROMPT, HistoryType, make_context
 
-DEFAULT_SYSTEM = "You are a helpful assistant."
 DEFAULT_SEED = 1234  # the original cli_demo.py's default
 MAX_SEED = 2**64 - 1  # the largest seed torch.Generator.manual_seed takes
 USER_PROMPT = "User> "
@@ -164,7 +163,7 @@ class ChatSession:
         engine: GenerationEngine,
         tokenizer: Any,
         generation_config: Any,
-        system: str = DEFAULT_SYSTEM,
+        system: str = DEFAULT_SYSTEM_PROMPT,
         seed: int = DEFAULT_SEED,
         out: TextIO | None = None,
     ) -> None:
@@ -402,7 +401,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_model_arguments(parser)
     parser.add_argument("-s", "--seed", type=int, default=DEFAULT_SEED,
                         help=f"random seed for sampling (default {DEFAULT_SEED}); change it in the chat with :seed N")
-    parser.add_argument("--system", default=DEFAULT_SYSTEM, help=f"system prompt (default {DEFAULT_SYSTEM!r})")
+    parser.add_argument("--system", default=DEFAULT_SYSTEM_PROMPT,
+                        help=f"system prompt (default {DEFAULT_SYSTEM_PROMPT!r})")
     parser.add_argument("--query", help="answer this one message, print the reply and exit")
     args = parser.parse_args(argv)
     if not 0 <= args.seed <= MAX_SEED:

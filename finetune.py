@@ -58,13 +58,15 @@ class TrainingArguments(transformers.TrainingArguments):
 
 @dataclass
 class LoraArguments:
-    lora_r: int = 64
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    lora_target_modules: list[str] = field(default_factory=lambda: ["c_attn", "c_proj", "w1", "w2"])
+    """The original script's LoRA flags; their defaults are `qwen.lora.LoraSettings`'s."""
+
+    lora_r: int = LoraSettings.r
+    lora_alpha: int = LoraSettings.alpha
+    lora_dropout: float = LoraSettings.dropout
+    lora_target_modules: list[str] = field(default_factory=lambda: LoraSettings().target_modules)
     lora_weight_path: str = field(default="", metadata={"help": "start from this adapter instead of a new one"})
-    lora_bias: str = field(default="none", metadata={"help": "none, all or lora_only"})
-    q_lora: bool = field(default=False, metadata={"help": "LoRA on a 4-bit base: GPTQ Int4 as is, else NF4"})
+    lora_bias: str = field(default=LoraSettings.bias, metadata={"help": "none, all or lora_only"})
+    q_lora: bool = field(default=False, metadata={"help": "LoRA on a 4-bit NF4 load of the checkpoint (bitsandbytes)"})
     lora_modules_to_save: list[str] | None = field(
         default=None,
         metadata={"help": "fully trained modules besides the adapter; default: wte lm_head for a base model (so "

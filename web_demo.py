@@ -27,9 +27,13 @@ import gradio as gr  # noqa: E402
 
 from qwen.engine import GenerationEngine, RequestHandle, SamplingParams, chat_stop_token_ids  # noqa: E402
 from qwen.loading import DEMO_NOTICE, add_model_arguments, is_demo_checkpoint, load_from_args  # noqa: E402
-from qwen.qwen_generation_utils import DEFAULT_MAX_WINDOW_SIZE, HistoryType, make_context  # noqa: E402
+from qwen.qwen_generation_utils import (  # noqa: E402
+    DEFAULT_MAX_WINDOW_SIZE,
+    DEFAULT_SYSTEM_PROMPT,
+    HistoryType,
+    make_context,
+)
 
-DEFAULT_SYSTEM = "You are a helpful assistant."  # what model.chat() uses
 
 ChatMessages = list[dict[str, Any]]  # the Chatbot's value: {"role": "user" | "assistant", "content": ...} dicts
 
@@ -85,7 +89,7 @@ class WebChat:
         engine: GenerationEngine,
         tokenizer: Any,
         params: SamplingParams,
-        system: str = DEFAULT_SYSTEM,
+        system: str = DEFAULT_SYSTEM_PROMPT,
         max_window_size: int = DEFAULT_MAX_WINDOW_SIZE,
     ) -> None:
         self.engine = engine
@@ -153,7 +157,7 @@ def build_demo(
     params: SamplingParams,
     model_name: str = "Qwen",
     demo_notice: bool = False,
-    system: str = DEFAULT_SYSTEM,
+    system: str = DEFAULT_SYSTEM_PROMPT,
     max_window_size: int = DEFAULT_MAX_WINDOW_SIZE,
 ) -> gr.Blocks:
     """The chat page. Each tab's conversation lives in its Chatbot; all that tabs share is the engine."""

@@ -1,4 +1,4 @@
-# Shared by the finetune/*.sh launchers: options, defaults and torchrun's distributed arguments.
+# Shared by the finetune/*.sh launchers: options, common training flags and torchrun's distributed arguments.
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 usage() {
@@ -27,6 +27,14 @@ parse_common_args() {
     if [[ -z "${GPUS_PER_NODE:-}" ]]; then
         GPUS_PER_NODE=$(python -c "import torch; print(max(torch.cuda.device_count(), 1))")
     fi
+    # What every launcher passes; each adds its mode, precision, batch and learning rate, then the user's flags
+    # (given last, so they win).
+    TRAINING_ARGS=(
+        --model_name_or_path "$MODEL" --data_path "$DATA" --output_dir "$OUTPUT"
+        --num_train_epochs 5 --save_strategy steps --save_steps 1000 --save_total_limit 10 --weight_decay 0.1
+        --adam_beta2 0.95 --warmup_ratio 0.01 --lr_scheduler_type cosine --logging_steps 1 --report_to none
+        --model_max_length 512 --gradient_checkpointing True --lazy_preprocess True
+    )
     DISTRIBUTED_ARGS=(
         --nproc_per_node "$GPUS_PER_NODE" --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}"
         --master_addr "${MASTER_ADDR:-localhost}" --master_port "${MASTER_PORT:-6001}"

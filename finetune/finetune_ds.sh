@@ -8,10 +8,7 @@ source "$(dirname "$0")/common.sh"
 parse_common_args "$@"
 DS_CONFIG=${DS_CONFIG:-$HERE/ds_config_zero3.json}
 
-torchrun "${DISTRIBUTED_ARGS[@]}" "$HERE/../finetune.py" \
-    --model_name_or_path "$MODEL" --data_path "$DATA" --output_dir "$OUTPUT" \
-    --bf16 True --num_train_epochs 5 --per_device_train_batch_size 1 --gradient_accumulation_steps 16 \
-    --save_strategy steps --save_steps 1000 --save_total_limit 10 --learning_rate 1e-5 --weight_decay 0.1 \
-    --adam_beta2 0.95 --warmup_ratio 0.01 --lr_scheduler_type cosine --logging_steps 1 --report_to none \
-    --model_max_length 512 --gradient_checkpointing True --lazy_preprocess True \
-    --deepspeed "$DS_CONFIG" "${EXTRA_ARGS[@]}"
+torchrun "${DISTRIBUTED_ARGS[@]}" "$HERE/../finetune.py" "${TRAINING_ARGS[@]}" \
+    --bf16 True --per_device_train_batch_size 1 --gradient_accumulation_steps 16 --learning_rate 1e-5 \
+    --deepspeed "$DS_CONFIG" \
+    "${EXTRA_ARGS[@]}"

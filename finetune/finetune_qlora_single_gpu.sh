@@ -4,10 +4,7 @@ set -euo pipefail
 source "$(dirname "$0")/common.sh"
 parse_common_args "$@"
 
-python "$HERE/../finetune.py" \
-    --model_name_or_path "$MODEL" --data_path "$DATA" --output_dir "$OUTPUT" \
-    --fp16 True --num_train_epochs 5 --per_device_train_batch_size 2 --gradient_accumulation_steps 8 \
-    --save_strategy steps --save_steps 1000 --save_total_limit 10 --learning_rate 3e-4 --weight_decay 0.1 \
-    --adam_beta2 0.95 --warmup_ratio 0.01 --lr_scheduler_type cosine --logging_steps 1 --report_to none \
-    --model_max_length 512 --gradient_checkpointing True --lazy_preprocess True --use_lora --q_lora \
+python "$HERE/../finetune.py" "${TRAINING_ARGS[@]}" \
+    --use_lora --q_lora --fp16 True --per_device_train_batch_size 2 --gradient_accumulation_steps 8 \
+    --learning_rate 3e-4 \
     "${EXTRA_ARGS[@]}"

@@ -36,6 +36,7 @@ from transformers.utils import logging
 
 from .configuration_qwen import QWenConfig
 from .qwen_generation_utils import (
+    DEFAULT_SYSTEM_PROMPT,
     HistoryType,
     StopWordsLogitsProcessor,
     decode_tokens,
@@ -44,8 +45,6 @@ from .qwen_generation_utils import (
 )
 
 logger = logging.get_logger(__name__)
-
-DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ Role = Literal["system", "user", "assistant"]
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 DEFAULT_MAX_WINDOW_SIZE = 6144
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."  # what the released chat() sends
 
 
 class Message(TypedDict):
@@ -86,7 +87,7 @@ def chatml_ids_for_messages(
     tokenizer: Any,
     messages: Sequence[dict[str, Any]],
     add_generation_prompt: bool = True,
-    default_system: str | None = "You are a helpful assistant.",
+    default_system: str | None = DEFAULT_SYSTEM_PROMPT,
 ) -> tuple[str, list[int]]:
     """ChatML text and ids for OpenAI-style messages, identical to `make_context` for the same conversation.
 

@@ -33,6 +33,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, TypedDict
 
+from .qwen_generation_utils import DEFAULT_SYSTEM_PROMPT
+
 # --------------------------------------------------------------------------------------------------------------------
 # Chat data as the OpenAI API sends it
 # --------------------------------------------------------------------------------------------------------------------
@@ -68,7 +70,6 @@ class Message(_MessageBase, total=False):
     tool_call_id: str  # role "tool": which call this result answers
 
 
-DEFAULT_SYSTEM = "You are a helpful assistant."
 
 # The released models were trained on these exact strings: never edit them.
 TOOL_DESCRIPTION = (
@@ -259,7 +260,7 @@ def build_react_conversation(
     if all(message["role"] != "user" for message in messages):
         raise ValueError("messages has no user message: a chat request needs at least one.")
 
-    system, first = DEFAULT_SYSTEM, 0
+    system, first = DEFAULT_SYSTEM_PROMPT, 0
     if messages[0]["role"] == "system":
         system, first = _text(messages[0], 0), 1
     turns: list[list[str]] = []  # [role, text], alternating user / assistant, starting with user

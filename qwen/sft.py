@@ -21,10 +21,9 @@ from typing import Any
 
 import torch
 
-from .qwen_generation_utils import _encode_text, _turn
+from .qwen_generation_utils import DEFAULT_SYSTEM_PROMPT, _encode_text, _turn
 
 IGNORE_INDEX = -100
-DEFAULT_SYSTEM = "You are a helpful assistant."
 ROLES = ("user", "assistant")
 
 
@@ -80,7 +79,7 @@ def check_sample(sample: Any, index: int) -> None:
         raise DataError(f"{name} has no 'conversations' list.")
     if not turns:
         raise DataError(f"{name} has an empty conversation.")
-    system = sample.get("system", DEFAULT_SYSTEM)
+    system = sample.get("system", DEFAULT_SYSTEM_PROMPT)
     if not isinstance(system, str):
         raise DataError(f"{name}: 'system' must be a string.")
     for position, turn in enumerate(turns):
@@ -102,7 +101,7 @@ def tokenize_sample(tokenizer: Any, sample: dict[str, Any], max_length: int | No
     newline = _encode_text(tokenizer, "\n")
     input_ids: list[int] = []
     labels: list[int] = []
-    turns = [("system", sample.get("system", DEFAULT_SYSTEM))]
+    turns = [("system", sample.get("system", DEFAULT_SYSTEM_PROMPT))]
     turns += [(turn["from"], turn["value"]) for turn in sample["conversations"]]
     for position, (role, content) in enumerate(turns):
         if position:
@@ -160,6 +159,6 @@ class PadToLongest:
 
 
 __all__ = [
-    "DEFAULT_SYSTEM", "IGNORE_INDEX", "ConversationDataset", "DataError", "PadToLongest", "TokenizedSample",
+    "IGNORE_INDEX", "ConversationDataset", "DataError", "PadToLongest", "TokenizedSample",
     "check_sample", "load_samples", "tokenize_sample",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 
 import httpx
 import torch
@@ -32,20 +33,33 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_until_healthy(process: subprocess.Popen, port: int, timeout: float = 120) -> None:
-    """Block until the server answers /health; fail with its output if it exits or never answers."""
+def wait_until_serving(
+    process: subprocess.Popen, url: str, timeout: float = 120, output: Callable[[], str] | None = None
+) -> None:
+    """Block until `url` answers 200; fail with the process's output (`output()`, else its stdout pipe) if it exits
+    or never answers."""
+
+    def tail() -> str:
+        text = output() if output is not None else (process.stdout.read() if process.stdout else "")
+        return text[-4000:]
+
     deadline = time.time() + timeout
     while time.time() < deadline:
         if process.poll() is not None:
-            output = process.stdout.read() if process.stdout else ""
-            raise AssertionError(f"the server exited (code {process.returncode}):\n{output[-4000:]}")
+            raise AssertionError(f"the process exited (code {process.returncode}):\n{tail()}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+            if httpx.get(url, timeout=1).status_code == 200:
                 return
         except httpx.HTTPError:
-            time.sleep(0.2)
+            pass
+        time.sleep(0.2)
     process.kill()
-    raise AssertionError(f"the server did not answer on port {port} within {timeout:.0f} s")
+    raise AssertionError(f"nothing answered {url} within {timeout:.0f} s:\n{tail()}")
+
+
+def wait_until_healthy(process: subprocess.Popen, port: int, timeout: float = 120) -> None:
+    """Block until the server on `port` answers /health."""
+    wait_until_serving(process, f"http://127.0.0.1:{port}/health", timeout)
 
 
 def stop(process: subprocess.Popen) -> None:

@@ -14,12 +14,9 @@ import shlex
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
-
-from support import free_port, stop, wait_until_healthy
+from support import free_port, stop, wait_until_healthy, wait_until_serving
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 FENCE = re.compile(r"^```(\w+)\n(.*?)^```", re.MULTILINE | re.DOTALL)
@@ -89,18 +86,6 @@ def run_demo(command: str, cwd: Path, env: dict[str, str]) -> None:
     assert result.returncode == 0, f"{command} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
     if "-c demo" in command:
         assert "RANDOM weights" in result.stdout
-
-
-def wait_until_serving(process: subprocess.Popen, url: str, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert process.poll() is None, f"the web demo exited:\n{process.stdout.read()[-3000:]}"
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    raise AssertionError(f"the web demo did not serve {url} within {timeout:.0f} s")
 
 
 def run_block(language: str, body: str, cwd: Path, env: dict[str, str], port: int, servers: list, ran: dict) -> None:
