@@ -79,10 +79,18 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     return parser.parse_args_into_dataclasses(args=argv)
 
 
-def training_dtype(args: TrainingArguments) -> torch.dtype:
+def weights_dtype(args: TrainingArguments, use_lora: bool) -> torch.dtype:
+    """The precision the checkpoint is loaded in for training.
+
+    bf16 loads the weights in bf16, as the original script did (bf16 needs no loss scaling). fp16 is mixed
+    precision: Trainer's gradient scaler refuses fp16 parameters, so fully trained weights stay fp32 and only a
+    frozen LoRA base is loaded in fp16 (`prepare_lora_model` keeps whatever trains in fp32).
+    """
+    if args.fp16 and (args.use_cpu or not torch.cuda.is_available()):
+        raise LoadError("--fp16 needs a CUDA GPU; on the CPU train with --bf16 True or in fp32 (neither flag).")
     if args.bf16:
         return torch.bfloat16
-    if args.fp16:
+    if args.fp16 and use_lora:
         return torch.float16
     return torch.float32
 
@@ -116,10 +124,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         q_lora=lora_args.q_lora,
     )
     if use_lora:
-        model = prepare_lora_model(folder, settings, dtype=training_dtype(training_args), chat=chat,
+        model = prepare_lora_model(folder, settings, dtype=weights_dtype(training_args, use_lora=True), chat=chat,
                                    gradient_checkpointing=training_args.gradient_checkpointing)
     else:
-        model = QWenLMHeadModel.from_pretrained(folder, dtype=training_dtype(training_args))
+        model = QWenLMHeadModel.from_pretrained(folder, dtype=weights_dtype(training_args, use_lora=False))
     model.config.use_cache = False
 
     max_length = training_args.model_max_length

@@ -81,6 +81,12 @@ def prepare_lora_model(
             modules_to_save=modules_to_save or None,
         )
         model = get_peft_model(model, config)
+    if dtype == torch.float16:
+        # fp16 training scales the loss, and the scaler refuses fp16 parameters: the adapters (which peft already
+        # keeps in fp32) and any fully trained module (modules_to_save copies wte / lm_head in the base's dtype).
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.data = parameter.data.float()
     if gradient_checkpointing:
         # Checkpointed blocks need an input that requires grad, or no gradient reaches the adapters inside them.
         model.enable_input_require_grads()

@@ -148,3 +148,150 @@ def test_deepspeed_parser_rejects_a_broken_config():
     config["zero_optimization"]["stage"] = 7
     with pytest.raises(Exception, match="stage"):
         validated_deepspeed_config(config)
+
+
+@pytest.fixture(scope="module")
+def two_samples_file(tmp_path_factory) -> Path:
+    """Two different conversations, so that the order Trainer draws them in matters to the losses."""
+    path = tmp_path_factory.mktemp("data2") / "data.jsonl"
+    samples = [
+        {"id": "who", "conversations": [{"from": "user", "value": QUESTION}, {"from": "assistant", "value": ANSWER}]},
+        {"id": "sky", "system": "Answer in one word.",
+         "conversations": [{"from": "user", "value": "What colour is the sky?"}, {"from": "assistant", "value": "Blue."}]},
+    ]
+    path.write_text("".join(json.dumps(sample) + "\n" for sample in samples))
+    return path
+
+
+def logged_losses(output: Path) -> list[float]:
+    state = json.loads((output / "trainer_state.json").read_text())
+    return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+
+
+def saved_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "model.safetensors")
+
+
+def test_resuming_from_a_saved_checkpoint_ends_where_the_uninterrupted_run_ends(tmp_path, tiny_chat_dir,
+                                                                             two_samples_file):
+    common = ("--max_steps", "4", "--learning_rate", "1e-3", "--logging_steps", "1", "--seed", "3")
+    whole = tmp_path / "whole"
+    finetune(tiny_chat_dir, two_samples_file, whole, *common, "--save_strategy", "steps", "--save_steps", "2")
+    assert (whole / "checkpoint-2" / "optimizer.pt").is_file()
+
+    resumed = tmp_path / "resumed"
+    finetune(tiny_chat_dir, two_samples_file, resumed, *common, "--save_strategy", "no",
+             "--resume_from_checkpoint", str(whole / "checkpoint-2"))
+    whole_losses, resumed_losses = logged_losses(whole), logged_losses(resumed)
+    assert len(whole_losses) == 4 and len(resumed_losses) == 4  # the resumed log carries the first two steps over
+    # Same data order (the sampler's position and RNG state are restored), same optimizer moments, same weights: on
+    # one CPU thread layout the arithmetic repeats exactly, so the last steps and the final model match.
+    assert resumed_losses[2:] == pytest.approx(whole_losses[2:], rel=1e-6)
+    final, resumed_final = saved_weights(whole), saved_weights(resumed)
+    assert final.keys() == resumed_final.keys()
+    for name in final:
+        torch.testing.assert_close(resumed_final[name], final[name], rtol=0, atol=1e-6, msg=name)
+    start = saved_weights(tiny_chat_dir)
+    assert any(not torch.equal(start[name], final[name]) for name in final)  # the steps after resuming did train
+
+
+# Runs finetune.main in-process with the MLP's forward counted. Not the block's: transformers wraps a checkpointed
+# layer's own forward when the class is created, so replacing QWenBlock.forward would switch checkpointing off.
+COUNT_BLOCK_FORWARDS = """
+import json, sys
+import finetune
+from qwen import modeling_qwen
+
+calls = 0
+original = modeling_qwen.QWenMLP.forward
+def counted(self, *args, **kwargs):
+    global calls
+    calls += 1
+    return original(self, *args, **kwargs)
+modeling_qwen.QWenMLP.forward = counted
+finetune.main(sys.argv[1:])
+print(json.dumps({"mlp_forwards": calls}))
+"""
+
+
+@pytest.mark.parametrize("mode", [(), ("--use_lora", "--lora_r", "8")], ids=["full", "lora"])
+def test_gradient_checkpointing_recomputes_each_block_and_trains_the_same(tmp_path, tiny_chat_dir, data_file, mode):
+    from qwen.configuration_qwen import QWenConfig
+
+    layers = QWenConfig.from_pretrained(tiny_chat_dir).num_hidden_layers
+    steps = 2
+    runs = {}
+    for checkpointing in (False, True):
+        output = tmp_path / f"checkpointing-{checkpointing}"
+        command = [
+            sys.executable, "-c", COUNT_BLOCK_FORWARDS, "--model_name_or_path", str(tiny_chat_dir),
+            "--data_path", str(data_file), "--output_dir", str(output), "--use_cpu", "--report_to", "none",
+            "--per_device_train_batch_size", "1", "--max_steps", str(steps), "--learning_rate", "1e-2",
+            "--logging_steps", "1", "--save_strategy", "no", "--lora_dropout", "0",
+            "--gradient_checkpointing", str(checkpointing), *mode,
+        ]
+        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert result.returncode == 0, result.stderr[-4000:]
+        runs[checkpointing] = (json.loads(result.stdout.strip().splitlines()[-1])["mlp_forwards"],
+                               logged_losses(output))
+    (plain_calls, plain_losses), (checkpointed_calls, checkpointed_losses) = runs[False], runs[True]
+    assert plain_calls == steps * layers
+    assert checkpointed_calls == 2 * steps * layers  # every block ran again in the backward pass
+    # Recomputing gives the same activations, so the same gradients: the second step's loss (after one update,
+    # which only happens if gradients reached the trained weights through the checkpointed blocks) matches too.
+    assert checkpointed_losses == pytest.approx(plain_losses, rel=1e-5)
+    assert checkpointed_losses[1] != pytest.approx(checkpointed_losses[0], rel=1e-3)
+
+
+def test_lora_on_a_base_model_also_trains_the_embeddings_and_output_layer(tmp_path, tiny_base_dir, data_file):
+    from safetensors.torch import load_file
+
+    adapter = tmp_path / "base-lora"
+    finetune(tiny_base_dir, data_file, adapter, "--use_lora", "--max_steps", "2", "--learning_rate", "1e-2",
+             "--lora_r", "8", "--save_strategy", "no")
+    # generation_config.json says chat_format "raw": a base model, which has never used <|im_start|> / <|im_end|>.
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert sorted(config["modules_to_save"]) == ["lm_head", "wte"]
+    saved = load_file(adapter / "adapter_model.safetensors")
+    base = saved_weights(tiny_base_dir)
+    trained = {name: tensor for name, tensor in saved.items() if "lora_" not in name}
+    assert {name.rsplit(".", 2)[-2] for name in trained} == {"wte", "lm_head"}, sorted(trained)
+    for name, tensor in trained.items():
+        base_name = "lm_head.weight" if "lm_head" in name else "transformer.wte.weight"
+        assert tensor.shape == base[base_name].shape and not torch.equal(tensor, base[base_name]), name
+
+
+def test_chat_model_lora_trains_only_the_adapters_by_default(tiny_chat_dir):
+    from qwen.lora import LoraSettings, prepare_lora_model
+
+    model = prepare_lora_model(tiny_chat_dir, LoraSettings(r=4), chat=True)
+    trained = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    assert trained and all("lora_A" in name or "lora_B" in name for name in trained)
+
+
+def test_fp16_lora_keeps_what_trains_in_fp32_and_the_frozen_base_in_fp16(tiny_base_dir):
+    """fp16 training needs a GPU, but the precision split is decided at load time and checked here."""
+    from qwen.lora import LoraSettings, prepare_lora_model
+
+    model = prepare_lora_model(tiny_base_dir, LoraSettings(r=4), dtype=torch.float16, chat=False)
+    trained = {p.dtype for p in model.parameters() if p.requires_grad}
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    assert trained == {torch.float32} and frozen == {torch.float16}
+
+
+def test_bf16_full_finetuning_saves_bf16_weights_and_fp16_on_the_cpu_is_refused(tmp_path, tiny_chat_dir, data_file):
+    finetune(tiny_chat_dir, data_file, tmp_path / "bf16", "--bf16", "True", "--max_steps", "2",
+             "--learning_rate", "1e-3", "--logging_steps", "1", "--save_strategy", "no")
+    assert {tensor.dtype for tensor in saved_weights(tmp_path / "bf16").values()} == {torch.bfloat16}
+    assert all(loss == loss for loss in logged_losses(tmp_path / "bf16"))  # no NaN
+
+    command = [sys.executable, str(REPO / "finetune.py"), "--model_name_or_path", str(tiny_chat_dir),
+               "--data_path", str(data_file), "--output_dir", str(tmp_path / "fp16"), "--use_cpu", "--fp16", "True",
+               "--report_to", "none"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == ("error: --fp16 needs a CUDA GPU; on the CPU train with "
+                                                      "--bf16 True or in fp32 (neither flag).")
