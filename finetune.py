@@ -95,6 +95,32 @@ def weights_dtype(args: TrainingArguments, use_lora: bool) -> torch.dtype:
     return torch.float32
 
 
+def start_deepspeed_on_cpu(args: TrainingArguments) -> None:
+    """Start DeepSpeed's process group with gloo before the model is built, when DeepSpeed trains on the CPU.
+
+    Under ZeRO-3, `from_pretrained` partitions the weights over the ranks as it loads them (`deepspeed.zero.Init`),
+    and asks DeepSpeed's own communication layer for the world size. On a GPU, accelerate starts that layer when the
+    training arguments pick the device; with --use_cpu it starts a plain torch gloo group instead, so every rank
+    believes it is alone and DeepSpeed's batch-size check fails. Left to itself DeepSpeed would pick oneCCL on the
+    CPU, which does not install for current torch; gloo comes with it.
+    """
+    if not args.deepspeed or not (args.use_cpu or not torch.cuda.is_available()):
+        return
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+
+
+def end_distributed() -> None:
+    """Close the process group once training and saving are done.
+
+    Left open, gloo's threads are torn down by the interpreter at exit in no fixed order, and a rank sometimes
+    aborts ("terminate called without an active exception") after a run that succeeded.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         train(*parse_args(argv))
@@ -109,6 +135,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         # Adam's updates shrink into denormal floats late in a run, and x86 CPUs compute on those 10-20x slower;
         # flushing them to zero changes nothing a model can notice.
         torch.set_flush_denormal(True)
+    start_deepspeed_on_cpu(training_args)
     folder = resolve_checkpoint(model_args.model_name_or_path)
     use_lora = training_args.use_lora or lora_args.q_lora
     chat = is_chat_checkpoint(folder)
@@ -123,6 +150,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         modules_to_save=lora_args.lora_modules_to_save, weight_path=lora_args.lora_weight_path or None,
         q_lora=lora_args.q_lora,
     )
+    # New LoRA weights are drawn from torch's generator, which torch seeds differently in every process: without
+    # this, --seed would not make a LoRA run repeatable (Trainer seeds only after the model exists).
+    transformers.set_seed(training_args.seed)
     if use_lora:
         model = prepare_lora_model(folder, settings, dtype=weights_dtype(training_args, use_lora=True), chat=chat,
                                    gradient_checkpointing=training_args.gradient_checkpointing)
@@ -146,6 +176,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     if trainer.is_world_process_zero():
         copy_checkpoint_metadata(folder, Path(training_args.output_dir), full=not use_lora)
         logger.info("saved %s to %s", "the adapter" if use_lora else "the model", training_args.output_dir)
+    end_distributed()
 
 
 if __name__ == "__main__":

@@ -606,7 +606,16 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
             # Shifted next-token cross entropy in fp32; -100 marks positions without a target.
             shift_logits = logits[..., :-1, :].float().reshape(-1, logits.size(-1))
             shift_labels = labels[..., 1:].to(logits.device).reshape(-1)
-            loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+            num_items = kwargs.get("num_items_in_batch")
+            if num_items is None:
+                loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+            else:
+                # Trainer passes the target count of the whole optimizer step (every accumulated micro-batch, every
+                # rank) because it accepts **kwargs here, and then neither divides by the accumulation steps nor
+                # undoes its multiplication by the world size: a per-micro-batch mean would make the loss and its
+                # gradient that many times too large. Summing and dividing by that count gives the mean over every
+                # target token of the step, however the batch is split.
+                loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum") / num_items
         result = CausalLMOutputWithPast(
             loss=loss,
             logits=logits,

@@ -214,6 +214,24 @@ def test_loss_ignores_minus_100_labels():
     torch.testing.assert_close(out.loss, expected)
 
 
+def test_loss_with_num_items_in_batch_is_the_mean_over_the_whole_step():
+    """Trainer hands the model the target count of the whole step; split batches must add up to the unsplit mean."""
+    model = small_model()
+    ids = torch.randint(0, 512, (2, 10))
+    labels = ids.clone()
+    labels[0, :3] = -100
+    labels[1, :7] = -100  # unequal target counts, where a mean of per-part means would differ
+    whole = model(ids, labels=labels, use_cache=False).loss
+    count = int((labels[:, 1:] != -100).sum())
+    parts = [model(ids[i:i + 1], labels=labels[i:i + 1], use_cache=False, num_items_in_batch=torch.tensor(count)).loss
+             for i in range(2)]
+    torch.testing.assert_close(parts[0] + parts[1], whole)
+    per_row = (labels[:, 1:] != -100).sum(1)
+    assert per_row.tolist() == [7, 3]
+    mean_of_means = (parts[0] * count / per_row[0] + parts[1] * count / per_row[1]) / 2
+    assert not torch.isclose(mean_of_means, whole)  # so the check above tells the two reductions apart
+
+
 def test_gradient_checkpointing_recomputes_blocks():
     model = small_model()
     model.train()
