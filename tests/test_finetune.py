@@ -24,10 +24,11 @@ def data_file(tmp_path_factory) -> Path:
     return path
 
 
-def finetune(base: Path, data: Path, output: Path, *extra: str) -> subprocess.CompletedProcess:
+def finetune(base: Path, data: Path, output: Path, *extra: str, device: str = "cpu") -> subprocess.CompletedProcess:
     command = [
         sys.executable, str(REPO / "finetune.py"), "--model_name_or_path", str(base), "--data_path", str(data),
-        "--output_dir", str(output), "--use_cpu", "--per_device_train_batch_size", "1", "--report_to", "none",
+        "--output_dir", str(output), *(["--use_cpu"] if device == "cpu" else []), "--per_device_train_batch_size",
+        "1", "--report_to", "none",
         "--lr_scheduler_type", "constant", "--logging_steps", "10", *extra,
     ]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
@@ -295,3 +296,12 @@ def test_bf16_full_finetuning_saves_bf16_weights_and_fp16_on_the_cpu_is_refused(
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == ("error: --fp16 needs a CUDA GPU; on the CPU train with "
                                                       "--bf16 True or in fp32 (neither flag).")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 mixed-precision training runs only on a CUDA GPU")
+def test_fp16_lora_and_full_finetuning_train_on_a_gpu(tmp_path, tiny_chat_dir, data_file):
+    for name, mode in (("lora", ("--use_lora", "--lora_r", "8")), ("full", ())):
+        finetune(tiny_chat_dir, data_file, tmp_path / name, "--fp16", "True", "--max_steps", "4",
+                 "--learning_rate", "1e-3", "--logging_steps", "1", "--save_strategy", "no", *mode, device="cuda")
+        losses = logged_losses(tmp_path / name)
+        assert len(losses) == 4 and all(loss == loss for loss in losses)  # no fp16 overflow reached the loss
