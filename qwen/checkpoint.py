@@ -166,7 +166,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"wrote a random-weight {args.size} checkpoint to {folder} (its replies are noise)")
     else:
-        for path in install_code(args.folder):
+        try:
+            written = install_code(args.folder)
+        except (FileNotFoundError, ValueError) as error:  # not a (Qwen) checkpoint folder
+            parser.exit(1, f"error: {error}\n")
+        for path in written:
             print(f"wrote {path}")
     return 0
 

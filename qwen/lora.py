@@ -21,8 +21,9 @@ from .loading import LoadError, resolve_checkpoint
 from .tokenization_qwen import VOCAB_FILE_NAME
 
 # Files of a checkpoint folder that are not weights and that a fine-tuned folder keeps from its base.
-TOKENIZER_FILES = (VOCAB_FILE_NAME, "tokenizer_config.json", "tokenization_qwen.py")
-MODEL_FILES = ("generation_config.json", "configuration_qwen.py", "modeling_qwen.py", "qwen_generation_utils.py")
+# The tokenizer's remote code imports qwen_generation_utils (for its chat template), so that file goes with it.
+TOKENIZER_FILES = (VOCAB_FILE_NAME, "tokenizer_config.json", "tokenization_qwen.py", "qwen_generation_utils.py")
+MODEL_FILES = ("generation_config.json", "configuration_qwen.py", "modeling_qwen.py")
 
 
 @dataclass

@@ -96,6 +96,12 @@ def run_block(language: str, body: str, cwd: Path, env: dict[str, str], port: in
                 continue
             if command.startswith(("python cli_demo.py", "python web_demo.py")):
                 run_demo(command, cwd, env)
+            elif command.startswith("python finetune.py"):
+                # Two steps on the CPU run the same code as a real training run, in seconds.
+                argv = shlex.split(command)[1:]
+                argv[0] = str(README.parent / argv[0])
+                run([sys.executable, *argv, "--use_cpu", "--max_steps", "2", "--report_to", "none",
+                     "--save_strategy", "no"], cwd, env)
             elif command.startswith("python openai_api.py"):
                 # The server runs in the background on a free port while the client blocks below talk to it.
                 argv = shlex.split(command.replace("--server-port 8000", f"--server-port {port}"))[1:]
@@ -105,6 +111,8 @@ def run_block(language: str, body: str, cwd: Path, env: dict[str, str], port: in
                 assert command.startswith("python -m qwen."), f"unexpected README command: {command}"
                 run([sys.executable, *shlex.split(command)[1:]], cwd, env)
             ran["bash"] += 1
+    elif language == "json" and '"conversations"' in body:
+        (cwd / "data.json").write_text(body)  # the fine-tuning section's sample, saved as it tells the reader to
     elif language == "python":
         body = body.replace("127.0.0.1:8000", f"127.0.0.1:{port}")
         if "import qwen" not in body and "from openai import" not in body:
