@@ -68,7 +68,7 @@ def test_json_lines_datasets():
     assert read_gsm8k(DATA / "gsm8k" / "test.jsonl", limit=2)[1].answer == 8
     tasks = read_humaneval(DATA / "humaneval")
     assert [t.entry_point for t in tasks] == ["running_max", "is_palindrome", "digit_sum"]
-    positive = read_tool_use(DATA / "plugin", "exam_plugin_v1_react_positive.jsonl")
+    positive = read_tool_use(DATA / "plugin", "exam_plugin_v20231206_react_positive.jsonl")
     assert len(positive) == 2 and "Action: get_weather" in positive[0].reference
 
 
@@ -80,7 +80,7 @@ def test_fixture_tool_prompt_is_the_prompt_the_server_builds():
     from qwen.react import normalize_tools, react_instruction
 
     expected = f"{react_instruction(normalize_tools(tools=WEATHER_TOOLS))}\n\nQuestion: {WEATHER_QUESTION}"
-    samples = read_tool_use(DATA / "plugin", "exam_plugin_v1_react_positive.jsonl")
+    samples = read_tool_use(DATA / "plugin", "exam_plugin_v20231206_react_positive.jsonl")
     assert {s.prompt for s in samples} == {expected}
 
 

@@ -268,8 +268,8 @@ class ToolUseSample:
     reference: str  # the reference reply ("Thought: ...\nAction: ...\nAction Input: ..."), or a plain answer
 
 
-PLUGIN_SOURCE = ("https://qianwen-res.oss-cn-beijing.aliyuncs.com/opensource_data/exam_plugin_v1/ "
-                 "(exam_plugin_v1_react_positive.jsonl and exam_plugin_v1_react_negative.jsonl)")
+PLUGIN_SOURCE = ("https://qianwen-res.oss-cn-beijing.aliyuncs.com/opensource_data/exam_plugin_v20231206/ "
+                 "(exam_plugin_v20231206_react_positive.jsonl and ..._negative.jsonl; see eval/EVALUATION.md)")
 
 
 def read_tool_use(root: str | Path, file_name: str, limit: int | None = None) -> list[ToolUseSample]:

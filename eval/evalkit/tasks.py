@@ -496,8 +496,10 @@ def run_humaneval(chat: bool, argv: Sequence[str] | None = None, description: st
 # Tool use
 # --------------------------------------------------------------------------------------------------------------------
 
-POSITIVE_FILE = "exam_plugin_v1_react_positive.jsonl"
-NEGATIVE_FILE = "exam_plugin_v1_react_negative.jsonl"
+# The files of the original release's current tool-use table ("Version 20231206"); the older set is
+# exam_plugin_v1_react_{positive,negative}.jsonl (see eval/EVALUATION.md).
+POSITIVE_FILE = "exam_plugin_v20231206_react_positive.jsonl"
+NEGATIVE_FILE = "exam_plugin_v20231206_react_negative.jsonl"
 
 
 def run_tool_use(argv: Sequence[str] | None = None, description: str | None = None) -> int:
