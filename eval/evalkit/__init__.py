@@ -2,7 +2,7 @@
 execution and resumable result files. The scripts in `eval/` only parse their arguments and call `evalkit.tasks`.
 
 The scripts run as files (`python eval/evaluate_mmlu.py ...`), so Python puts `eval/` first on `sys.path` and finds
-this package there. The repository root is put right after it: the scripts use the `qwen` package of the clone they
+this package there. The repository root is put in front: the scripts use the `qwen` package of the clone they
 live in, even when another copy of `qwen` is installed in the environment.
 """
 
@@ -13,4 +13,4 @@ from pathlib import Path
 
 _REPO_ROOT = str(Path(__file__).resolve().parents[2])
 if _REPO_ROOT not in sys.path:
-    sys.path.insert(1 if sys.path and sys.path[0] == str(Path(__file__).resolve().parents[1]) else 0, _REPO_ROOT)
+    sys.path.insert(0, _REPO_ROOT)

@@ -22,15 +22,15 @@ import os
 import sys
 
 
-def _refuse(what):
-    def refused(*args, **kwargs):
+def _refuse(what: str):
+    def refused(*args: object, **kwargs: object) -> None:
         raise PermissionError(f"{what} is not allowed in the evaluation sandbox")
 
     refused.__name__ = what
     return refused
 
 
-def _limit_processes():
+def _limit_processes() -> None:
     import resource
 
     try:
@@ -51,7 +51,7 @@ def _limit_processes():
     _posixsubprocess.fork_exec = _refuse("subprocess")
 
 
-def _block_network():
+def _block_network() -> None:
     import _socket
     import socket
 
@@ -65,16 +65,16 @@ def _block_network():
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 
 
-def _guard_files(workdir):
+def _guard_files(workdir: str) -> None:
     import _io
 
-    def inside(path):
+    def inside(path: object) -> bool:
         if isinstance(path, int):  # an already open descriptor: opened through these checks
             return True
         real = os.path.realpath(os.fsdecode(path))
         return real == workdir or real.startswith(workdir + os.sep)
 
-    def check(path, what, kwargs):
+    def check(path: object, what: str, kwargs: dict) -> None:
         if kwargs.get("dir_fd") is not None or kwargs.get("src_dir_fd") is not None \
                 or kwargs.get("dst_dir_fd") is not None or not inside(path):
             raise PermissionError(f"{what} outside the sandbox's working folder is not allowed: {path!r}")
@@ -103,7 +103,7 @@ def _guard_files(workdir):
     io.FileIO = _io.FileIO = GuardedFileIO
     os.open = guarded_os_open
 
-    def guard_paths(name, count):
+    def guard_paths(name: str, count: int) -> None:
         real = getattr(os, name)
 
         def guarded(*args, **kwargs):
@@ -126,13 +126,13 @@ class _ImportBlocker:
 
     blocked = {"ctypes", "_ctypes", "cffi", "_cffi_backend", "multiprocessing", "_multiprocessing"}
 
-    def find_spec(self, name, path=None, target=None):
+    def find_spec(self, name: str, path: object = None, target: object = None) -> None:
         if name.partition(".")[0] in self.blocked:
             raise ImportError(f"importing {name} is not allowed in the evaluation sandbox")
         return None
 
 
-def main():
+def main() -> None:
     program = sys.argv[1]
     with open(program, encoding="utf-8") as handle:
         source = handle.read()
