@@ -160,11 +160,12 @@ def _checkpoint_name(name: str) -> str:
     return str(path.resolve()) if path.exists() else name
 
 
-def _manifest(benchmark: str, mode: str, args: argparse.Namespace, **settings: Any) -> dict[str, Any]:
-    """What `run.json` records: everything that changes the answers. Batch size, limits and subject selection do not
-    (greedy answers do not depend on them), so a resumed run may change those."""
+def _manifest(benchmark: str, mode: str, args: argparse.Namespace, model: Any, **settings: Any) -> dict[str, Any]:
+    """What `run.json` records: everything that changes the answers, the precision the model really runs in included
+    (`--dtype auto` is fp32 on a CPU and bf16 on a GPU). Batch size, limits and subject selection do not change
+    answers, so a resumed run may change those."""
     return {"benchmark": benchmark, "mode": mode, "checkpoint": _checkpoint_name(args.checkpoint_path),
-            "dtype": args.dtype, **settings}
+            "dtype": str(model.dtype).removeprefix("torch."), **settings}
 
 
 def _chat_format(model: Any) -> str:
@@ -270,7 +271,7 @@ def run_choice_base(benchmark: ChoiceBenchmark, argv: Sequence[str] | None = Non
         _note_if_chat_model(model)
         max_length = args.max_seq_len or model.config.seq_length
         output_dir = Path(args.output_dir)
-        store = ResultStore(output_dir, _manifest(benchmark.key, "base", args, shots=args.shots,
+        store = ResultStore(output_dir, _manifest(benchmark.key, "base", args, model, shots=args.shots,
                                                   max_seq_len=max_length), args.overwrite)
         candidates = [_single_token(tokenizer, benchmark.letter_prefix + letter) for letter in CHOICES]
         jobs = _pending(store, subjects)
@@ -316,8 +317,8 @@ def run_choice_chat(benchmark: ChoiceBenchmark, argv: Sequence[str] | None = Non
         _require_chat_model(model, f"evaluate_{benchmark.key}.py")
         params = greedy_params(model.generation_config, args.max_new_tokens, chat_stop_token_ids(tokenizer))
         output_dir = Path(args.output_dir)
-        store = ResultStore(output_dir, _manifest(benchmark.key, "chat", args, max_new_tokens=params.max_new_tokens),
-                            args.overwrite)
+        manifest = _manifest(benchmark.key, "chat", args, model, max_new_tokens=params.max_new_tokens)
+        store = ResultStore(output_dir, manifest, args.overwrite)
         jobs = _pending(store, subjects)
         with running_engine(model, tokenizer, args.batch_size) as engine, \
                 _progress(len(jobs), f"{benchmark.title} chat", "question") as bar:
@@ -377,7 +378,7 @@ def run_gsm8k(chat: bool, argv: Sequence[str] | None = None, description: str | 
         if not chat:
             settings["prompt_sha256"] = hashlib.sha256(exemplars.encode("utf-8")).hexdigest()
         output_dir = Path(args.output_dir)
-        store = ResultStore(output_dir, _manifest("gsm8k", "chat" if chat else "base", args, **settings),
+        store = ResultStore(output_dir, _manifest("gsm8k", "chat" if chat else "base", args, model, **settings),
                             args.overwrite)
         done = store.load("gsm8k")
         todo = [index for index in range(len(problems)) if str(index) not in done]
@@ -447,7 +448,7 @@ def run_humaneval(chat: bool, argv: Sequence[str] | None = None, description: st
         if not chat:
             settings["stop"] = args.stop
         output_dir = Path(args.output_dir)
-        store = ResultStore(output_dir, _manifest("humaneval", "chat" if chat else "base", args, **settings),
+        store = ResultStore(output_dir, _manifest("humaneval", "chat" if chat else "base", args, model, **settings),
                             args.overwrite)
         done = store.load("humaneval")
         todo = [task for task in tasks if task.task_id not in done]
@@ -526,8 +527,8 @@ def run_tool_use(argv: Sequence[str] | None = None, description: str | None = No
         params = greedy_params(model.generation_config, args.max_new_tokens, chat_stop_token_ids(tokenizer),
                                REACT_STOP_WORDS)
         output_dir = Path(args.output_dir)
-        store = ResultStore(output_dir, _manifest("plugin", "chat", args, max_new_tokens=params.max_new_tokens),
-                            args.overwrite)
+        manifest = _manifest("plugin", "chat", args, model, max_new_tokens=params.max_new_tokens)
+        store = ResultStore(output_dir, manifest, args.overwrite)
 
         def tokenize(text: str) -> list[int]:
             return _encode(tokenizer, text)
