@@ -1,0 +1,576 @@
+"""What the `eval/` scripts run: the arguments they share and one function per kind of evaluation.
+
+Every run reads its data first (a wrong `-d` fails in a second, before the model loads), loads the checkpoint with
+`qwen.loading`, skips the questions already in its output folder, scores the rest in batches with a progress bar,
+and writes `results.json` and a table. Problems a user can fix end the script with one `error:` line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from tqdm import tqdm
+
+from qwen.engine import chat_stop_token_ids
+from qwen.loading import add_model_arguments, load_from_args
+from qwen.qwen_generation_utils import DEFAULT_MAX_WINDOW_SIZE, DEFAULT_SYSTEM_PROMPT, make_context
+from qwen.react import STOP_WORDS as REACT_STOP_WORDS
+
+from . import prompts
+from .data import (
+    CEVAL_LAYOUT,
+    CHOICES,
+    CMMLU_LAYOUT,
+    MMLU_LAYOUT,
+    ChoiceLayout,
+    DataLayoutError,
+    Question,
+    read_choice_subjects,
+    read_gsm8k,
+    read_humaneval,
+    read_tool_use,
+)
+from .inference import fit_prompt, generate, greedy_params, iter_next_token_logprobs, running_engine
+from .results import ResultsMismatchError, ResultStore, accuracy_summary, format_table, write_json
+from .sandbox import Sandbox, describe, run_many
+from .scoring import (
+    COMPLETION_STOPS,
+    chat_code_completion,
+    extract_choice,
+    extract_math_answer,
+    format_number,
+    humaneval_program,
+    score_tool_call,
+    summarize_tool_use,
+    tool_call_of,
+    truncate_at_stops,
+)
+from .subjects import CEVAL_CATEGORIES, CMMLU_CATEGORIES, MMLU_CATEGORIES
+
+EVAL_DIR = Path(__file__).resolve().parents[1]
+DEFAULT_GSM8K_PROMPT = EVAL_DIR / "gsm8k_prompt.txt"
+
+
+@dataclass(frozen=True)
+class ChoiceBenchmark:
+    key: str  # names the default output folder
+    title: str
+    layout: ChoiceLayout
+    average: Literal["micro", "macro"]
+    categories: dict[str, list[str]]
+    base_prompt: Callable[[str, Sequence[Question], Question], str]
+    letter_prefix: str  # what precedes the letter in the scored next token: " A" after "Answer:", "A" after "答案："
+    chat_prompt: Callable[[Question], str] | None
+
+
+MMLU = ChoiceBenchmark("mmlu", "MMLU", MMLU_LAYOUT, "micro", MMLU_CATEGORIES, prompts.mmlu_base_prompt, " ",
+                       prompts.mmlu_chat_prompt)
+CEVAL = ChoiceBenchmark("ceval", "C-Eval (val)", CEVAL_LAYOUT, "macro", CEVAL_CATEGORIES, prompts.chinese_base_prompt,
+                        "", prompts.ceval_chat_prompt)
+CMMLU = ChoiceBenchmark("cmmlu", "CMMLU", CMMLU_LAYOUT, "macro", CMMLU_CATEGORIES, prompts.chinese_base_prompt, "",
+                        None)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Arguments and shared plumbing
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a number of at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_non_negative_int = _int_at_least(0)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text!r}")
+    return value
+
+
+def _parser(description: str | None, output_name: str, data_help: str, generates: bool) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
+    parser.add_argument("-d", "--data-dir", required=True, help=data_help)
+    parser.add_argument("-o", "--output-dir", default=str(Path("eval_results") / output_name),
+                        help=f"folder for the results; a rerun resumes there (default eval_results/{output_name})")
+    parser.add_argument("--batch-size", type=_positive_int, default=8,
+                        help="prompts run together in one forward pass (default 8)")
+    parser.add_argument("--limit", type=_positive_int,
+                        help="evaluate only the first N questions (of each subject): a quick partial run")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="discard the results already in the output folder instead of resuming")
+    if generates:
+        parser.add_argument("--max-new-tokens", type=_positive_int,
+                            help="longest answer in tokens (default: the checkpoint's generation_config.json, or 512)")
+    return parser
+
+
+def _add_subjects_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--subjects", type=lambda text: [name for name in text.split(",") if name],
+                        help="comma-separated subjects to evaluate (default: every subject in the data folder)")
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Problems the user can fix end the script with their one-line message; an interrupted run says how to resume."""
+    try:
+        yield
+    except (DataLayoutError, ResultsMismatchError) as error:
+        raise SystemExit(f"error: {error}") from None
+    except KeyboardInterrupt:
+        print("\ninterrupted; the answers so far are saved: run the same command again to resume.", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, Any]:
+    model, tokenizer = load_from_args(args)
+    # Every prompt is cut to fit the model by fit_prompt; the tokenizer's own "longer than the maximum length,
+    # indexing errors" warning (it knows only tokenizer_config's model_max_length) would only mislead.
+    tokenizer.model_max_length = sys.maxsize
+    return model, tokenizer
+
+
+def _checkpoint_name(name: str) -> str:
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
+def _manifest(benchmark: str, mode: str, args: argparse.Namespace, model: Any, **settings: Any) -> dict[str, Any]:
+    """What `run.json` records: everything that changes the answers, the precision the model really runs in included
+    (`--dtype auto` is fp32 on a CPU and bf16 on a GPU). Batch size, limits and subject selection do not change
+    answers, so a resumed run may change those."""
+    return {"benchmark": benchmark, "mode": mode, "checkpoint": _checkpoint_name(args.checkpoint_path),
+            "dtype": str(model.dtype).removeprefix("torch."), **settings}
+
+
+def _chat_format(model: Any) -> str:
+    return getattr(model.generation_config, "chat_format", None) or "chatml"
+
+
+def _require_chat_model(model: Any, script_for_base: str | None) -> None:
+    """Read from the checkpoint's generation config, never guessed from its name."""
+    if _chat_format(model) != "chatml":
+        hint = f" Use eval/{script_for_base} for base models." if script_for_base else ""
+        raise SystemExit(
+            "error: this checkpoint is a base model (its generation_config.json says chat_format "
+            f"{_chat_format(model)!r}); this script evaluates chat models with the chat format.{hint}")
+
+
+def _note_if_chat_model(model: Any) -> None:
+    if _chat_format(model) == "chatml":
+        print("note: this is a chat checkpoint; the published few-shot numbers of this script are for base models.",
+              file=sys.stderr)
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    """Benchmark text as plain text: a question that quotes `<|endoftext|>` gets those characters, not the token."""
+    return tokenizer.encode(text, allowed_special=set(), disallowed_special=())
+
+
+def _chat_prompt_ids(tokenizer: Any, model: Any, query: str) -> list[int]:
+    """One user turn after the default system prompt, exactly what `model.chat(tokenizer, query)` feeds the model."""
+    window = getattr(model.generation_config, "max_window_size", None) or DEFAULT_MAX_WINDOW_SIZE
+    return make_context(tokenizer, query, history=[], system=DEFAULT_SYSTEM_PROMPT, max_window_size=window,
+                        chat_format="chatml")[1]
+
+
+def _generation_room(engine: Any, max_new_tokens: int) -> int:
+    """How many prompt tokens leave room for the answer (at least half the context stays for the prompt)."""
+    return max(1, engine.max_context - min(max_new_tokens, engine.max_context // 2))
+
+
+def _progress(total: int, description: str, unit: str) -> tqdm:
+    return tqdm(total=total, desc=description, unit=unit, dynamic_ncols=True, file=sys.stderr)
+
+
+def _finish(output_dir: Path, title: str, results: dict[str, Any]) -> None:
+    write_json(output_dir / "results.json", results)
+    print(format_table(title, results))
+    print(f"\nresults: {output_dir / 'results.json'}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Multiple choice
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _pending(store: ResultStore, subjects: Sequence[Any]) -> list[tuple[Any, int, Question]]:
+    """(subject, index, question) for every question without a saved answer; says which subjects are complete."""
+    jobs = []
+    for subject in subjects:
+        done = store.load(subject.name)
+        todo = [(subject, index, question) for index, question in enumerate(subject.questions)
+                if str(index) not in done]
+        if not todo:
+            print(f"{subject.name}: all {len(subject.questions)} answers already in {store.path_of(subject.name)}, "
+                  "skipped", file=sys.stderr)
+        jobs.extend(todo)
+    return jobs
+
+
+def _records(store: ResultStore, subjects: Sequence[Any]) -> dict[str, list[dict[str, Any]]]:
+    """The saved records of the questions of this run (a record of a question beyond --limit does not count)."""
+    result = {}
+    for subject in subjects:
+        saved = store.load(subject.name)
+        result[subject.name] = [saved[str(index)] for index in range(len(subject.questions)) if str(index) in saved]
+    return result
+
+
+def _single_token(tokenizer: Any, text: str) -> int:
+    ids = _encode(tokenizer, text)
+    if len(ids) != 1:
+        raise RuntimeError(f"{text!r} is {len(ids)} tokens for this tokenizer; letter scoring needs one.")
+    return ids[0]
+
+
+def run_choice_base(benchmark: ChoiceBenchmark, argv: Sequence[str] | None = None, description: str | None = None
+                    ) -> int:
+    """Few-shot multiple choice for base models: the letter with the highest next-token log-probability wins."""
+    parser = _parser(description, benchmark.key, f"{benchmark.layout.name} data folder: "
+                     f"{benchmark.layout.describe()}", generates=False)
+    _add_subjects_argument(parser)
+    parser.add_argument("--shots", type=_non_negative_int, default=5,
+                        help="solved examples from the dev split before each question (default 5)")
+    parser.add_argument("--max-seq-len", type=_positive_int,
+                        help="longest prompt in tokens; a longer one loses its start, as in the published runs "
+                             "(default: the model's seq_length)")
+    args = parser.parse_args(argv)
+    with _user_errors():
+        subjects = read_choice_subjects(args.data_dir, benchmark.layout, args.subjects, args.limit)
+        for subject in subjects:
+            if len(subject.dev) < args.shots:
+                raise DataLayoutError(f"subject {subject.name!r} has {len(subject.dev)} dev examples; --shots "
+                                      f"{args.shots} needs that many.")
+        model, tokenizer = _load(args)
+        _note_if_chat_model(model)
+        max_length = args.max_seq_len or model.config.seq_length
+        output_dir = Path(args.output_dir)
+        store = ResultStore(output_dir, _manifest(benchmark.key, "base", args, model, shots=args.shots,
+                                                  max_seq_len=max_length), args.overwrite)
+        candidates = [_single_token(tokenizer, benchmark.letter_prefix + letter) for letter in CHOICES]
+        jobs = _pending(store, subjects)
+        prompt_ids, truncated = [], []
+        for subject, _, question in jobs:
+            text = benchmark.base_prompt(subject.name, subject.dev[:args.shots], question)
+            ids, cut = fit_prompt(_encode(tokenizer, text), max_length)
+            prompt_ids.append(ids)
+            truncated.append(cut)
+        with _progress(len(jobs), f"{benchmark.title} {args.shots}-shot", "question") as bar:
+            for job, scores in iter_next_token_logprobs(model, prompt_ids, candidates, tokenizer.eod_id,
+                                                        args.batch_size):
+                subject, index, question = jobs[job]
+                prediction = CHOICES[scores.index(max(scores))]
+                store.append(subject.name, {
+                    "id": index, "answer": question.answer, "prediction": prediction,
+                    "correct": prediction == question.answer, "logprobs": dict(zip(CHOICES, scores, strict=True)),
+                    "truncated": truncated[job],
+                })
+                bar.update(1)
+        records = _records(store, subjects)
+        summary = accuracy_summary(records, benchmark.average, benchmark.categories)
+        results = {"benchmark": benchmark.title, "mode": f"base, {args.shots}-shot, next-token letter scores",
+                   "checkpoint": _checkpoint_name(args.checkpoint_path),
+                   "truncated_prompts": sum(bool(r.get("truncated")) for items in records.values() for r in items),
+                   **summary}
+        _finish(output_dir, f"{benchmark.title}, {args.shots}-shot", results)
+    return 0
+
+
+def run_choice_chat(benchmark: ChoiceBenchmark, argv: Sequence[str] | None = None, description: str | None = None
+                    ) -> int:
+    """Zero-shot multiple choice for chat models: a greedy reply, and the letter it picks (scoring.extract_choice)."""
+    if benchmark.chat_prompt is None:
+        raise ValueError(f"{benchmark.title} has no chat prompt")
+    parser = _parser(description, f"chat_{benchmark.key}", f"{benchmark.layout.name} data folder: "
+                     f"{benchmark.layout.describe()}", generates=True)
+    _add_subjects_argument(parser)
+    args = parser.parse_args(argv)
+    with _user_errors():
+        subjects = read_choice_subjects(args.data_dir, benchmark.layout, args.subjects, args.limit)
+        model, tokenizer = _load(args)
+        _require_chat_model(model, f"evaluate_{benchmark.key}.py")
+        params = greedy_params(model.generation_config, args.max_new_tokens, chat_stop_token_ids(tokenizer))
+        output_dir = Path(args.output_dir)
+        manifest = _manifest(benchmark.key, "chat", args, model, max_new_tokens=params.max_new_tokens)
+        store = ResultStore(output_dir, manifest, args.overwrite)
+        jobs = _pending(store, subjects)
+        with running_engine(model, tokenizer, args.batch_size) as engine, \
+                _progress(len(jobs), f"{benchmark.title} chat", "question") as bar:
+            room = _generation_room(engine, params.max_new_tokens)
+            prompt_ids = [fit_prompt(_chat_prompt_ids(tokenizer, model, benchmark.chat_prompt(question)), room)[0]
+                          for _, _, question in jobs]
+
+            def save(job: int, text: str, finish_reason: str) -> None:
+                subject, index, question = jobs[job]
+                response = text.strip()
+                prediction, rule = extract_choice(response, question.options)
+                store.append(subject.name, {
+                    "id": index, "answer": question.answer, "prediction": prediction, "rule": rule,
+                    "correct": prediction == question.answer, "response": response,
+                })
+                bar.update(1)
+
+            generate(engine, prompt_ids, params, save)
+        summary = accuracy_summary(_records(store, subjects), benchmark.average, benchmark.categories)
+        results = {"benchmark": benchmark.title, "mode": "chat, 0-shot, greedy reply, letter extracted",
+                   "checkpoint": _checkpoint_name(args.checkpoint_path), **summary}
+        _finish(output_dir, f"{benchmark.title}, chat 0-shot", results)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# GSM8K
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def run_gsm8k(chat: bool, argv: Sequence[str] | None = None, description: str | None = None) -> int:
+    """GSM8K: base models continue the few-shot exemplars, chat models answer the bare question; the answer is the
+    number `scoring.extract_math_answer` reads from the solution, compared exactly with the reference."""
+    parser = _parser(description, "chat_gsm8k" if chat else "gsm8k",
+                     "folder holding GSM8K's test.jsonl (or the file itself)", generates=True)
+    if not chat:
+        parser.add_argument("--prompt-file", default=str(DEFAULT_GSM8K_PROMPT),
+                            help="the few-shot exemplars put before each question (default eval/gsm8k_prompt.txt)")
+    args = parser.parse_args(argv)
+    with _user_errors():
+        problems = read_gsm8k(args.data_dir, args.limit)
+        exemplars = ""
+        if not chat:
+            prompt_file = Path(args.prompt_file)
+            if not prompt_file.is_file():
+                raise DataLayoutError(f"Few-shot prompt file {str(prompt_file)!r} does not exist.")
+            exemplars = prompt_file.read_text(encoding="utf-8")
+        model, tokenizer = _load(args)
+        if chat:
+            _require_chat_model(model, "evaluate_gsm8k.py")
+            stop_ids, stops = chat_stop_token_ids(tokenizer), ()
+        else:
+            _note_if_chat_model(model)
+            stop_ids, stops = frozenset({tokenizer.eod_id}), prompts.GSM8K_STOPS
+        params = greedy_params(model.generation_config, args.max_new_tokens, stop_ids, stops)
+        settings: dict[str, Any] = {"max_new_tokens": params.max_new_tokens}
+        if not chat:
+            settings["prompt_sha256"] = hashlib.sha256(exemplars.encode("utf-8")).hexdigest()
+        output_dir = Path(args.output_dir)
+        store = ResultStore(output_dir, _manifest("gsm8k", "chat" if chat else "base", args, model, **settings),
+                            args.overwrite)
+        done = store.load("gsm8k")
+        todo = [index for index in range(len(problems)) if str(index) not in done]
+        with running_engine(model, tokenizer, args.batch_size) as engine, \
+                _progress(len(todo), "GSM8K chat" if chat else "GSM8K few-shot", "problem") as bar:
+            room = _generation_room(engine, params.max_new_tokens)
+            prompt_ids = []
+            for index in todo:
+                question = problems[index].question
+                ids = (_chat_prompt_ids(tokenizer, model, question) if chat
+                       else _encode(tokenizer, prompts.gsm8k_base_prompt(exemplars, question)))
+                prompt_ids.append(fit_prompt(ids, room)[0])
+
+            def save(job: int, text: str, finish_reason: str) -> None:
+                index = todo[job]
+                completion = text.strip() if chat else truncate_at_stops(text, stops)
+                predicted = extract_math_answer(completion)
+                store.append("gsm8k", {
+                    "id": index, "answer": format_number(problems[index].answer),
+                    "prediction": format_number(predicted), "correct": predicted == problems[index].answer,
+                    "completion": completion,
+                })
+                bar.update(1)
+
+            generate(engine, prompt_ids, params, save)
+        saved = store.load("gsm8k")
+        summary = accuracy_summary({"gsm8k": [saved[str(i)] for i in range(len(problems)) if str(i) in saved]},
+                                   "micro")
+        mode = "chat, 0-shot, greedy" if chat else f"base, few-shot ({Path(args.prompt_file).name}), greedy"
+        results = {"benchmark": "GSM8K", "mode": mode, "checkpoint": _checkpoint_name(args.checkpoint_path),
+                   **summary}
+        _finish(output_dir, "GSM8K" + (", chat 0-shot" if chat else ", few-shot"), results)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# HumanEval
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def run_humaneval(chat: bool, argv: Sequence[str] | None = None, description: str | None = None) -> int:
+    """HumanEval pass@1 with greedy decoding: each completion runs against the task's tests in the sandbox."""
+    parser = _parser(description, "chat_humaneval" if chat else "humaneval",
+                     "folder holding HumanEval.jsonl or HumanEval.jsonl.gz (or the file itself)", generates=True)
+    parser.add_argument("--timeout", type=_positive_float, default=5.0,
+                        help="seconds each program may run (default 5)")
+    parser.add_argument("--memory-mb", type=_positive_int, default=1024,
+                        help="address space each program may use, MiB (default 1024)")
+    parser.add_argument("--workers", type=_positive_int, default=os.cpu_count() or 1,
+                        help="programs run at once (default: one per CPU)")
+    if not chat:
+        parser.add_argument("--stop", choices=sorted(COMPLETION_STOPS), default="qwen",
+                            help="where a completion ends: 'qwen' (the published runs: at the first blank line or "
+                                 "'def ') or 'codex' (the HumanEval paper's stop sequences)")
+    args = parser.parse_args(argv)
+    with _user_errors():
+        tasks = read_humaneval(args.data_dir, args.limit)
+        model, tokenizer = _load(args)
+        if chat:
+            _require_chat_model(model, "evaluate_humaneval.py")
+            stop_ids, stops = chat_stop_token_ids(tokenizer), ()
+        else:
+            _note_if_chat_model(model)
+            stop_ids, stops = frozenset({tokenizer.eod_id}), COMPLETION_STOPS[args.stop]
+        params = greedy_params(model.generation_config, args.max_new_tokens, stop_ids, stops)
+        settings: dict[str, Any] = {"max_new_tokens": params.max_new_tokens}
+        if not chat:
+            settings["stop"] = args.stop
+        output_dir = Path(args.output_dir)
+        store = ResultStore(output_dir, _manifest("humaneval", "chat" if chat else "base", args, model, **settings),
+                            args.overwrite)
+        done = store.load("humaneval")
+        todo = [task for task in tasks if task.task_id not in done]
+        with running_engine(model, tokenizer, args.batch_size) as engine, \
+                _progress(len(todo), "HumanEval chat" if chat else "HumanEval", "task") as bar:
+            room = _generation_room(engine, params.max_new_tokens)
+            prompt_ids = [
+                fit_prompt(_chat_prompt_ids(tokenizer, model, prompts.HUMANEVAL_CHAT_INSTRUCTION + task.prompt)
+                           if chat else _encode(tokenizer, task.prompt), room)[0]
+                for task in todo
+            ]
+
+            def save(job: int, text: str, finish_reason: str) -> None:
+                task = todo[job]
+                record: dict[str, Any] = {"id": task.task_id}
+                if chat:
+                    record["response"] = text.strip()
+                    record["completion"] = chat_code_completion(record["response"], task.entry_point)
+                else:
+                    record["completion"] = truncate_at_stops(text, stops)
+                store.append("humaneval", record)
+                bar.update(1)
+
+            generate(engine, prompt_ids, params, save)
+        saved = store.load("humaneval")
+        # The completions in the official harness's input format, for a cross-check with `human-eval`.
+        samples = output_dir / "samples.jsonl"
+        samples.write_text("".join(
+            json.dumps({"task_id": task.task_id, "completion": saved[task.task_id]["completion"]},
+                                     ensure_ascii=False) + "\n" for task in tasks), encoding="utf-8")
+        sandbox = Sandbox(timeout=args.timeout, memory_mb=args.memory_mb)
+        programs = [humaneval_program(task.prompt, saved[task.task_id]["completion"], task.test, task.entry_point)
+                    for task in tasks]
+        with _progress(len(programs), "running tests", "program") as bar:
+            outcomes = run_many(programs, sandbox, args.workers, on_done=lambda index, result: bar.update(1))
+        executions = {task.task_id: {"status": outcome.status, "detail": outcome.detail}
+                      for task, outcome in zip(tasks, outcomes, strict=True)}
+        summary = accuracy_summary({"humaneval": [{"correct": e["status"] == "passed"} for e in executions.values()]},
+                                   "micro")
+        results = {"benchmark": "HumanEval", "mode": ("chat, 0-shot, greedy" if chat
+                                                      else f"base, 0-shot, greedy, stop: {args.stop}"),
+                   "checkpoint": _checkpoint_name(args.checkpoint_path), "pass@1": summary["overall"]["accuracy"],
+                   **summary, "sandbox": describe(sandbox), "tasks": executions}
+        _finish(output_dir, "HumanEval pass@1" + (", chat" if chat else ""), results)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Tool use
+# --------------------------------------------------------------------------------------------------------------------
+
+# The files of the original release's current tool-use table ("Version 20231206"); the older set is
+# exam_plugin_v1_react_{positive,negative}.jsonl (see eval/EVALUATION.md).
+POSITIVE_FILE = "exam_plugin_v20231206_react_positive.jsonl"
+NEGATIVE_FILE = "exam_plugin_v20231206_react_negative.jsonl"
+
+
+def run_tool_use(argv: Sequence[str] | None = None, description: str | None = None) -> int:
+    """The ReAct tool-use evaluation: each prompt (tool list, ReAct instructions and question) is one user turn; the
+    greedy reply, stopped at "Observation:", is read with the server's ReAct parser."""
+    parser = _parser(description, "plugin", f"folder holding {POSITIVE_FILE} and {NEGATIVE_FILE}", generates=True)
+    parser.add_argument("--positive-file", default=POSITIVE_FILE,
+                        help=f"file of samples that need a tool, in the data folder (default {POSITIVE_FILE})")
+    parser.add_argument("--negative-file", default=NEGATIVE_FILE,
+                        help=f"file of samples that need no tool, in the data folder (default {NEGATIVE_FILE})")
+    args = parser.parse_args(argv)
+    with _user_errors():
+        groups = {"positive": read_tool_use(args.data_dir, args.positive_file, args.limit),
+                  "negative": read_tool_use(args.data_dir, args.negative_file, args.limit)}
+        for number, sample in enumerate(groups["positive"], start=1):
+            if tool_call_of(sample.reference) is None:
+                raise DataLayoutError(f"{args.positive_file}: sample {number}'s response calls no tool (no "
+                                      "'Action:' and 'Action Input:' lines); every positive sample must.")
+        model, tokenizer = _load(args)
+        _require_chat_model(model, None)
+        params = greedy_params(model.generation_config, args.max_new_tokens, chat_stop_token_ids(tokenizer),
+                               REACT_STOP_WORDS)
+        output_dir = Path(args.output_dir)
+        manifest = _manifest("plugin", "chat", args, model, max_new_tokens=params.max_new_tokens)
+        store = ResultStore(output_dir, manifest, args.overwrite)
+
+        def tokenize(text: str) -> list[int]:
+            return _encode(tokenizer, text)
+
+        jobs = [(group, index) for group, samples in groups.items()
+                for index in range(len(samples)) if str(index) not in store.load(group)]
+        with running_engine(model, tokenizer, args.batch_size) as engine, \
+                _progress(len(jobs), "tool use", "sample") as bar:
+            room = _generation_room(engine, params.max_new_tokens)
+            prompt_ids = [fit_prompt(_chat_prompt_ids(tokenizer, model, groups[group][index].prompt), room)[0]
+                          for group, index in jobs]
+
+            def save(job: int, text: str, finish_reason: str) -> None:
+                group, index = jobs[job]
+                record: dict[str, Any] = {"id": index, "response": text}
+                if group == "positive":
+                    record.update(score_tool_call(text, groups[group][index].reference, tokenize))
+                else:
+                    called = tool_call_of(text)
+                    record["tool"] = called[0] if called else None
+                store.append(group, record)
+                bar.update(1)
+
+            generate(engine, prompt_ids, params, save)
+        saved = {group: store.load(group) for group in groups}
+        records = {group: [saved[group][str(i)] for i in range(len(samples)) if str(i) in saved[group]]
+                   for group, samples in groups.items()}
+        scores = summarize_tool_use(records["positive"], records["negative"])
+        results = {"benchmark": "ReAct tool use", "mode": "chat, greedy, stop at 'Observation:'",
+                   "checkpoint": _checkpoint_name(args.checkpoint_path), **scores}
+        write_json(output_dir / "results.json", results)
+        print(_tool_table(scores))
+        print(f"\nresults: {output_dir / 'results.json'}")
+    return 0
+
+
+def _tool_table(scores: Mapping[str, Any]) -> str:
+    rows = [("tool selection accuracy %", "tool_selection_accuracy", "positive_samples"),
+            ("action input ROUGE-L %", "action_input_rouge_l", "positive_samples"),
+            ("false positive rate %", "false_positive_rate", "negative_samples")]
+    lines = ["ReAct tool use", "=============="]
+    for label, key, count in rows:
+        if key in scores:
+            lines.append(f"{label:<27} {scores[key]:>7.2f}   ({scores[count]} samples)")
+    return "\n".join(lines)

@@ -1,0 +1,344 @@
+"""eval/: dataset layouts, batched letter scoring, resumable results, and every script end to end on tiny checkpoints.
+
+The fixture datasets in tests/fixtures/eval/ are a few questions per subject, written for these tests, in the layouts
+the publishers distribute. The scripts run the way a user runs them: as files, with their command-line arguments
+(in this process through runpy for speed, and as real subprocesses for a few of them; all of them with -m slow).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+EVAL = ROOT / "eval"
+DATA = Path(__file__).parent / "fixtures" / "eval"
+sys.path.insert(0, str(EVAL))
+
+from evalkit.data import (  # noqa: E402
+    CEVAL_LAYOUT,
+    CMMLU_LAYOUT,
+    MMLU_LAYOUT,
+    DataLayoutError,
+    read_choice_subjects,
+    read_gsm8k,
+    read_humaneval,
+    read_tool_use,
+)
+from evalkit.inference import next_token_logprobs  # noqa: E402
+from evalkit.prompts import mmlu_base_prompt  # noqa: E402
+from evalkit.results import ResultsMismatchError, ResultStore, accuracy_summary  # noqa: E402
+
+LETTERS = {"A", "B", "C", "D"}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Data layouts
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_multiple_choice_layouts_read_as_published():
+    mmlu = read_choice_subjects(DATA / "mmlu", MMLU_LAYOUT)  # the folder above data/, as data.tar extracts
+    assert [(s.name, len(s.dev), len(s.questions)) for s in mmlu] == [("abstract_algebra", 5, 3),
+                                                                      ("world_religions", 5, 2)]
+    multiline = mmlu[0].questions[2]  # a quoted CSV field spanning two lines
+    assert multiline.text.startswith("Let H be a subgroup") and "\nIf |G| = 12" in multiline.text
+    assert multiline.options == ("1", "5", "6", "12") and multiline.answer == "B"
+    assert read_choice_subjects(DATA / "mmlu" / "data", MMLU_LAYOUT)[1].questions[0].answer == "B"
+
+    ceval = read_choice_subjects(DATA / "ceval", CEVAL_LAYOUT)  # val is evaluated: test has no answers
+    assert [(s.name, len(s.questions)) for s in ceval] == [("computer_network", 3), ("logic", 2)]
+    assert ceval[0].questions[0].text == "DNS的主要作用是____。" and ceval[0].questions[0].answer == "B"
+
+    cmmlu = read_choice_subjects(DATA / "cmmlu", CMMLU_LAYOUT, subjects=["chinese_history"], limit=1)
+    assert [(s.name, len(s.dev), len(s.questions)) for s in cmmlu] == [("chinese_history", 5, 1)]
+    assert cmmlu[0].questions[0].options[1] == "唐太宗"
+
+
+def test_json_lines_datasets():
+    problems = read_gsm8k(DATA / "gsm8k")
+    assert [int(p.answer) for p in problems] == [10, 8, 900, 210]
+    assert read_gsm8k(DATA / "gsm8k" / "test.jsonl", limit=2)[1].answer == 8
+    tasks = read_humaneval(DATA / "humaneval")
+    assert [t.entry_point for t in tasks] == ["running_max", "is_palindrome", "digit_sum"]
+    positive = read_tool_use(DATA / "plugin", "exam_plugin_v20231206_react_positive.jsonl")
+    assert len(positive) == 2 and "Action: get_weather" in positive[0].reference
+
+
+def test_fixture_tool_prompt_is_the_prompt_the_server_builds():
+    # The plugin fixture holds prompts in the published form (instruction, tools, question in one user turn); they
+    # must be what qwen.react writes, or the trained tool model of the end-to-end test would not recognise them.
+    from conftest import WEATHER_QUESTION, WEATHER_TOOLS
+
+    from qwen.react import normalize_tools, react_instruction
+
+    expected = f"{react_instruction(normalize_tools(tools=WEATHER_TOOLS))}\n\nQuestion: {WEATHER_QUESTION}"
+    samples = read_tool_use(DATA / "plugin", "exam_plugin_v20231206_react_positive.jsonl")
+    assert {s.prompt for s in samples} == {expected}
+
+
+def test_layout_errors_name_the_expected_layout(tmp_path):
+    with pytest.raises(DataLayoutError, match=r"does not exist.*dev/<subject>_dev.csv.*data.tar"):
+        read_choice_subjects(tmp_path / "nowhere", MMLU_LAYOUT)
+    with pytest.raises(DataLayoutError, match=r"no dev and no val folder.*ceval-exam.zip"):
+        read_choice_subjects(tmp_path, CEVAL_LAYOUT)
+    (tmp_path / "dev").mkdir()
+    (tmp_path / "test").mkdir()
+    with pytest.raises(DataLayoutError, match=r"no \*\.csv files.*header row with columns Question,A,B,C,D,Answer"):
+        read_choice_subjects(tmp_path, CMMLU_LAYOUT)
+    (tmp_path / "test" / "law.csv").write_text(",Question,A,B,C,D,Answer\n0,q,a,b,c,d,A\n", encoding="utf-8")
+    with pytest.raises(DataLayoutError, match=r"dev/law.csv is missing"):
+        read_choice_subjects(tmp_path, CMMLU_LAYOUT)
+    (tmp_path / "dev" / "law.csv").write_text("Question,A,B,C,D\nq,a,b,c,d\n", encoding="utf-8")
+    with pytest.raises(DataLayoutError, match=r"law.csv has no 'Answer' column"):
+        read_choice_subjects(tmp_path, CMMLU_LAYOUT)
+    with pytest.raises(DataLayoutError, match=r"No CMMLU subject 'physics'.*the subjects there are: law"):
+        read_choice_subjects(tmp_path, CMMLU_LAYOUT, subjects=["physics"])
+    # C-Eval's test split has empty answers: pointing the reader at it says so.
+    val = tmp_path / "ceval" / "val"
+    val.mkdir(parents=True)
+    (tmp_path / "ceval" / "dev").mkdir()
+    (val / "law_val.csv").write_text("id,question,A,B,C,D,answer\n0,q,a,b,c,d,\n", encoding="utf-8")
+    (tmp_path / "ceval" / "dev" / "law_dev.csv").write_text("id,question,A,B,C,D,answer\n", encoding="utf-8")
+    with pytest.raises(DataLayoutError, match=r"law_val.csv:2: .*test split has no public answers"):
+        read_choice_subjects(tmp_path / "ceval", CEVAL_LAYOUT)
+    with pytest.raises(DataLayoutError, match=r"GSM8K test set not found: .* has no test.jsonl.*grade-school-math"):
+        read_gsm8k(tmp_path)
+    (tmp_path / "test.jsonl").write_text('{"question": "q", "answer": "no marker"}\n', encoding="utf-8")
+    with pytest.raises(DataLayoutError, match=r"problem 1 has no '#### <number>' line"):
+        read_gsm8k(tmp_path)
+    (tmp_path / "HumanEval.jsonl").write_text('{"task_id": "x", "prompt": "p"}\n', encoding="utf-8")
+    with pytest.raises(DataLayoutError, match=r"HumanEval.jsonl:1 has no text field 'canonical_solution'"):
+        read_humaneval(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Batched letter scoring
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tiny_base_dir):
+    from qwen import QWenLMHeadModel, QWenTokenizer
+
+    return QWenLMHeadModel.from_pretrained(tiny_base_dir).eval(), QWenTokenizer.from_pretrained(tiny_base_dir)
+
+
+def test_batched_letter_scores_equal_one_prompt_at_a_time(tiny_base):
+    model, tokenizer = tiny_base
+    subjects = read_choice_subjects(DATA / "mmlu", MMLU_LAYOUT)
+    # Prompts of very different lengths (0 or 5 shots), so batches are heavily left-padded, and some longer than
+    # the tiny model's seq_length (256), where dynamic NTK and logn scaling read each prompt's own length.
+    prompts = [tokenizer.encode(mmlu_base_prompt(s.name, s.dev[:shots], q), allowed_special=set())
+               for s in subjects for q in s.questions for shots in (0, 5)]
+    assert min(map(len, prompts)) < 100 and max(map(len, prompts)) > model.config.seq_length
+    candidates = [tokenizer.encode(f" {letter}")[0] for letter in "ABCD"]
+    batched = torch.tensor(next_token_logprobs(model, prompts, candidates, tokenizer.eod_id, batch_size=4))
+    alone = torch.tensor(next_token_logprobs(model, prompts, candidates, tokenizer.eod_id, batch_size=1))
+    torch.testing.assert_close(batched, alone, atol=1e-4, rtol=1e-4)
+    assert batched.argmax(-1).tolist() == alone.argmax(-1).tolist()
+    # And both are the plain model's next-token log-probabilities, computed here without any padding.
+    with torch.no_grad():
+        reference = torch.stack([model(torch.tensor([p]), logits_to_keep=1).logits[0, -1].float()
+                                 .log_softmax(-1)[candidates] for p in prompts])
+    torch.testing.assert_close(batched, reference, atol=1e-4, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Result files
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_result_store_resumes_and_refuses_other_settings(tmp_path):
+    store = ResultStore(tmp_path, {"benchmark": "mmlu", "shots": 5})
+    store.append("law", {"id": 0, "correct": True})
+    store.append("law", {"id": 1, "correct": False})
+    with store.path_of("law").open("a", encoding="utf-8") as handle:
+        handle.write('{"id": 2, "corr')  # a crash in the middle of a line
+    again = ResultStore(tmp_path, {"benchmark": "mmlu", "shots": 5})
+    assert sorted(again.load("law")) == ["0", "1"]
+    again.append("law", {"id": 2, "correct": True})  # the broken tail was cut, so this is a clean line
+    assert sorted(again.load("law")) == ["0", "1", "2"]
+    with pytest.raises(ResultsMismatchError, match=r"another run \(different shots\).*--overwrite"):
+        ResultStore(tmp_path, {"benchmark": "mmlu", "shots": 3})
+    fresh = ResultStore(tmp_path, {"benchmark": "mmlu", "shots": 3}, overwrite=True)
+    assert fresh.load("law") == {}
+
+
+def test_micro_and_macro_averages():
+    records = {"a": [{"correct": True}] * 3 + [{"correct": False}], "b": [{"correct": False}, {"correct": True}]}
+    micro = accuracy_summary(records, "micro", {"both": ["a", "b"], "only b": ["b"], "absent": ["c"]})
+    assert micro["subjects"]["a"] == {"correct": 3, "total": 4, "accuracy": 75.0}
+    assert micro["overall"]["accuracy"] == pytest.approx(100 * 4 / 6)
+    assert micro["categories"]["only b"]["accuracy"] == 50.0 and "absent" not in micro["categories"]
+    macro = accuracy_summary(records, "macro")
+    assert macro["overall"]["accuracy"] == pytest.approx((75.0 + 50.0) / 2)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The scripts, end to end
+# --------------------------------------------------------------------------------------------------------------------
+
+# script, kind of checkpoint, data folder, extra arguments, number of evaluated items
+SCRIPTS = {
+    "evaluate_mmlu.py": ("base", "mmlu", [], 5),
+    "evaluate_ceval.py": ("base", "ceval", [], 5),
+    "evaluate_cmmlu.py": ("base", "cmmlu", [], 5),
+    "evaluate_gsm8k.py": ("base", "gsm8k", ["--max-new-tokens", "8"], 4),
+    "evaluate_humaneval.py": ("base", "humaneval", ["--max-new-tokens", "8"], 3),
+    "evaluate_chat_mmlu.py": ("chat", "mmlu", ["--max-new-tokens", "8"], 5),
+    "evaluate_chat_ceval.py": ("chat", "ceval", ["--max-new-tokens", "8"], 5),
+    "evaluate_chat_gsm8k.py": ("chat", "gsm8k", ["--max-new-tokens", "8"], 4),
+    "evaluate_chat_humaneval.py": ("chat", "humaneval", ["--max-new-tokens", "8"], 3),
+    "evaluate_plugin.py": ("chat", "plugin", ["--max-new-tokens", "8"], 3),
+}
+
+
+def _arguments(script: str, checkpoints: dict[str, Path], out: Path) -> list[str]:
+    kind, data, extra, _ = SCRIPTS[script]
+    return ["-c", str(checkpoints[kind]), "-d", str(DATA / data), "-o", str(out), "--batch-size", "3", *extra]
+
+
+def run_script(script: str, arguments: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
+    """Run an eval/ script file in this process as `python eval/<script> <arguments>` would."""
+    monkeypatch.setattr(sys, "argv", [str(EVAL / script), *arguments])
+    try:
+        runpy.run_path(str(EVAL / script), run_name="__main__")
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else 1
+    return 0
+
+
+def check_results(script: str, out: Path) -> dict:
+    """The results file is complete and agrees with the per-item records next to it."""
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    items = [json.loads(line) for path in sorted((out / "items").glob("*.jsonl"))
+             for line in path.read_text(encoding="utf-8").splitlines()]
+    assert len(items) == SCRIPTS[script][3]
+    assert json.loads((out / "run.json").read_text(encoding="utf-8"))["checkpoint"]
+    if script == "evaluate_plugin.py":
+        for key in ("tool_selection_accuracy", "action_input_rouge_l", "false_positive_rate"):
+            assert 0 <= results[key] <= 100
+        assert (results["positive_samples"], results["negative_samples"]) == (2, 1)
+        return results
+    overall = results["overall"]
+    assert overall["total"] == len(items)
+    if "humaneval" in script:
+        assert set(results["tasks"]) == {item["id"] for item in items}
+        assert overall["correct"] == sum(t["status"] == "passed" for t in results["tasks"].values())
+        assert results["pass@1"] == overall["accuracy"] and results["sandbox"]["timeout_s"] > 0
+        samples = [json.loads(line) for line in (out / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
+        assert [s["task_id"] for s in samples] == ["Fixture/0", "Fixture/1", "Fixture/2"]
+        return results
+    assert overall["correct"] == sum(item["correct"] for item in items)
+    for score in results["subjects"].values():
+        assert score["accuracy"] == pytest.approx(100 * score["correct"] / score["total"])
+    if "gsm8k" not in script:
+        assert all(item["prediction"] in LETTERS and item["answer"] in LETTERS for item in items)
+    return results
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny_base_dir, tiny_chat_dir) -> dict[str, Path]:
+    return {"base": tiny_base_dir, "chat": tiny_chat_dir}
+
+
+@pytest.mark.parametrize("script", list(SCRIPTS))
+def test_script_end_to_end(script, checkpoints, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    assert run_script(script, _arguments(script, checkpoints, out), monkeypatch) == 0
+    check_results(script, out)
+    printed = capsys.readouterr()
+    assert "results: " in printed.out and "%" in printed.out  # the table
+    assert "%|" in printed.err  # the progress bar
+
+
+def test_rerun_skips_finished_subjects_and_overwrite_recomputes(checkpoints, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    arguments = _arguments("evaluate_mmlu.py", checkpoints, out)
+    assert run_script("evaluate_mmlu.py", arguments, monkeypatch) == 0
+    first = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    # Mark every saved world_religions answer correct: a rerun that reuses the file reports 2/2 for it.
+    path = out / "items" / "world_religions.jsonl"
+    path.write_text("".join(json.dumps({**json.loads(line), "correct": True}) + "\n"
+                            for line in path.read_text(encoding="utf-8").splitlines()), encoding="utf-8")
+    # Drop one abstract_algebra answer: only that one is computed again.
+    algebra = out / "items" / "abstract_algebra.jsonl"
+    lines = algebra.read_text(encoding="utf-8").splitlines()
+    algebra.write_text("\n".join(lines[:-1]) + "\n", encoding="utf-8")
+    capsys.readouterr()
+    assert run_script("evaluate_mmlu.py", arguments, monkeypatch) == 0
+    printed = capsys.readouterr()
+    assert "world_religions: all 2 answers already in" in printed.err
+    assert "abstract_algebra: all" not in printed.err and "| 1/1" in printed.err
+    second = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert second["subjects"]["world_religions"]["correct"] == 2
+    assert second["subjects"]["abstract_algebra"] == first["subjects"]["abstract_algebra"]
+    assert run_script("evaluate_mmlu.py", [*arguments, "--overwrite"], monkeypatch) == 0
+    assert json.loads((out / "results.json").read_text(encoding="utf-8"))["subjects"] == first["subjects"]
+
+
+def test_user_errors_end_with_one_line(checkpoints, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    arguments = _arguments("evaluate_mmlu.py", checkpoints, out)
+    assert run_script("evaluate_mmlu.py", arguments, monkeypatch) == 0
+    with pytest.raises(SystemExit, match=r"^error: .* holds results of another run \(different shots\)"):
+        runpy_args = [*arguments, "--shots", "2"]
+        monkeypatch.setattr(sys, "argv", ["evaluate_mmlu.py", *runpy_args])
+        runpy.run_path(str(EVAL / "evaluate_mmlu.py"), run_name="__main__")
+    with pytest.raises(SystemExit, match=r"^error: .*nowhere.* does not exist. Expected a folder with dev/"):
+        monkeypatch.setattr(sys, "argv", ["evaluate_mmlu.py", "-c", str(checkpoints["base"]), "-d",
+                                          str(tmp_path / "nowhere")])
+        runpy.run_path(str(EVAL / "evaluate_mmlu.py"), run_name="__main__")
+    with pytest.raises(SystemExit, match=r"^error: this checkpoint is a base model .* Use eval/evaluate_mmlu.py"):
+        monkeypatch.setattr(sys, "argv", ["evaluate_chat_mmlu.py", "-c", str(checkpoints["base"]), "-d",
+                                          str(DATA / "mmlu"), "-o", str(tmp_path / "chat")])
+        runpy.run_path(str(EVAL / "evaluate_chat_mmlu.py"), run_name="__main__")
+
+
+def test_tool_use_scores_of_a_model_trained_to_call_the_tool(tool_chat_dir, tmp_path, monkeypatch):
+    # tool_chat_dir was trained to answer the fixture's weather prompt with exactly
+    # 'Thought: ...\nAction: get_weather\nAction Input: {"city": "Paris"}\nObservation:'. Positive sample 1 expects
+    # that call, sample 2 the same input to another tool (get_time); the negative sample expects no call.
+    out = tmp_path / "out"
+    arguments = ["-c", str(tool_chat_dir), "-d", str(DATA / "plugin"), "-o", str(out)]
+    assert run_script("evaluate_plugin.py", arguments, monkeypatch) == 0
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert results["tool_selection_accuracy"] == 50.0  # get_weather right, get_time wrong
+    assert results["action_input_rouge_l"] == 100.0  # both references' inputs equal the reply's
+    assert results["false_positive_rate"] == 100.0  # it calls the tool where none was wanted
+    positive = [json.loads(line) for line in (out / "items" / "positive.jsonl").read_text().splitlines()]
+    assert [(p["tool"], p["reference_tool"], p["selected"]) for p in positive] == [
+        ("get_weather", "get_weather", True), ("get_weather", "get_time", False)]
+
+
+# One script in the default run (a chat model, generation, the sandbox); all of them with -m slow.
+SUBPROCESS_DEFAULT = ["evaluate_chat_humaneval.py"]
+
+
+def _run_as_user(scripts: list[str], checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    """`python eval/<script> ...` from the repository root, all at once (each mostly waits on imports)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    processes = {script: subprocess.Popen(
+        [sys.executable, str(Path("eval") / script), *_arguments(script, checkpoints, tmp_path / script)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for script in scripts}
+    for script, process in processes.items():
+        output, _ = process.communicate(timeout=600)
+        assert process.returncode == 0, output[-3000:]
+        check_results(script, tmp_path / script)
+
+
+def test_scripts_as_subprocesses(checkpoints, tmp_path):
+    _run_as_user(SUBPROCESS_DEFAULT, checkpoints, tmp_path)
+
+
+@pytest.mark.slow
+def test_every_script_as_a_subprocess(checkpoints, tmp_path):
+    _run_as_user([script for script in SCRIPTS if script not in SUBPROCESS_DEFAULT], checkpoints, tmp_path)

@@ -1,0 +1,182 @@
+"""Answer extraction and tool-use metrics of eval/ on known model outputs, with hand-computed expected values."""
+
+from __future__ import annotations
+
+import sys
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
+
+from evalkit.scoring import (  # noqa: E402
+    COMPLETION_STOPS,
+    chat_code_completion,
+    extract_choice,
+    extract_math_answer,
+    format_number,
+    normalize_action_input,
+    parse_reference_answer,
+    rouge_l,
+    score_tool_call,
+    summarize_tool_use,
+    tool_call_of,
+    truncate_at_stops,
+)
+
+OPTIONS = ("London", "Paris", "Rome", "Berlin")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Letters
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reply, letter, rule", [
+    ("The answer is B.", "B", "statement"),
+    ("Answer: (C)", "C", "statement"),
+    ("I think the correct option is A because the others are wrong.", "A", "statement"),
+    ("Let me choose D.", "D", "statement"),
+    ("答案是C", "C", "statement"),
+    ("答案：D。因为……", "D", "statement"),
+    ("选B", "B", "statement"),
+    ("选项A不正确，答案为C", "C", "statement"),
+    ("Option C is correct.", "C", "is correct"),
+    ("Option A is wrong. C is the right one.", "C", "is correct"),
+    ("A选项正确", "A", "is correct"),
+    ("B", "B", "leading letter"),
+    ("(D) Berlin", "D", "leading letter"),
+    ("D. Berlin is the capital of Germany.", "D", "leading letter"),
+    ("The capital of France is Paris.", "B", "option text"),
+    ("The answer is not A; it is C", "C", "standalone letter"),
+    ("Prais", "B", "most similar option"),
+])
+def test_chat_reply_letter(reply, letter, rule):
+    assert extract_choice(reply, OPTIONS) == (letter, rule)
+
+
+def test_quoted_option_text_prefers_the_longest_match():
+    # "New York" contains "York": the more specific option wins.
+    assert extract_choice("It is in new york, clearly.", ("York", "New York", "Boston", "Albany")) == (
+        "B", "option text")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Numbers
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("The answer is $1,234.", "1234"),
+    ("It costs 18 dollars.", "18"),
+    ("She works 3 hours a day, 7.5 hours in total", "7.5"),
+    ("so 5-3 = 2 apples", "2"),  # a subtraction, not -3
+    ("The temperature fell to -5 degrees", "-5"),
+    ("There are 1,000,000 grains", "1000000"),
+    ("The answer is 42. Then 7 more are added for fun.", "42"),  # the statement wins over the last number
+    ("He makes 20*40=$800 per week\nSo he makes 400*52=$20,800 per year more\nThe answer is 20800", "20800"),
+    ("The answer is: 0.50", "0.5"),
+    ("答案是 12 个", "12"),
+    ("#### 72", "72"),
+    ("No number here.", None),
+    ("The answer is unknown, but 3 and 4 are candidates", "3"),  # first number after the last statement
+])
+def test_math_answer(text, expected):
+    assert format_number(extract_math_answer(text)) == expected
+
+
+def test_answers_compare_as_numbers_not_strings():
+    assert extract_math_answer("The answer is 18.00.") == parse_reference_answer("Total: 18\n#### 18")
+    assert parse_reference_answer("1,000 + 200 = 1,200\n#### 1,200") == Decimal(1200)
+    assert parse_reference_answer("no marker") is None
+
+
+def test_math_text_is_never_evaluated():
+    # eval("2**10") would give 1024; the text is only read, so the first number after the statement is 2.
+    assert extract_math_answer("The answer is 2**10") == Decimal(2)
+    assert extract_math_answer("The answer is __import__('os').getcwd()") is None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Code
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_base_completion_ends_where_the_published_runs_cut_it():
+    text = "    return a + b\n\n\ndef other():\n    pass"
+    assert truncate_at_stops(text, COMPLETION_STOPS["qwen"]) == "    return a + b"
+    qwen, codex = COMPLETION_STOPS["qwen"], COMPLETION_STOPS["codex"]
+    assert truncate_at_stops("    x = 1\n    return x\ndef g(): pass", qwen) == "    x = 1\n    return x\n"
+    assert truncate_at_stops("    x = 1\n\n    return x\nprint(f())", codex) == "    x = 1\n\n    return x"
+
+
+def test_chat_code_is_taken_from_the_fenced_block_that_defines_the_function():
+    reply = ("Here is a helper first:\n```python\nprint('not this')\n```\nAnd the solution:\n"
+             "```python\nimport math\n\ndef half(x):\n    return x / 2\n\n"
+             "def area(r):\n    return half(2) * math.pi * r * r\n```"
+             "\nThis works.")
+    completion = chat_code_completion(reply, "area")
+    assert completion.startswith("\nimport math\n") and "def half(x)" in completion
+    assert "not this" not in completion and "This works" not in completion
+
+
+def test_chat_code_without_a_definition_is_indented_as_the_body():
+    assert chat_code_completion("```\nreturn x * 2\n```", "double") == "    return x * 2\n"
+    assert chat_code_completion("    return x * 2", "double") == "    return x * 2\n"
+    # Unfenced code after prose starts at its first code line.
+    assert chat_code_completion("Sure! Here it is:\ndef double(x):\n    return x * 2", "double") == (
+        "\ndef double(x):\n    return x * 2\n")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Tool use
+# --------------------------------------------------------------------------------------------------------------------
+
+CALL = 'Thought: I need the weather.\nAction: get_weather\nAction Input: {"city": "Paris", "unit": "C"}\nObservation:'
+
+
+def test_tool_calls_are_read_with_the_servers_react_rules():
+    assert tool_call_of(CALL) == ("get_weather", '{"city": "Paris", "unit": "C"}')
+    assert tool_call_of("Thought: hmm\nAction: get_weather") is None  # no Action Input: not a call
+    assert tool_call_of("Thought: I now know the final answer.\nFinal Answer: 21 °C") is None
+
+
+def test_action_inputs_are_normalized_leniently():
+    assert normalize_action_input("{'b': 1, a: 2,}") == '{"a": 2, "b": 1}'  # json5: quotes, bare keys, comma
+    assert normalize_action_input("Paris") == ""
+    assert normalize_action_input(None) == ""
+
+
+def test_rouge_l_hand_computed():
+    # LCS of "a b c d" and "a c d e" is "a c d": P = R = 3/4, F1 = 3/4.
+    assert rouge_l("a b c d".split(), "a c d e".split()) == pytest.approx(0.75)
+    # LCS 1 of 4 reference and 2 candidate tokens: P = 1/2, R = 1/4, F1 = 2 * 1/8 / (3/4) = 1/3.
+    assert rouge_l(["w", "x", "y", "z"], ["x", "q"]) == pytest.approx(1 / 3)
+    assert rouge_l(["a"], ["a"]) == 1.0
+    assert rouge_l([], ["a"]) == 0.0 and rouge_l(["a"], []) == 0.0 and rouge_l(["a"], ["b"]) == 0.0
+
+
+def test_tool_call_scores_hand_computed():
+    reply = "Thought: weather\nAction: Get_Weather \nAction Input: {'city': 'Paris'}\n"
+    score = score_tool_call(reply, CALL, str.split)
+    # Names match without case and spaces. Inputs as canonical JSON, split on spaces:
+    # reference '{"city": "Paris", "unit": "C"}' -> 4 tokens, reply '{"city": "Paris"}' -> 2 tokens, and only
+    # '{"city":' is shared ('"Paris",' is not '"Paris"}'): F1 = 1/3 as above.
+    assert score == {"tool": "Get_Weather", "reference_tool": "get_weather", "selected": True,
+                     "rouge_l": pytest.approx(1 / 3)}
+    no_call = score_tool_call("Final Answer: sunny", CALL, str.split)
+    assert no_call["selected"] is False and no_call["tool"] is None and no_call["rouge_l"] == 0.0
+    with pytest.raises(ValueError, match="calls no tool"):
+        score_tool_call(reply, "Final Answer: no tool needed", str.split)
+
+
+def test_tool_use_summary_hand_computed():
+    positive = [{"selected": True, "rouge_l": 1.0}, {"selected": False, "rouge_l": 0.5},
+                {"selected": True, "rouge_l": 0.0}]
+    negative = [{"tool": None}, {"tool": "get_weather"}, {"tool": None}, {"tool": None}]
+    summary = summarize_tool_use(positive, negative)
+    assert summary["tool_selection_accuracy"] == pytest.approx(200 / 3)
+    assert summary["action_input_rouge_l"] == pytest.approx(50.0)
+    assert summary["false_positive_rate"] == pytest.approx(25.0)
+    assert (summary["positive_samples"], summary["negative_samples"]) == (3, 4)
