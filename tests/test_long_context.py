@@ -8,6 +8,7 @@ apart; with sharper attention each switch moves the perplexity visibly.
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import runpy
@@ -198,7 +199,7 @@ def test_script_writes_the_table_and_the_plot_and_the_options_differ_only_past_s
         assert len({ppl[name][length] for name in DEFAULT_OPTIONS}) == 1
     for length in ("64", "128"):  # past it: each switch added moves the perplexity (float noise is ~1e-9 here)
         values = [ppl[name][length] for name in DEFAULT_OPTIONS]
-        assert all(abs(after - before) / before > 1e-3 for before, after in zip(values, values[1:])), values
+        assert all(abs(after - before) / before > 1e-3 for before, after in itertools.pairwise(values)), values
     window = next(option for option in results["options"] if option["name"] == "ntk+logn+window")
     assert window["window_size"] == SEQ_LENGTH and window["scored_tokens"] == {"16": 240, "32": 248, "64": 252,
                                                                                 "128": 254}

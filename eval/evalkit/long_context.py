@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import math
 import sys
 from array import array
@@ -123,7 +122,9 @@ def context_option(model: Any, option: ContextOption, window_size: int | list[in
         raise ValueError(f"--window-size has {len(window_size)} sizes but the model has {config.num_hidden_layers} "
                          "layers; give one size for all layers or one per layer.")
     saved = {name: getattr(config, name) for name in _SWITCHES}
-    config.use_dynamic_ntk, config.use_logn_attn, config.use_window_attn = option.dynamic_ntk, option.logn, option.window
+    config.use_dynamic_ntk = option.dynamic_ntk
+    config.use_logn_attn = option.logn
+    config.use_window_attn = option.window
     if window_size is not None:
         config.window_size = window_size
     try:
