@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from qwen.checkpoint import config_for_size
-from qwen.device_map import device_map_for_config, module_costs, qwen_device_map
-from qwen.loading import LoadError
-
 # utils.py is imported the way the README does it, from the repository root, however pytest was started.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from qwen.checkpoint import config_for_size  # noqa: E402
+from qwen.device_map import device_map_for_config, module_costs, qwen_device_map  # noqa: E402
+from qwen.loading import LoadError  # noqa: E402
 from utils import load_model_on_gpus  # noqa: E402
 
 RELEASED = {"1.8B": 24, "7B": 32, "14B": 40, "72B": 80}  # size -> num_hidden_layers of the released config.json
