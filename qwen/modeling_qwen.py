@@ -263,9 +263,14 @@ class QWenAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = config.kv_channels
         self.projection_size = config.kv_channels * config.num_attention_heads
-        self.window = config.layer_window(layer_idx)
         self.c_attn = nn.Linear(config.hidden_size, 3 * self.projection_size)
         self.c_proj = nn.Linear(self.projection_size, config.hidden_size, bias=not config.no_bias)
+
+    @property
+    def window(self) -> int | None:
+        # Read from the config at every call, like use_dynamic_ntk and use_logn_attn, so that switching window
+        # attention on a loaded model (as eval/evaluate_long_ppl.py does per option) takes effect.
+        return self.config.layer_window(self.layer_idx)
 
     def forward(
         self,

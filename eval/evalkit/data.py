@@ -286,3 +286,54 @@ def read_tool_use(root: str | Path, file_name: str, limit: int | None = None) ->
     samples = [ToolUseSample(record["prompt"], record["response"])
                for record in read_jsonl(path, ["prompt", "response"], "tool-use")]
     return samples[:limit] if limit is not None else samples
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Long documents: perplexity at long context lengths
+# --------------------------------------------------------------------------------------------------------------------
+
+_JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
+# What a folder given to -d contributes: plain text files and JSON-lines collections; anything else is left alone.
+_DOCUMENT_SUFFIXES = (".txt", ".md", ".tex", *_JSONL_SUFFIXES)
+
+
+@dataclass(frozen=True)
+class Document:
+    text: str
+    where: str  # the file, plus `:line` for a JSON-lines record
+
+
+def _documents_of(path: Path) -> list[Document]:
+    if path.name.endswith(_JSONL_SUFFIXES):
+        return [Document(record["text"], f"{path}:{number}")
+                for number, record in enumerate(read_jsonl(path, ["text"], "document"), start=1)]
+    try:
+        return [Document(path.read_text(encoding="utf-8"), str(path))]
+    except UnicodeDecodeError as error:
+        raise DataLayoutError(f"{path} is not UTF-8 text ({error}); -d takes text files, folders of them, or "
+                              "JSON-lines files with a \"text\" field.") from error
+    except OSError as error:
+        raise DataLayoutError(f"{path} could not be read ({type(error).__name__}: {error}).") from error
+
+
+def read_documents(paths: Sequence[str | Path]) -> list[Document]:
+    """The documents of `-d`, in the order given: a text file is one document, each line of a `.jsonl` (or
+    `.jsonl.gz`) file one document (its "text" field, as arXiv dumps such as RedPajama's and proof-pile's store
+    them), and a folder contributes its `.txt`, `.md`, `.tex` and JSON-lines files, searched recursively, by name."""
+    documents: list[Document] = []
+    for given in paths:
+        path = Path(given).expanduser()
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(_DOCUMENT_SUFFIXES))
+            if not files:
+                raise DataLayoutError(f"{path} holds no {', '.join(_DOCUMENT_SUFFIXES)} files to read documents from.")
+        elif path.is_file():
+            files = [path]
+        else:
+            raise DataLayoutError(f"{str(given)!r} does not exist; -d takes text files, folders of them, or JSON-lines "
+                                  "files with a \"text\" field.")
+        for file in files:
+            documents.extend(document for document in _documents_of(file) if document.text.strip())
+    if not documents:
+        raise DataLayoutError(f"{', '.join(map(str, paths))}: no text to evaluate (every document is empty).")
+    return documents
