@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import WEATHER_ANSWER, WEATHER_ARGUMENTS, WEATHER_QUESTION, WEATHER_RESULT, WEATHER_THOUGHT, WEATHER_TOOLS
+from support import REPO, checkout_env
 
-REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "examples"))
 
 import react_demo  # noqa: E402
@@ -173,8 +171,7 @@ def test_command_line_runs_the_loop(tiny_chat_dir, tmp_path: Path) -> None:
     # that the script loads the checkpoint, runs the loop and prints the answer.
     command = [sys.executable, str(REPO / "examples" / "react_demo.py"), "-c", str(tiny_chat_dir), "--cpu-only",
                "--query", "What is 2 + 3?", "--root", str(tmp_path), "--max-steps", "2", "--max-new-tokens", "8"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ,
-                                                                                       "HF_HUB_OFFLINE": "1"})
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=checkout_env())
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.splitlines()[-1].startswith("Final Answer: ")
 
@@ -187,3 +184,45 @@ def test_command_line_errors(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit):
         react_demo.main(["-c", "unused", "--query", "hi", "--root", str(tmp_path / "missing")])
     assert "is not a folder" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_command_line_with_a_model_trained_on_the_demos_own_tools(tmp_path_factory, tokenizer, vocab_file,
+                                                                   tmp_path: Path) -> None:
+    # A tiny checkpoint trained on the demo's real prompts (both tools described) to call the calculator, and to
+    # answer 84 after the observation "84". The script must route the call to the calculator, and the calculator must
+    # return exactly "84", or the second prompt is one the model never saw and the answer is noise.
+    from trained_checkpoint import memorizing_checkpoint_cached
+
+    from qwen.server import chat_prompt_ids
+
+    question = "What is (3 + 4) * 12?"
+    call = {"id": "call_0", "type": "function",
+            "function": {"name": "calculator", "arguments": '{"expression": "(3 + 4) * 12"}'}}
+    replies = [
+        ([{"role": "user", "content": question}],
+         'Thought: I should compute it.\nAction: calculator\nAction Input: {"expression": "(3 + 4) * 12"}'
+         "\nObservation:"),
+        ([{"role": "user", "content": question}, {"role": "assistant", "content": "I should compute it.",
+                                                   "tool_calls": [call]},
+          {"role": "tool", "tool_call_id": "call_0", "content": "84"}],
+         " I now know the final answer.\nFinal Answer: (3 + 4) * 12 = 84"),
+    ]
+    functions = [tool.spec() for tool in react_demo.default_tools(tmp_path)]
+    conversations = [
+        (chat_prompt_ids(tokenizer, messages, functions, 6144),
+         tokenizer.encode(reply, allowed_special=set(), disallowed_special=()) + [tokenizer.im_end_id])
+        for messages, reply in replies
+    ]
+    folder = memorizing_checkpoint_cached(tmp_path_factory.getbasetemp() / "memorized", conversations,
+                                         vocab_file=vocab_file, seq_length=1024)
+    command = [sys.executable, str(REPO / "examples" / "react_demo.py"), "-c", str(folder), "--cpu-only",
+               "--query", question, "--root", str(tmp_path), "--max-new-tokens", "64"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=checkout_env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines() == [
+        "Thought: I should compute it.",
+        'Action: calculator {"expression": "(3 + 4) * 12"}',
+        "Observation: 84",
+        "Final Answer: (3 + 4) * 12 = 84",
+    ]
