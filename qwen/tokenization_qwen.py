@@ -199,13 +199,18 @@ class QWenTokenizer(PreTrainedTokenizer):
         used_ranks = set(self.mergeable_ranks.values()) | set(self.special_tokens.values())
         accepted: dict[bytes, int] = {}
         for token, rank in _read_tiktoken_file(extra_vocab_file, missing_hint="").items():
+            # Skipped as the released tokenizer did, so its extra files load the same; but said loudly, since ids
+            # the user expected to exist are missing and their embeddings would be trained for nothing.
             if token in self.mergeable_ranks:
-                logger.info(
-                    "extra token %r is already in the vocabulary (id %d), skipping", token, self.mergeable_ranks[token]
+                logger.warning(
+                    "%s: extra token %r is already in the vocabulary (id %d), skipping it", extra_vocab_file, token,
+                    self.mergeable_ranks[token],
                 )
                 continue
             if rank in used_ranks:
-                logger.info("extra token %r: its rank %d is already used, skipping", token, rank)
+                logger.warning(
+                    "%s: extra token %r has rank %d, which is already an id, skipping it", extra_vocab_file, token, rank
+                )
                 continue
             self.mergeable_ranks[token] = rank
             used_ranks.add(rank)
@@ -244,6 +249,11 @@ class QWenTokenizer(PreTrainedTokenizer):
     def _update_total_vocab_size(self) -> None:
         # The base class would count get_vocab() every time tokens are registered; the size is fixed here.
         self.total_vocab_size = self.tokenizer.n_vocab
+
+    @property
+    def extra_vocab(self) -> dict[bytes, int]:
+        """Token → id of what the `extra_vocab_file` added (entries it skipped are not here); empty without one."""
+        return dict(self._extra_ranks)
 
     def get_vocab(self) -> dict[bytes | str, int]:
         """Token → id, keyed like `tokenize()` output: `bytes` for BPE tokens, `str` for special tokens."""
