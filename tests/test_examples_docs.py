@@ -36,10 +36,10 @@ def test_system_prompt_page_runs(tiny_chat_dir: Path, tmp_path: Path) -> None:
     page = REPO / "examples" / "system_prompt.md"
     folder = tmp_path / "Qwen-1_8B-Chat"  # the folder name the page uses
     shutil.copytree(tiny_chat_dir, folder)
-    # The random-weight model's replies are noise; two tokens run the same code as a long reply, and each costs
+    # The random-weight model's replies are noise; one token runs the same code as a long reply, and each costs
     # 0.4-0.8 s on two cores: transformers' SuppressTokensLogitsProcessor (padding rows) calls torch.isin every step.
     config = folder / "generation_config.json"
-    config.write_text(json.dumps({**json.loads(config.read_text()), "max_new_tokens": 2}))
+    config.write_text(json.dumps({**json.loads(config.read_text()), "max_new_tokens": 1}))
     output = run_python_blocks(page, tmp_path)
 
     blocks = fenced_blocks(page)

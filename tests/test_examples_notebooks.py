@@ -8,11 +8,10 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from conftest import WEATHER_ANSWER
 from ipykernel.kernelspec import write_kernel_spec
 from nbclient import NotebookClient
 from support import REPO, checkout_env, free_port, stop, wait_until_healthy
-
-from conftest import WEATHER_ANSWER
 
 EXAMPLES = REPO / "examples"
 NOTEBOOKS = sorted(EXAMPLES.glob("*.ipynb"))
