@@ -26,7 +26,6 @@ A new token needs an embedding row the model has learned: the released embedding
 from __future__ import annotations
 
 import argparse
-import base64
 import os
 import sys
 import unicodedata
@@ -35,7 +34,7 @@ from pathlib import Path
 
 import regex
 
-from qwen.tokenization_qwen import PAT_STR, QWenTokenizer
+from qwen.tokenization_qwen import PAT_STR, QWenTokenizer, serialize_ranks
 
 _PRETOKENIZER = regex.compile(PAT_STR)
 
@@ -107,12 +106,6 @@ def plan_extra_vocab(
     return added
 
 
-def write_extra_vocab(path: str | os.PathLike, ranks: Mapping[bytes, int]) -> None:
-    """Write `base64(token) rank` lines, the format of qwen.tiktoken, in rank order."""
-    lines = (base64.b64encode(token) + b" %d\n" % rank for token, rank in sorted(ranks.items(), key=lambda x: x[1]))
-    Path(path).write_bytes(b"".join(lines))
-
-
 def check_extended(vocab_file: str | os.PathLike, extra_file: str | os.PathLike, words: Iterable[str],
                    expected: Mapping[bytes, int]) -> QWenTokenizer:
     """Load the tokenizer with the extra file and confirm each word is one new id that decodes back to the word."""
@@ -159,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             print("Nothing to add: every word already is a token.")
             return 0
         everything = {**tokenizer.extra_vocab, **added}
-        write_extra_vocab(args.output, everything)
+        args.output.write_bytes(serialize_ranks(everything))
         extended = check_extended(args.vocab, args.output, words, everything)
     except (MergeError, FileNotFoundError, UnicodeDecodeError) as error:
         print(f"error: {error}", file=sys.stderr)

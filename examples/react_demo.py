@@ -307,10 +307,8 @@ def react_loop(
     """
     if max_steps < 1:
         raise ValueError(f"max_steps must be at least 1, got {max_steps}.")
-    names = [tool.name for tool in tools]
-    if len(set(names)) != len(names):
-        raise ValueError(f"Tool names must be unique: {names}.")
-    functions = [tool.spec() for tool in tools]
+    # The server's checks of function specs (unique names, JSON parameters), so a bad tool fails here, not mid-run.
+    functions = react.normalize_tools(functions=[tool.spec() for tool in tools])
     messages: list[dict[str, Any]] = [{"role": "user", "content": query}]
     result = AgentResult(answer=None)
     for step_number in range(max_steps):

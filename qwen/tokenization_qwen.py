@@ -17,7 +17,7 @@ import hashlib
 import logging
 import os
 import unicodedata
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any, Literal
 
 import tiktoken
@@ -92,6 +92,12 @@ def _read_tiktoken_file(path: str | os.PathLike, missing_hint: str = FETCH_HINT)
     except (ValueError, TypeError):  # binascii.Error is a ValueError
         pass
     return _parse_tiktoken_lines(path, data)
+
+
+def serialize_ranks(ranks: Mapping[bytes, int]) -> bytes:
+    """The contents of a `.tiktoken` file for `ranks`: `base64(token_bytes) rank` lines in rank order."""
+    by_rank = sorted(ranks.items(), key=lambda item: item[1])
+    return b"".join(base64.b64encode(token) + b" " + str(rank).encode("ascii") + b"\n" for token, rank in by_rank)
 
 
 def _parse_tiktoken_lines(path: str, data: bytes) -> dict[bytes, int]:
@@ -572,7 +578,7 @@ class QWenTokenizer(PreTrainedTokenizer):
         base = {token: rank for token, rank in self.mergeable_ranks.items() if token not in extra_tokens}
 
         vocab_path = os.path.join(save_directory, prefix + VOCAB_FILE_NAME)
-        data = self._serialize_ranks(base)
+        data = serialize_ranks(base)
         if hashlib.sha256(data).hexdigest() != QWEN_TIKTOKEN_SHA256:
             logger.warning(
                 "%s is not the released Qwen vocabulary; loading it back under that name fails the integrity check.",
@@ -585,11 +591,7 @@ class QWenTokenizer(PreTrainedTokenizer):
         if extra_tokens:
             extra_path = os.path.join(save_directory, prefix + EXTRA_VOCAB_FILE_NAME)
             with open(extra_path, "wb") as handle:
-                handle.write(self._serialize_ranks(extra_tokens))
+                handle.write(serialize_ranks(extra_tokens))
             saved.append(extra_path)
         return tuple(saved)
 
-    @staticmethod
-    def _serialize_ranks(ranks: dict[bytes, int]) -> bytes:
-        by_rank = sorted(ranks.items(), key=lambda item: item[1])
-        return b"".join(base64.b64encode(token) + b" " + str(rank).encode("ascii") + b"\n" for token, rank in by_rank)
