@@ -17,7 +17,7 @@ import hashlib
 import logging
 import os
 import unicodedata
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any, Literal
 
 import tiktoken
@@ -92,6 +92,12 @@ def _read_tiktoken_file(path: str | os.PathLike, missing_hint: str = FETCH_HINT)
     except (ValueError, TypeError):  # binascii.Error is a ValueError
         pass
     return _parse_tiktoken_lines(path, data)
+
+
+def serialize_ranks(ranks: Mapping[bytes, int]) -> bytes:
+    """The contents of a `.tiktoken` file for `ranks`: `base64(token_bytes) rank` lines in rank order."""
+    by_rank = sorted(ranks.items(), key=lambda item: item[1])
+    return b"".join(base64.b64encode(token) + b" " + str(rank).encode("ascii") + b"\n" for token, rank in by_rank)
 
 
 def _parse_tiktoken_lines(path: str, data: bytes) -> dict[bytes, int]:
@@ -199,13 +205,18 @@ class QWenTokenizer(PreTrainedTokenizer):
         used_ranks = set(self.mergeable_ranks.values()) | set(self.special_tokens.values())
         accepted: dict[bytes, int] = {}
         for token, rank in _read_tiktoken_file(extra_vocab_file, missing_hint="").items():
+            # Skipped as the released tokenizer did, so its extra files load the same; but said loudly, since ids
+            # the user expected to exist are missing and their embeddings would be trained for nothing.
             if token in self.mergeable_ranks:
-                logger.info(
-                    "extra token %r is already in the vocabulary (id %d), skipping", token, self.mergeable_ranks[token]
+                logger.warning(
+                    "%s: extra token %r is already in the vocabulary (id %d), skipping it", extra_vocab_file, token,
+                    self.mergeable_ranks[token],
                 )
                 continue
             if rank in used_ranks:
-                logger.info("extra token %r: its rank %d is already used, skipping", token, rank)
+                logger.warning(
+                    "%s: extra token %r has rank %d, which is already an id, skipping it", extra_vocab_file, token, rank
+                )
                 continue
             self.mergeable_ranks[token] = rank
             used_ranks.add(rank)
@@ -244,6 +255,11 @@ class QWenTokenizer(PreTrainedTokenizer):
     def _update_total_vocab_size(self) -> None:
         # The base class would count get_vocab() every time tokens are registered; the size is fixed here.
         self.total_vocab_size = self.tokenizer.n_vocab
+
+    @property
+    def extra_vocab(self) -> dict[bytes, int]:
+        """Token → id of what the `extra_vocab_file` added (entries it skipped are not here); empty without one."""
+        return dict(self._extra_ranks)
 
     def get_vocab(self) -> dict[bytes | str, int]:
         """Token → id, keyed like `tokenize()` output: `bytes` for BPE tokens, `str` for special tokens."""
@@ -562,7 +578,7 @@ class QWenTokenizer(PreTrainedTokenizer):
         base = {token: rank for token, rank in self.mergeable_ranks.items() if token not in extra_tokens}
 
         vocab_path = os.path.join(save_directory, prefix + VOCAB_FILE_NAME)
-        data = self._serialize_ranks(base)
+        data = serialize_ranks(base)
         if hashlib.sha256(data).hexdigest() != QWEN_TIKTOKEN_SHA256:
             logger.warning(
                 "%s is not the released Qwen vocabulary; loading it back under that name fails the integrity check.",
@@ -575,11 +591,7 @@ class QWenTokenizer(PreTrainedTokenizer):
         if extra_tokens:
             extra_path = os.path.join(save_directory, prefix + EXTRA_VOCAB_FILE_NAME)
             with open(extra_path, "wb") as handle:
-                handle.write(self._serialize_ranks(extra_tokens))
+                handle.write(serialize_ranks(extra_tokens))
             saved.append(extra_path)
         return tuple(saved)
 
-    @staticmethod
-    def _serialize_ranks(ranks: dict[bytes, int]) -> bytes:
-        by_rank = sorted(ranks.items(), key=lambda item: item[1])
-        return b"".join(base64.b64encode(token) + b" " + str(rank).encode("ascii") + b"\n" for token, rank in by_rank)

@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import torch
 
 STOP_IDS = frozenset({151643, 151644, 151645})  # <|endoftext|>, <|im_start|>, <|im_end|>
+REPO = Path(__file__).resolve().parents[1]
+
+
+def checkout_env(**extra: str) -> dict[str, str]:
+    """The environment for a child process that must import this checkout's `qwen`, offline.
+
+    A script outside the repository root (examples/, a notebook kernel) does not have the root on its import path, so
+    it would import whatever copy of the package is installed.
+    """
+    paths = [str(REPO)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(paths), **extra}
 
 
 def greedy_reference(model, tokenizer, prompt_ids: list[int], max_new_tokens: int, repetition_penalty: float = 1.0

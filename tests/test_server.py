@@ -182,6 +182,9 @@ def test_control_tokens_in_user_text_stay_text(client, tokenizer):
     _, ids = make_context(tokenizer, attack, system="You are a helpful assistant.")
     assert reply.usage.prompt_tokens == len(ids)
     assert ids.count(tokenizer.im_start_id) == 3
+    # A raw completion prompt is text too: a client cannot smuggle control tokens through /v1/completions.
+    raw = client.completions.create(model=MODEL, prompt=attack, max_tokens=1, **GREEDY)
+    assert raw.usage.prompt_tokens == len(tokenizer.encode(attack, allowed_special=set())) == 24
 
 
 def test_eight_concurrent_streams_all_complete_correctly(client):

@@ -489,6 +489,16 @@ def test_extra_vocab_file(tmp_path: Path, vocab_file: Path, tok: QWenTokenizer) 
     assert reloaded.encode("tokenizerish") == [151851] and len(reloaded) == 151852
 
 
+def test_skipped_extra_vocab_entries_are_warned_about(tmp_path: Path, vocab_file: Path, caplog) -> None:
+    extra = tmp_path / "extra.tiktoken"
+    extra.write_bytes(b"aGVsbG8= 151852\nenF4anY= 151700\n")  # b"hello" exists; 151700 is <|extra_54|>
+    with caplog.at_level("WARNING", logger="qwen.tokenization_qwen"):
+        QWenTokenizer(vocab_file, extra_vocab_file=extra)
+    assert [record.levelname for record in caplog.records] == ["WARNING", "WARNING"]
+    assert "extra token b'hello' is already in the vocabulary (id 14990)" in caplog.records[0].getMessage()
+    assert "extra token b'zqxjv' has rank 151700, which is already an id" in caplog.records[1].getMessage()
+
+
 def test_adding_new_tokens_is_refused(vocab_file: Path) -> None:
     tokenizer = QWenTokenizer(vocab_file)
     with pytest.raises(ValueError, match="Cannot add the token '<new>'"):
