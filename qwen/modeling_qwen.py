@@ -27,7 +27,7 @@ from torch import nn
 from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.generation.logits_process import LogitsProcessorList, SuppressTokensLogitsProcessor
+from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -691,9 +691,8 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         # The embedding is padded past the tokenizer's last id (151936 rows for 151851 ids). A trained model never
         # picks those rows, but a reply must always be decodable, so they are ruled out rather than left to chance.
         processors = LogitsProcessorList(logits_processor or [])
-        padding_ids = list(range(len(tokenizer), self.config.vocab_size))
-        if padding_ids:
-            processors.append(SuppressTokensLogitsProcessor(padding_ids, device=self.device))
+        if len(tokenizer) < self.config.vocab_size:
+            processors.append(_SuppressIdsFrom(len(tokenizer)))
         return generation_config, input_ids, stop_words_ids, processors
 
     def chat(
@@ -786,6 +785,19 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
             worker.join()
         if failure:
             raise failure[0]
+
+
+class _SuppressIdsFrom(LogitsProcessor):
+    """Rules out every id from `first_id` on. transformers' SuppressTokensLogitsProcessor does the same for any set
+    of ids with `torch.isin` over the whole vocabulary, which costs about 0.1 s per token on a CPU; a slice is free."""
+
+    def __init__(self, first_id: int):
+        self.first_id = first_id
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = scores.clone()
+        scores[:, self.first_id:] = -float("inf")
+        return scores
 
 
 class TokenQueueStreamer(BaseStreamer):
