@@ -84,6 +84,30 @@ def test_folder_layout_and_configs(converted_chat, tiny_chat_dir):
     assert merges[0].startswith("#version") and merges[1] == "Ġ Ġ"  # rank 220 + 220 -> 256, the first merge
 
 
+@pytest.mark.parametrize("name, shapes", [
+    # (hidden, layers, heads, intermediate, seq_length, rotary base, vocab) from the released config.json files
+    ("Qwen-72B", (8192, 80, 64, 24576, 8192, 1_000_000.0, 152064)),
+    ("Qwen-7B-Chat-2023-08", (4096, 32, 32, 11008, 2048, 10000.0, 151936)),  # the Aug-2023 field names
+])
+def test_released_configs_map_to_qwen2(name, shapes):
+    from transformers import Qwen2Config
+
+    from qwen.configuration_qwen import QWenConfig
+    from qwen.convert import qwen2_config_json
+
+    raw = json.loads((FIXTURES / "released" / name / "config.json").read_text())
+    config = QWenConfig(**{k: v for k, v in raw.items() if k not in ("architectures", "auto_map")})
+    data = qwen2_config_json(config, torch.bfloat16, chat=True)
+    hidden, layers, heads, intermediate, seq_length, theta, vocab = shapes
+    assert (data["hidden_size"], data["num_hidden_layers"], data["num_attention_heads"], data["num_key_value_heads"],
+            data["intermediate_size"], data["max_position_embeddings"], data["vocab_size"]) == (
+        hidden, layers, heads, heads, intermediate, seq_length, vocab)
+    # Both spellings of the rotary base: transformers 4.x readers fall back to 10000 without rope_theta.
+    assert data["rope_theta"] == data["rope_parameters"]["rope_theta"] == theta
+    reloaded = Qwen2Config(**{k: v for k, v in data.items() if k != "transformers_version"})
+    assert reloaded.rope_parameters["rope_theta"] == theta and reloaded.dtype == torch.bfloat16
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Tokenizer
 
@@ -161,6 +185,24 @@ def test_every_vocabulary_token_encodes_to_itself_as_ours_does(hf_tokenizer, tok
     theirs = [encoding.ids for encoding in hf_tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
     mismatches = [text for text, a, b in zip(texts, ours, theirs) if a != b]
     assert not mismatches, mismatches[:10]
+
+
+@pytest.mark.slow
+def test_ids_equal_ours_on_real_source_files(hf_tokenizer, tokenizer):
+    # Python's standard library (code, docstrings, unicode tables) and this repository's text: ~20 MB of real files.
+    import sysconfig
+
+    paths = sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py"))[:2000]
+    paths += [p for p in Path(__file__).resolve().parent.parent.rglob("*") if p.suffix in (".md", ".py", ".json")]
+    texts = []
+    for path in paths:
+        try:
+            texts.append(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, OSError):
+            continue
+    ours = [tokenizer.encode(text) for text in texts]
+    theirs = [e.ids for e in hf_tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
+    assert [text[:80] for text, a, b in zip(texts, ours, theirs) if a != b] == []
 
 
 def test_chat_template_ids_equal_our_chatml(hf_tokenizer, tokenizer, tokenizer_facts):

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from qwen.checkpoint import install_code, write_random_checkpoint
-from qwen.convert import convert_checkpoint
+from qwen.checkpoint import BASE_GENERATION_CONFIG, install_code, write_random_checkpoint
+from qwen.convert import convert_checkpoint, qwen2_generation_config
 from qwen.qwen_generation_utils import make_context
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,13 +48,12 @@ needs_vllm = pytest.mark.skipif(_why_no_vllm() is not None, reason=_why_no_vllm(
 
 
 @pytest.fixture(scope="module")
-def converted_pair(tmp_path_factory, tiny_chat_dir, tiny_base_dir) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("vllm-wrapper")
-    return convert_checkpoint(tiny_chat_dir, root / "chat"), convert_checkpoint(tiny_base_dir, root / "base")
+def converted_chat_dir(tmp_path_factory, tiny_chat_dir) -> Path:
+    return convert_checkpoint(tiny_chat_dir, tmp_path_factory.mktemp("vllm-wrapper") / "chat")
 
 
-def test_prompts_are_our_chatml_ids(converted_pair, tokenizer_facts):
-    chat_dir, _ = converted_pair
+def test_prompts_are_our_chatml_ids(converted_chat_dir, tokenizer_facts):
+    chat_dir = converted_chat_dir
     layout, generation = wrapper.read_checkpoint(chat_dir)
     assert layout == "qwen2" and generation["chat_format"] == "chatml"
     tokenizer = wrapper.prompt_tokenizer(chat_dir)
@@ -69,13 +68,14 @@ def test_prompts_are_our_chatml_ids(converted_pair, tokenizer_facts):
     assert len(ids) < 300
 
 
-def test_sampling_settings_follow_the_generation_config(converted_pair):
-    chat_dir, base_dir = converted_pair
-    tokenizer = wrapper.prompt_tokenizer(chat_dir)
-    settings = wrapper.sampling_settings(wrapper.read_checkpoint(chat_dir)[1], tokenizer)
+def test_sampling_settings_follow_the_generation_config(converted_chat_dir):
+    tokenizer = wrapper.prompt_tokenizer(converted_chat_dir)
+    settings = wrapper.sampling_settings(wrapper.read_checkpoint(converted_chat_dir)[1], tokenizer)
     assert settings == {"temperature": 1.0, "top_p": 0.8, "top_k": -1, "repetition_penalty": 1.1, "max_tokens": 512,
                         "stop_token_ids": [151645, 151644, 151643]}
-    base = wrapper.sampling_settings(wrapper.read_checkpoint(base_dir)[1], tokenizer, temperature=0.0, max_tokens=8)
+    # A base model's converted generation config (the same mapping the converter writes, without weights).
+    base_generation = qwen2_generation_config(BASE_GENERATION_CONFIG)
+    base = wrapper.sampling_settings(base_generation, tokenizer, temperature=0.0, max_tokens=8)
     assert base["stop_token_ids"] == [151643] and base["temperature"] == 0.0 and base["max_tokens"] == 8
     assert wrapper.sampling_settings({"do_sample": False}, tokenizer)["temperature"] == 0.0
 
