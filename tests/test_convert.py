@@ -108,6 +108,21 @@ def test_released_configs_map_to_qwen2(name, shapes):
     assert reloaded.rope_parameters["rope_theta"] == theta and reloaded.dtype == torch.bfloat16
 
 
+def test_expected_tensors_are_those_of_the_released_72b_index():
+    # The names and shapes the converter demands, checked against the real Qwen-72B weight index: the same 643
+    # names, and shapes that add up to its stored bf16 size.
+    import math
+
+    from qwen.configuration_qwen import QWenConfig
+    from qwen.convert import _expected_source_shapes
+
+    raw = json.loads((FIXTURES / "released" / "Qwen-72B" / "config.json").read_text())
+    index = json.loads((FIXTURES / "released" / "Qwen-72B" / "model.safetensors.index.json").read_text())
+    expected = _expected_source_shapes(QWenConfig(**{k: v for k, v in raw.items() if k != "auto_map"}))
+    assert set(expected) == set(index["weight_map"])
+    assert 2 * sum(math.prod(shape) for shape in expected.values()) == index["metadata"]["total_size"]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Tokenizer
 
