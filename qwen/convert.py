@@ -26,7 +26,8 @@ usually worse, outputs. Engines offer their own rope scaling (vLLM: `--hf-overri
 `seq_length` is not what the released long-context numbers describe. The chat template renders the same text as
 our ChatML builder; encoding that text in one piece gives the same ids for ordinary messages, but message text that
 contains special-token strings (`<|im_end|>`) becomes special tokens under a plain HF tokenizer, which our builder
-never allows.
+never allows. llama.cpp reads the tokenizer but skips its NFC normalizer: text already in NFC (nearly all text) gets
+our ids there, text with decomposed accents does not unless normalized first.
 
 Not converted: GPTQ (Int4/Int8) checkpoints, whose packed weights need a different mapping (convert the
 full-precision checkpoint and quantize the result), Qwen-VL (a vision tower Qwen2ForCausalLM cannot hold), and

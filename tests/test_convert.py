@@ -4,8 +4,11 @@ its tokenizer gives our ids, sharded and .bin sources convert, and bad inputs en
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+import subprocess
+import sys
 import unicodedata
 from pathlib import Path
 
@@ -397,3 +400,39 @@ def test_destination_and_options_are_checked_first(tmp_path, capsys, tiny_chat_d
                                             "lots")
     assert not (tmp_path / "new").exists()
 
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# llama.cpp, where a checkout is at hand
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("LLAMA_CPP_DIR"), reason="set LLAMA_CPP_DIR to a llama.cpp checkout (with its "
+                    "Python requirements, sentencepiece included) to run its converter on our output")
+def test_llama_cpp_converter_reads_the_output(converted_chat, tmp_path, tokenizer):
+    gguf_file = tmp_path / "tiny.gguf"
+    llama_cpp_dir = Path(os.environ["LLAMA_CPP_DIR"])
+    result = subprocess.run([sys.executable, str(llama_cpp_dir / "convert_hf_to_gguf.py"), str(converted_chat),
+                             "--outfile", str(gguf_file), "--outtype", "f32"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    sys.path.insert(0, str(llama_cpp_dir / "gguf-py"))
+    from gguf import GGUFReader
+
+    fields = GGUFReader(gguf_file).fields
+
+    def value(key: str):
+        field = fields[key]
+        data = field.parts[field.data[0]]
+        return bytes(data).decode() if field.types[0].name == "STRING" else data.tolist()[0]
+
+    # "qwen2" means llama.cpp recognised our pre-tokenizer by hashing the ids of its test text.
+    assert (value("general.architecture"), value("tokenizer.ggml.pre")) == ("qwen2", "qwen2")
+    assert value("tokenizer.ggml.eos_token_id") == 151645 and value("tokenizer.ggml.add_bos_token") is False
+
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed; GGUF written and read")
+    model = llama_cpp.Llama(str(gguf_file), vocab_only=True, verbose=False)
+    # llama.cpp skips the NFC normalizer: compare on normalized text, which is what it gets right.
+    for text in MIXED_CORPUS + _random_texts(300, seed=1):
+        text = unicodedata.normalize("NFC", text)
+        assert model.tokenize(text.encode(), add_bos=False, special=True) == tokenizer.encode(text), repr(text)
