@@ -505,7 +505,8 @@ def _parse_size(size: int | str) -> int:
     from transformers.utils.hub import convert_file_size_to_int
 
     try:
-        value = convert_file_size_to_int(size)
+        # transformers reads "5GB" or an int; a plain number on the command line arrives as a string of digits.
+        value = int(size) if isinstance(size, str) and size.strip().isdigit() else convert_file_size_to_int(size)
     except (ValueError, TypeError):
         raise ConvertError(f"max shard size {size!r} is not a size; write it like 5GB, 500MB or 1000000.") from None
     if value <= 0:
@@ -630,7 +631,8 @@ def convert_checkpoint(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m qwen.convert", description=__doc__.splitlines()[0],
-        epilog="Outputs agree with the original up to seq_length tokens; see the module docstring for past it.",
+        epilog="The converted model's outputs equal the original's up to seq_length tokens. Past that, the original's "
+               "dynamic NTK and logn scaling have no Qwen2 counterpart, so outputs differ there.",
     )
     parser.add_argument("src", type=Path, help="a Qwen (v1) checkpoint folder (e.g. a download of Qwen/Qwen-7B-Chat)")
     parser.add_argument("dst", type=Path, help="a new or empty folder for the Qwen2ForCausalLM checkpoint")

@@ -398,6 +398,8 @@ def test_destination_and_options_are_checked_first(tmp_path, capsys, tiny_chat_d
     assert (occupied / "keep.txt").read_text() == "mine"
     assert "is not a size" in convert_error(capsys, str(tiny_chat_dir), str(tmp_path / "new"), "--max-shard-size",
                                             "lots")
+    assert "must be positive" in convert_error(capsys, str(tiny_chat_dir), str(tmp_path / "new"), "--max-shard-size",
+                                               "0")
     assert not (tmp_path / "new").exists()
 
 
