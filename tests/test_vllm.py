@@ -1,0 +1,178 @@
+"""examples/vllm_wrapper.py: prompts and stop settings on any machine; on vLLM itself where vLLM and a CUDA GPU are.
+
+The vLLM tests check that the engine runs our converted checkpoint (and an original one through vLLM's own
+QWenLMHeadModel) to the same greedy tokens as our model, with prompts built by make_context and replies cut at
+<|im_end|>.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwen.checkpoint import BASE_GENERATION_CONFIG, install_code, write_random_checkpoint
+from qwen.convert import convert_checkpoint, qwen2_generation_config
+from qwen.qwen_generation_utils import make_context
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _load_wrapper():
+    spec = importlib.util.spec_from_file_location("vllm_wrapper", REPO / "examples" / "vllm_wrapper.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+wrapper = _load_wrapper()
+
+
+def _why_no_vllm() -> str | None:
+    if importlib.util.find_spec("vllm") is None:
+        return "vLLM is not installed (it needs a CUDA machine: pip install vllm there to run these tests)"
+    if not torch.cuda.is_available():
+        return "vLLM is installed but no CUDA GPU is visible"
+    return None
+
+
+needs_vllm = pytest.mark.skipif(_why_no_vllm() is not None, reason=_why_no_vllm() or "")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Without vLLM: what the wrapper hands the engine
+
+
+@pytest.fixture(scope="module")
+def converted_chat_dir(tmp_path_factory, tiny_chat_dir) -> Path:
+    return convert_checkpoint(tiny_chat_dir, tmp_path_factory.mktemp("vllm-wrapper") / "chat")
+
+
+def test_prompts_are_our_chatml_ids(converted_chat_dir, tokenizer_facts):
+    chat_dir = converted_chat_dir
+    layout, generation = wrapper.read_checkpoint(chat_dir)
+    assert layout == "qwen2" and generation["chat_format"] == "chatml"
+    tokenizer = wrapper.prompt_tokenizer(chat_dir)
+    for case in tokenizer_facts["chatml_prompts"]:
+        history = [tuple(pair) for pair in case["history"] or []]
+        ids = wrapper.chat_prompt_ids(tokenizer, generation, case["query"], history, case["system"])
+        assert ids == case["prompt_ids"]
+    # History beyond max_window_size is dropped oldest first, as chat() does.
+    long_history = [("q" * 50, "a" * 50)] * 200
+    ids = wrapper.chat_prompt_ids(tokenizer, {**generation, "max_window_size": 300}, "hi", long_history)
+    assert ids == make_context(tokenizer, "hi", long_history, "You are a helpful assistant.", max_window_size=300)[1]
+    assert len(ids) < 300
+
+
+def test_sampling_settings_follow_the_generation_config(converted_chat_dir):
+    tokenizer = wrapper.prompt_tokenizer(converted_chat_dir)
+    settings = wrapper.sampling_settings(wrapper.read_checkpoint(converted_chat_dir)[1], tokenizer)
+    assert settings == {"temperature": 1.0, "top_p": 0.8, "top_k": -1, "repetition_penalty": 1.1, "max_tokens": 512,
+                        "stop_token_ids": [151645, 151644, 151643]}
+    # A base model's converted generation config (the same mapping the converter writes, without weights).
+    base_generation = qwen2_generation_config(BASE_GENERATION_CONFIG)
+    base = wrapper.sampling_settings(base_generation, tokenizer, temperature=0.0, max_tokens=8)
+    assert base["stop_token_ids"] == [151643] and base["temperature"] == 0.0 and base["max_tokens"] == 8
+    assert wrapper.sampling_settings({"do_sample": False}, tokenizer)["temperature"] == 0.0
+
+
+def test_cli_refuses_a_folder_that_is_not_qwen(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(SystemExit, match=r"^error: .* holds a 'llama' model"):
+        wrapper.main(["-c", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"^error: .* has no config.json"):
+        wrapper.main(["-c", str(tmp_path / "nowhere")])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# With vLLM and CUDA
+
+
+@pytest.fixture(scope="module")
+def gpu_checkpoints(tmp_path_factory, vocab_file) -> tuple[Path, Path]:
+    """An original and a converted chat checkpoint with 64-wide heads, a size every vLLM attention backend takes."""
+    root = tmp_path_factory.mktemp("vllm")
+    original = write_random_checkpoint(root / "original", size="tiny", seed=5, hidden_size=256, num_attention_heads=4,
+                                       kv_channels=64, intermediate_size=1024)
+    install_code(original)  # vLLM reads an original folder's config through its remote code
+    return original, convert_checkpoint(original, root / "converted")
+
+
+def _engine(folder: Path):
+    return wrapper.QwenVLLM(folder, dtype="float32", gpu_memory_utilization=0.25, enforce_eager=True,
+                            max_model_len=256)
+
+
+def _close(engine) -> None:
+    del engine.llm
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+@torch.no_grad()
+def _assert_greedy_like_ours(folder: Path, prompt: list[int], generated: list[int]) -> None:
+    """Each token vLLM chose greedily is our model's top token at that step, up to float rounding (ties allowed)."""
+    from qwen import QWenLMHeadModel
+
+    assert generated, "vLLM generated nothing"
+    model = QWenLMHeadModel.from_pretrained(folder, dtype=torch.float32).cuda().eval()
+    logits = model(torch.tensor([prompt + generated], device="cuda")).logits[0, len(prompt) - 1:-1]
+    chosen = logits.gather(1, torch.tensor(generated, device="cuda")[:, None])[:, 0]
+    assert torch.all(logits.max(dim=1).values - chosen < 1e-3), (generated, logits.argmax(dim=1).tolist())
+
+
+@needs_vllm
+def test_converted_checkpoint_on_vllm_chats_like_ours(gpu_checkpoints):
+    original, converted = gpu_checkpoints
+    engine = _engine(converted)
+    try:
+        history = [("你好", "你好！很高兴为你提供帮助。")]
+        prompt = wrapper.chat_prompt_ids(engine.tokenizer, engine.generation, "Tell me a story.", history)
+        # A random model rarely says <|im_end|> early; ignore_eos is not set, so the stop ids are live throughout.
+        generated = engine.generate_ids([prompt], temperature=0.0, max_tokens=12, repetition_penalty=1.0)[0]
+        _assert_greedy_like_ours(original, prompt, generated)
+
+        reply, new_history = engine.chat("Tell me a story.", history=history, temperature=0.0, max_tokens=12,
+                                         repetition_penalty=1.0)
+        assert new_history == history + [("Tell me a story.", reply)]
+        assert reply == wrapper.decode_tokens(prompt + generated, engine.tokenizer, len(prompt))
+    finally:
+        _close(engine)
+
+
+@needs_vllm
+def test_reply_stops_at_im_end(gpu_checkpoints):
+    _, converted = gpu_checkpoints
+    engine = _engine(converted)
+    try:
+        prompt = wrapper.chat_prompt_ids(engine.tokenizer, engine.generation, "hi")
+        # Push the model to say "Hello" then <|im_end|>: the reply must stop there, the stop token not in the text.
+        hello = engine.tokenizer.encode("Hello")[0]
+        generated = engine.generate_ids([prompt], temperature=0.0, max_tokens=8, logit_bias={hello: 50.0})[0]
+        assert generated[0] == hello
+        generated = engine.generate_ids([prompt + [hello]], temperature=0.0, max_tokens=8,
+                                        logit_bias={151645: 50.0})[0]
+        assert generated == [151645]
+        assert wrapper.decode_tokens(prompt + [hello] + generated, engine.tokenizer, len(prompt)) == "Hello"
+    finally:
+        _close(engine)
+
+
+@needs_vllm
+def test_original_checkpoint_on_vllm_with_remote_code(gpu_checkpoints):
+    original, _ = gpu_checkpoints
+    engine = _engine(original)
+    try:
+        prompt = wrapper.chat_prompt_ids(engine.tokenizer, engine.generation, "Tell me a story.")
+        generated = engine.generate_ids([prompt], temperature=0.0, max_tokens=12, repetition_penalty=1.0)[0]
+        _assert_greedy_like_ours(original, prompt, generated)
+    finally:
+        _close(engine)
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-v"]))
