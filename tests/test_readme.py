@@ -117,6 +117,8 @@ def run_block(language: str, body: str, cwd: Path, env: dict[str, str], port: in
         (cwd / "data.json").write_text(body)  # the fine-tuning section's sample, saved as it tells the reader to
     elif language == "python" and "load_model_on_gpus" in body and torch.cuda.device_count() < 2:
         return  # needs two GPUs; tests/test_device_map.py covers it and says when it is skipped
+    elif language == "python" and "vllm" in body.lower():
+        return  # needs vLLM on CUDA; tests/test_vllm.py covers it there and says why it skipped elsewhere
     elif language == "python":
         body = body.replace("127.0.0.1:8000", f"127.0.0.1:{port}")
         if not re.search(r"^(import|from) (qwen|openai)\b", body, re.MULTILINE):
