@@ -389,6 +389,9 @@ class QWenPreTrainedModel(PreTrainedModel):
     base_model_prefix = "transformer"
     supports_gradient_checkpointing = True
     _no_split_modules = ["QWenBlock"]
+    # AutoGPTQ, which wrote the released -Int4 checkpoints, stored a bias for every quantized linear layer, zeros for
+    # the ones Qwen has without (no_bias); they carry nothing, and qwen/gptq.py checks that they are zero.
+    _keys_to_ignore_on_load_unexpected = [r"\.(attn\.c_proj|mlp\.w1|mlp\.w2|mlp\.c_proj)\.bias$"]
     _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
     _supports_flash_attn = True
@@ -547,23 +550,26 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         Without a flag or `dtype`, the precision is chosen like the released model: bf16 on a CUDA GPU that supports
         it, else fp16 on CUDA, else fp32; a model placed on the CPU (`device_map="cpu"` or no GPU) runs in fp32.
         """
+        config = kwargs.get("config")
+        # Not isinstance(QWenConfig): under trust_remote_code the config class comes from another module copy.
+        if not isinstance(config, PretrainedConfig):
+            config = QWenConfig.from_pretrained(
+                pretrained_model_name_or_path,
+                **{k: kwargs[k] for k in ("revision", "cache_dir", "local_files_only", "token") if k in kwargs},
+            )
+        if _is_gptq(getattr(config, "quantization_config", None)) or _is_gptq(kwargs.get("quantization_config")):
+            require_gptq_packages()
         if kwargs.get("dtype") is None and kwargs.get("torch_dtype") is None:
             flags = {name: kwargs.get(name) for name in ("bf16", "fp16", "fp32")}
             if not any(flags.values()):
-                config = kwargs.get("config")
-                # Not isinstance(QWenConfig): under trust_remote_code the config class comes from another module copy.
-                if not isinstance(config, PretrainedConfig):
-                    config = QWenConfig.from_pretrained(
-                        pretrained_model_name_or_path,
-                        **{k: kwargs[k] for k in ("revision", "cache_dir", "local_files_only", "token") if k in kwargs},
-                    )
                 flags = {name: getattr(config, name, False) for name in ("bf16", "fp16", "fp32")}
             kwargs["dtype"] = resolve_dtype(**flags, device_map=kwargs.get("device_map"))
-        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model = loaded[0] if kwargs.get("output_loading_info") else loaded  # (model, loading_info) when asked
         model.config.bf16 = model.dtype == torch.bfloat16
         model.config.fp16 = model.dtype == torch.float16
         model.config.fp32 = model.dtype == torch.float32
-        return model
+        return loaded
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
@@ -810,6 +816,31 @@ class _EventStoppingCriteria(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
+def _is_gptq(quantization_config: Any) -> bool:
+    if isinstance(quantization_config, dict):
+        method = quantization_config.get("quant_method")
+    else:
+        method = getattr(quantization_config, "quant_method", None)
+    return str(getattr(method, "value", method)).lower() == "gptq"
+
+
+def require_gptq_packages() -> None:
+    """Raise ImportError naming what to install when transformers' GPTQ support (optimum + gptqmodel) is missing.
+
+    transformers asks for one package at a time, and with optimum alone fails with a NameError (or, on a machine
+    without a GPU, says a GPU is required), none of which tells the user what to install.
+    """
+    missing = [name for name in ("optimum", "gptqmodel") if importlib.util.find_spec(name) is None]
+    if missing:
+        torch_version = torch.__version__.split("+")[0]
+        raise ImportError(
+            f"This checkpoint is GPTQ-quantized (Int4/Int8); loading it needs optimum and gptqmodel, and "
+            f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed. Install them with "
+            f"`pip install torch=={torch_version} optimum gptqmodel` (naming your torch version keeps pip from "
+            "replacing it)."
+        )
+
+
 def resolve_dtype(
     bf16: bool | None = None, fp16: bool | None = None, fp32: bool | None = None, device_map: Any = None
 ) -> torch.dtype:
@@ -830,4 +861,4 @@ def resolve_dtype(
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-__all__ = ["QWenLMHeadModel", "QWenModel", "QWenPreTrainedModel", "RMSNorm", "resolve_dtype"]
+__all__ = ["QWenLMHeadModel", "QWenModel", "QWenPreTrainedModel", "RMSNorm", "require_gptq_packages", "resolve_dtype"]
