@@ -164,14 +164,13 @@ class _Tensors:
             return handle.get_tensor(name)
 
 
-def _linear_features(config: Any) -> dict[str, tuple[int, int]]:
-    projection = config.kv_channels * config.num_attention_heads
-    ff_dim = config.intermediate_size // 2
-    hidden = config.hidden_size
-    return {
-        "attn.c_attn": (hidden, 3 * projection), "attn.c_proj": (projection, hidden),
-        "mlp.w1": (hidden, ff_dim), "mlp.w2": (hidden, ff_dim), "mlp.c_proj": (ff_dim, hidden),
-    }
+def _quantized_linears(config: Any) -> dict[str, torch.nn.Linear]:
+    """The linear layers of one block as the model builds them (on the meta device: shapes and biases, no memory)."""
+    from .modeling_qwen import QWenBlock
+
+    with torch.device("meta"):
+        block = QWenBlock(config, 0)
+    return {suffix: block.get_submodule(suffix) for suffix in QUANTIZED_LINEARS}
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
@@ -216,8 +215,10 @@ def check_gptq_checkpoint(folder: str | Path) -> GPTQSettings | None:
         return settings
     config = QWenConfig.from_pretrained(folder)
     where = f"{folder}: quantization_config says bits={settings.bits}, group_size={settings.group_size}, but"
+    linears = _quantized_linears(config)
     for layer in range(config.num_hidden_layers):
-        for suffix, (in_features, out_features) in _linear_features(config).items():
+        for suffix, linear in linears.items():
+            in_features, out_features = linear.in_features, linear.out_features
             prefix = f"transformer.h.{layer}.{suffix}"
             if f"{prefix}.weight" in tensors:
                 raise QuantizationError(
@@ -260,8 +261,7 @@ def check_gptq_checkpoint(folder: str | Path) -> GPTQSettings | None:
             if f"{prefix}.g_idx" in tensors and tensors.shape(f"{prefix}.g_idx") != (in_features,):
                 raise QuantizationError(f"{folder}: {prefix}.g_idx has shape {tensors.shape(f'{prefix}.g_idx')}, "
                                         f"not ({in_features},).")
-            has_bias = suffix == "attn.c_attn" or not config.no_bias
-            if not has_bias and f"{prefix}.bias" in tensors and bool(tensors.get(f"{prefix}.bias").any()):
+            if linear.bias is None and f"{prefix}.bias" in tensors and bool(tensors.get(f"{prefix}.bias").any()):
                 raise QuantizationError(
                     f"{folder}: {prefix}.bias is not zero, but Qwen's {suffix} has no bias (no_bias: true), so the "
                     "model cannot use it. These weights come from a different architecture or a broken conversion."
