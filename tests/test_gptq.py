@@ -659,6 +659,8 @@ def test_an_evaluation_before_training_leaves_the_gradients_alone(int4_dir):
     torch.testing.assert_close(first_layer_gradient(evaluate_first=True), reference, rtol=0, atol=0)
 
 
+# 60 training steps through finetune.py: about 40 s on 2 CPU cores.
+@pytest.mark.slow
 def test_qlora_on_the_int4_checkpoint_trains_and_its_adapter_reloads(tmp_path, int4_dir, scratch_env):
     import qwen  # noqa: F401
     from peft import AutoPeftModelForCausalLM
