@@ -1,8 +1,8 @@
 """KV-cache quantization (`use_cache_quantization`): int8 keys and values with a scale and minimum per token and head.
 
 Checked here: the round trip of one vector against the half-step bound that rounding guarantees; the logits through
-the int8 cache against the float model's; the bytes the cache really holds; generate(), chat() and chat_stream() on a
-quantized cache; `use_cache_kernel` accepted and run on the torch path.
+the int8 cache against the float model's; the bytes the cache really holds; generate(), chat(), chat_stream() and the
+batching engine on a quantized cache; `use_cache_kernel` accepted and run on the torch path.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ import torch
 from transformers import DynamicCache
 
 from qwen import QWenConfig, QWenLMHeadModel
+from qwen.engine import GenerationEngine, SamplingParams
 from qwen.modeling_qwen import QuantizedKVCache, dequantize_kv, quantize_kv
+from support import STOP_IDS, greedy_reference
 from trained_checkpoint import chat_turn, memorizing_checkpoint_cached
 
 GREEDY = dict(do_sample=False, repetition_penalty=1.0, top_p=None, top_k=None)
@@ -168,3 +170,33 @@ def test_generate_chat_and_chat_stream_run_on_the_int8_cache(memorized_dir, toke
     # Beam search reorders the cache between steps: every packed tensor moves with its rows.
     beams = model.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False, repetition_penalty=1.0)
     assert tokenizer.decode(beams[0, len(prompt):]).startswith(SEA[1][:20])
+
+
+def test_the_engine_batches_requests_on_an_int8_slot_cache(memorized_dir, tiny_chat_dir, tokenizer):
+    memorized = QWenLMHeadModel.from_pretrained(memorized_dir, use_cache_quantization=True).eval()
+    engine = GenerationEngine(memorized, tokenizer, max_batch_size=2)
+    try:
+        handles = [(reply, engine.submit(chat_turn(tokenizer, query, reply)[0], SamplingParams(
+            max_new_tokens=64, do_sample=False, stop_token_ids=STOP_IDS))) for query, reply in EXCHANGES * 2]
+        for reply, handle in handles:  # 4 requests on 2 slots: rows are stored, compacted and reused
+            assert "".join(event.text for event in handle) == reply
+        assert engine.cache.keys[0].dtype == torch.uint8
+        config = memorized.config
+        expected = config.num_hidden_layers * 2 * 2 * config.num_attention_heads * engine.cache.capacity
+        assert engine.cache.nbytes == expected * (config.kv_channels + 8)
+    finally:
+        engine.close()
+
+    # On random weights (greedy choices with small margins) the engine still gives generate()'s own tokens with
+    # the same int8 cache: it quantizes each token as QuantizedKVCache does.
+    noisy = QWenLMHeadModel.from_pretrained(tiny_chat_dir, use_cache_quantization=True).eval()
+    engine = GenerationEngine(noisy, tokenizer, max_batch_size=3)
+    try:
+        prompts = [chat_turn(tokenizer, query, "x")[0] for query in ("你好", "1+1=?", "Write Python code.", "晚安")]
+        handles = [engine.submit(ids, SamplingParams(max_new_tokens=10, do_sample=False, stop_token_ids=STOP_IDS))
+                   for ids in prompts]
+        for ids, handle in zip(prompts, handles):
+            tokens = [token for event in handle for token in event.token_ids]
+            assert tokens == greedy_reference(noisy, tokenizer, ids, 10)
+    finally:
+        engine.close()
