@@ -400,6 +400,27 @@ def _save_tensors(tensors: dict[str, torch.Tensor], folder: Path, max_shard_size
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
 
+def _check_group_size(config: Any, group_size: int) -> None:
+    """Refuse a group size that leaves a partial group at the end of some layer's inputs.
+
+    gptqmodel quantizes and saves such a model, but most of its kernels need every group whole: on the CPU, torch's
+    int4 matmul stops at the first forward ("expect K to be divisible by qGroupSize"). Every released size divides by
+    128; a custom intermediate_size may not (the benchmark's mid-size model: 2752 = 21.5 x 128).
+    """
+    if group_size == -1:
+        return
+    widths = {suffix: linear.in_features for suffix, linear in _quantized_linears(config).items()}
+    uneven = {suffix: width for suffix, width in widths.items() if width % group_size}
+    if uneven:
+        fitting = [size for size in (128, 64, 32, 16, 8) if all(width % size == 0 for width in widths.values())]
+        layers = ", ".join(f"{suffix} has {width}" for suffix, width in uneven.items())
+        suggestion = fitting[0] if fitting else -1
+        raise QuantizationError(
+            f"--group-size {group_size} does not divide the input channels of every layer ({layers}); the GPTQ "
+            f"kernels need whole groups (on the CPU the first forward would fail). Use --group-size {suggestion}."
+        )
+
+
 def quantize_checkpoint(
     model_path: str | Path,
     data_path: str | Path,
@@ -414,6 +435,7 @@ def quantize_checkpoint(
     Calibration data are fine-tuning conversations (qwen/sft.py's format), rendered as the ChatML prompts chat()
     builds. The model is quantized on the GPU when there is one (fast), else on the CPU (slow; fine for small models).
     """
+    from .configuration_qwen import QWenConfig
     from .loading import resolve_checkpoint
     from .lora import copy_checkpoint_metadata
     from .tokenization_qwen import QWenTokenizer
@@ -425,6 +447,7 @@ def quantize_checkpoint(
     source = resolve_checkpoint(model_path).resolve()
     if read_gptq_settings(source) is not None:
         raise QuantizationError(f"{source} is already GPTQ-quantized; quantize the 16-bit checkpoint it came from.")
+    _check_group_size(QWenConfig.from_pretrained(source), group_size)
     out_path = Path(out_path).resolve()
     if out_path.exists() and any(out_path.iterdir()):
         raise QuantizationError(f"--out_path {out_path} is not empty; give a new folder (or remove this one).")

@@ -357,10 +357,17 @@ def test_run_gptq_refuses_what_it_cannot_do(tmp_path, hand_built_dir, tiny_chat_
         quantize_checkpoint(tiny_chat_dir, data, tmp_path / "out", group_size=100)
     with pytest.raises(QuantizationError, match="already GPTQ-quantized"):
         quantize_checkpoint(hand_built_dir, data, tmp_path / "out")
+    # The tiny model's layers have 32 or 64 inputs: groups of 128 or 64 would leave partial ones, which no kernel
+    # runs (the first forward would fail).
+    with pytest.raises(QuantizationError, match=r"--group-size 128 does not divide .*attn.c_attn has 32, .*"
+                                                r"mlp.c_proj has 64.*Use --group-size 32\."):
+        quantize_checkpoint(tiny_chat_dir, data, tmp_path / "out", group_size=128)
+    with pytest.raises(QuantizationError, match=r"--group-size 64 does not divide .*Use --group-size 32\."):
+        quantize_checkpoint(tiny_chat_dir, data, tmp_path / "out", group_size=64)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "file").write_text("x")
     with pytest.raises(QuantizationError, match="is not empty"):
-        quantize_checkpoint(tiny_chat_dir, data, tmp_path / "full")
+        quantize_checkpoint(tiny_chat_dir, data, tmp_path / "full", group_size=32)
     with pytest.raises(SystemExit) as exit_code:
         run_gptq_script().main(["--model_name_or_path", str(tiny_chat_dir), "--data_path", str(data), "--out_path",
                                 str(tmp_path / "o"), "--bits", "3"])
