@@ -331,7 +331,8 @@ def test_a_missing_gptq_stack_is_one_clear_error_by_every_route(tmp_path, hand_b
     data.write_text(json.dumps([{"conversations": [{"from": "user", "value": "hi"},
                                                    {"from": "assistant", "value": "hello"}]}]))
     result = subprocess.run([sys.executable, "-c", hide + RUN_GPTQ_SCRIPT, "run_gptq.py", "--model_name_or_path",
-                             str(tiny_chat_dir), "--data_path", str(data), "--out_path", str(tmp_path / "out")],
+                             str(tiny_chat_dir), "--data_path", str(data), "--out_path", str(tmp_path / "out"),
+                             "--group-size", "32"],
                             cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     last_line = result.stderr.strip().splitlines()[-1]
