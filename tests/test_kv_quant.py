@@ -200,3 +200,15 @@ def test_the_engine_batches_requests_on_an_int8_slot_cache(memorized_dir, tiny_c
             assert tokens == greedy_reference(noisy, tokenizer, ids, 10)
     finally:
         engine.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_int8_cache_on_cuda_in_half_precision(memorized_dir, tokenizer, dtype):
+    model = QWenLMHeadModel.from_pretrained(memorized_dir, use_cache_quantization=True, dtype=dtype,
+                                            device_map="cuda").eval()
+    for query, reply in EXCHANGES:
+        assert model.chat(tokenizer, query, history=None, **GREEDY)[0] == reply
+    out = model.generate(torch.tensor([chat_turn(tokenizer, *SEA)[0]], device="cuda"), max_new_tokens=2,
+                         return_dict_in_generate=True, **GREEDY)
+    assert out.cache.layers[0].keys.dtype == torch.uint8 and out.cache.layers[0].keys.is_cuda
