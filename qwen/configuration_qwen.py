@@ -67,7 +67,10 @@ class QWenConfig(PretrainedConfig):
     no_bias: bool = True
     tie_word_embeddings: bool = False
     softmax_in_fp32: bool = False
+    # Keys and values cached in 8 bits, with a scale and minimum per token and head (modeling_qwen.quantize_kv).
     use_cache_quantization: bool = False
+    # The released CUDA kernels that attended over the int8 cache directly; accepted, and replaced by the torch path
+    # (dequantize, then the usual attention), with a warning.
     use_cache_kernel: bool = False
     # Layer-wise window attention (Qwen technical report, long-context section). Off in every released config.
     # `window_size` is one int for all layers or one int per layer; None means `seq_length`.

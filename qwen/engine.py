@@ -7,7 +7,8 @@ step instead of waiting for them to finish. Finished or cancelled requests free 
 
 The layout follows gpt-fast: `prefill`, `decode_step` and `sample` are small functions; the KV cache is a
 preallocated buffer per layer, `(slots, heads, capacity, head_dim)`, where running requests occupy rows 0..B-1 so the
-batch's cache is a view, never a copy.
+batch's cache is a view, never a copy. With `use_cache_quantization` the buffers hold int8 keys and values packed as
+`modeling_qwen.quantize_kv` packs them, and each decode step reads them dequantized.
 """
 
 from __future__ import annotations
@@ -21,10 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from transformers import DynamicCache
 from transformers.cache_utils import Cache
 
-from .modeling_qwen import project
+from .modeling_qwen import KV_PARAMS_BYTES, dequantize_kv, new_kv_cache, project, quantize_kv
 
 logger = logging.getLogger(__name__)
 
@@ -150,12 +150,19 @@ class SlotKVCache(Cache):
     Rows 0..B-1 hold the running sequences. Before a batched decode step the engine sets `lengths` (tokens cached per
     row); `update` writes each row's new key at its own position and returns the first `max(lengths) + 1` positions
     of rows 0..B-1 as a view. The attention mask hides each row's positions past its own length.
+
+    `quantized=True` stores every key and value vector as uint8 codes plus its scale and minimum, packed by
+    `quantize_kv` into `head_dim + 8` bytes; `update` then returns those positions dequantized to `dtype`.
     """
 
-    def __init__(self, num_layers: int, slots: int, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, num_layers: int, slots: int, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+                 quantized: bool = False):
         super().__init__(layers=[])
         self.num_layers, self.slots, self.heads, self.head_dim = num_layers, slots, heads, head_dim
-        self.dtype, self.device = dtype, device
+        self.dtype, self.device = dtype, device  # dtype: what attention reads
+        self.quantized = quantized
+        self.storage_dtype = torch.uint8 if quantized else dtype
+        self.storage_width = head_dim + KV_PARAMS_BYTES if quantized else head_dim
         self.capacity = 0
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
@@ -167,10 +174,10 @@ class SlotKVCache(Cache):
         if needed <= self.capacity:
             return
         capacity = max(needed, 2 * self.capacity, 256)
-        shape = (self.slots, self.heads, capacity, self.head_dim)
+        shape = (self.slots, self.heads, capacity, self.storage_width)
         for layer in range(self.num_layers):
             for buffers in (self.keys, self.values):
-                grown = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                grown = torch.zeros(shape, dtype=self.storage_dtype, device=self.device)
                 if buffers and self.capacity:
                     grown[:, :, : self.capacity] = buffers[layer]
                 if len(buffers) > layer:
@@ -179,8 +186,16 @@ class SlotKVCache(Cache):
                     buffers.append(grown)
         self.capacity = capacity
 
-    def store(self, row: int, prefilled: DynamicCache, batch_index: int, length: int) -> None:
-        """Copy the first `length` positions of sequence `batch_index` of a prefilled batch into `row`."""
+    def store(self, row: int, prefilled: Cache, batch_index: int, length: int) -> None:
+        """Copy the first `length` positions of sequence `batch_index` of a prefilled batch into `row`.
+
+        `prefilled` stores what this cache stores (a QuantizedKVCache's packed bytes for a quantized one), so rows
+        are copied as they are, never quantized twice.
+        """
+        stored = prefilled.layers[0].keys
+        if stored.dtype != self.storage_dtype or stored.shape[-1] != self.storage_width:
+            raise TypeError(f"The prefill cache holds {stored.dtype} vectors of {stored.shape[-1]}; this slot cache "
+                            f"stores {self.storage_dtype} of {self.storage_width}. Prefill with new_kv_cache(config).")
         self.ensure_capacity(length + 1)
         for layer in range(self.num_layers):
             self.keys[layer][row, :, :length] = prefilled.layers[layer].keys[batch_index, :, :length]  # (nh, T, hs)
@@ -191,6 +206,11 @@ class SlotKVCache(Cache):
             for layer in range(self.num_layers):
                 buffers[layer][target] = buffers[layer][source]
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the key and value buffers (all slots, the whole capacity)."""
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
     # The Cache interface the model uses ---------------------------------------------------------------------------
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -200,12 +220,17 @@ class SlotKVCache(Cache):
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         batch = key_states.shape[0]  # key_states: (B, nh, 1, hs)
+        if self.quantized:
+            key_states, value_states = quantize_kv(key_states), quantize_kv(value_states)  # (B, nh, 1, hs + 8)
         rows = torch.arange(batch, device=self.device)
         positions = self.lengths.to(self.device)
         self.keys[layer_idx][rows, :, positions] = key_states[:, :, 0]
         self.values[layer_idx][rows, :, positions] = value_states[:, :, 0]
         kv_len = self.get_seq_length() + 1
-        return self.keys[layer_idx][:batch, :, :kv_len], self.values[layer_idx][:batch, :, :kv_len]
+        keys, values = self.keys[layer_idx][:batch, :, :kv_len], self.values[layer_idx][:batch, :, :kv_len]
+        if self.quantized:
+            return dequantize_kv(keys, self.dtype), dequantize_kv(values, self.dtype)  # (B, nh, S, hs)
+        return keys, values
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -346,6 +371,7 @@ class GenerationEngine:
         self.cache = SlotKVCache(
             config.num_hidden_layers, max_batch_size, config.num_attention_heads, config.kv_channels,
             next(model.parameters()).dtype, self.device,
+            quantized=bool(getattr(config, "use_cache_quantization", False)),
         )
         self._waiting: queue.SimpleQueue[RequestHandle] = queue.SimpleQueue()
         self._running: list[_Running] = []
@@ -461,7 +487,7 @@ class GenerationEngine:
         longest = max(lengths)
         pad = self.tokenizer.eod_id
         ids = torch.tensor([h.prompt_ids + [pad] * (longest - len(h.prompt_ids)) for h in handles], device=self.device)
-        prefilled = DynamicCache(config=self.model.config)
+        prefilled = new_kv_cache(self.model.config)  # int8 when the slot cache is
         hidden = self.model.transformer(ids, cache=prefilled, use_cache=True).last_hidden_state  # (G, T, C)
         last = torch.tensor(lengths, device=self.device) - 1
         logits = project(self.model.lm_head, hidden[torch.arange(len(handles), device=self.device), last]).float()

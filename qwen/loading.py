@@ -151,6 +151,12 @@ def load_model_and_tokenizer(
         device_map = "cpu" if cpu_only or not torch.cuda.is_available() else "auto"
     if dtype == torch.float16 and device_map == "cpu":
         raise LoadError("float16 matmuls are slow or unsupported on the CPU; use float32 or bfloat16 there.")
+    from .gptq import check_gptq_checkpoint, require_gptq_stack
+
+    if check_gptq_checkpoint(path) is not None:
+        require_gptq_stack()
+        if dtype is None and device_map == "cpu":
+            dtype = torch.float32  # the released -Int4 configs set fp16, which the model would otherwise honour here
     tokenizer = QWenTokenizer.from_pretrained(path)
     model = QWenLMHeadModel.from_pretrained(path, device_map=device_map, dtype=dtype).eval()
     if (path / "generation_config.json").is_file():

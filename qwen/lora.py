@@ -58,16 +58,29 @@ def prepare_lora_model(
     chat: bool = True,
     gradient_checkpointing: bool = False,
 ) -> Any:
-    """The checkpoint in `folder` with a trainable LoRA adapter (on a 4-bit NF4 load of it for Q-LoRA)."""
+    """The checkpoint in `folder` with a trainable LoRA adapter.
+
+    Q-LoRA trains on 4-bit weights: a GPTQ checkpoint (a released -Int4 model, or run_gptq.py's output) is loaded as
+    it is, as the original Q-LoRA scripts did; a 16-bit checkpoint is loaded in 4-bit NF4 with bitsandbytes.
+    """
     from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
+    from .gptq import check_gptq_checkpoint, require_gptq_stack
     from .modeling_qwen import QWenLMHeadModel
 
+    gptq = check_gptq_checkpoint(folder)
     quantization = None
-    if settings.q_lora:
+    if gptq is not None:
+        require_gptq_stack()
+        from transformers import GPTQConfig
+
+        # Only the loading options of this config count (transformers keeps the checkpoint's own settings): ask for
+        # a kernel that can backpropagate, since the fastest inference kernels on a GPU cannot.
+        quantization = GPTQConfig(bits=gptq.bits, backend="auto_trainable")
+    elif settings.q_lora:
         quantization = nf4_config(dtype)
     model = QWenLMHeadModel.from_pretrained(folder, dtype=dtype, quantization_config=quantization)
-    if settings.q_lora:
+    if quantization is not None:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
         keep_4bit_weights_trainable_on_cpu(model)
     if settings.weight_path:
@@ -112,7 +125,15 @@ def keep_4bit_weights_trainable_on_cpu(model: Any) -> None:
 
     The repack happens at the first no-grad forward (an evaluation before training, say) and breaks every training
     step after it ("a view of a leaf Variable ... in-place operation").
+
+    gptqmodel's CPU kernels have the same habit: their first no-grad forward repacks the GPTQ weights for torch's
+    int4 matmul, which runs without autograd, so the training steps after it would silently get no gradient through
+    the quantized layers to the adapters below them. Fixing their mode to "train" before anything runs keeps them
+    on the dequantize-and-matmul path, which backpropagates.
     """
+    for module in model.modules():
+        if type(module).__module__.startswith("gptqmodel.") and getattr(module, "linear_mode", "") is None:
+            module.linear_mode = "train"
     try:
         import bitsandbytes as bnb
     except ImportError:
@@ -136,6 +157,7 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, max_shard_siz
     """Fold a LoRA adapter into its base model and save a complete checkpoint folder."""
     from peft import PeftConfig, PeftModel
 
+    from .gptq import read_gptq_settings
     from .modeling_qwen import QWenLMHeadModel
 
     adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
@@ -146,6 +168,12 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, max_shard_siz
         raise LoadError(f"{adapter_dir}/adapter_config.json does not say which base model it belongs to "
                         "(base_model_name_or_path).")
     base = resolve_checkpoint(base_name)
+    if read_gptq_settings(base) is not None:
+        raise LoadError(
+            f"The adapter's base model {base} is GPTQ-quantized, and LoRA cannot be merged into quantized weights. "
+            "Merge it into the 16-bit checkpoint that was quantized (set base_model_name_or_path in "
+            f"{adapter_dir / 'adapter_config.json'} to it), then quantize the merged model with run_gptq.py."
+        )
     model = QWenLMHeadModel.from_pretrained(base)
     merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
@@ -251,6 +251,83 @@ def causal_mask(
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# KV-cache quantization (`use_cache_quantization`)
+#
+# Each cached key and value vector (one token, one head) is stored as `head_dim` uint8 codes plus its own fp32 scale
+# and minimum: x ~= minimum + code * scale, with scale = (max - min) / 255, so every element is within scale / 2 of its
+# float value. The released model quantized the same way (asymmetric uint8, a scale and zero point per head), with two
+# differences: it truncated instead of rounding (up to a whole step off), and it shared one scale per head across the
+# tokens of a prefill chunk; here every token has its own. The codes and their two fp32 numbers live in one uint8
+# tensor per layer, (B, nh, T, head_dim + 8), so that transformers' cache operations (cat, crop, beam reorder,
+# batch selection, offload) apply to all of them at once without knowing about quantization.
+# Attention reads the cache dequantized to the activation dtype, one layer at a time: the float copy is transient.
+# --------------------------------------------------------------------------------------------------------------------
+
+KV_CODE_MAX = 255
+KV_PARAMS_BYTES = 8  # fp32 scale and fp32 minimum per vector
+
+
+def quantize_kv(x: torch.Tensor) -> torch.Tensor:
+    """Keys or values (B, nh, T, hs) -> packed uint8 (B, nh, T, hs + 8): per-vector codes, scale and minimum."""
+    x32 = x.float()
+    minimum = x32.amin(dim=-1, keepdim=True)  # (B, nh, T, 1)
+    scale = (x32.amax(dim=-1, keepdim=True) - minimum) / KV_CODE_MAX  # (B, nh, T, 1); 0 for a constant vector
+    # A constant vector has x - minimum == 0 everywhere: any non-zero divisor gives code 0 and the exact value back.
+    codes = torch.round((x32 - minimum) / scale.clamp(min=torch.finfo(torch.float32).tiny))
+    codes = codes.clamp_(0, KV_CODE_MAX).to(torch.uint8)  # (B, nh, T, hs)
+    params = torch.cat((scale, minimum), dim=-1).view(torch.uint8)  # (B, nh, T, 2) fp32 -> (B, nh, T, 8) bytes
+    return torch.cat((codes, params), dim=-1)  # (B, nh, T, hs + 8)
+
+
+def dequantize_kv(packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Packed uint8 (B, nh, T, hs + 8) -> keys or values (B, nh, T, hs) in `dtype`."""
+    head_dim = packed.shape[-1] - KV_PARAMS_BYTES
+    # The 8 bytes are a slice of each row: copy them out so that they can be read as two aligned fp32 numbers.
+    params = packed[..., head_dim:].contiguous().view(torch.float32)  # (B, nh, T, 2)
+    scale, minimum = params[..., :1], params[..., 1:]  # (B, nh, T, 1) each
+    return torch.addcmul(minimum, packed[..., :head_dim].float(), scale).to(dtype)  # (B, nh, T, hs)
+
+
+class QuantizedKVLayer(DynamicLayer):
+    """One layer's keys and values, stored packed by `quantize_kv` and returned dequantized by `update`."""
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.dtype = key_states.dtype  # what attention gets back
+        self.keys = self.keys.to(torch.uint8)
+        self.values = self.values.to(torch.uint8)
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys = torch.cat([self.keys, quantize_kv(key_states)], dim=-2)  # (B, nh, S, hs + 8)
+        self.values = torch.cat([self.values, quantize_kv(value_states)], dim=-2)
+        # New tokens are read back through the quantized cache as well, as in the released model: attention sees
+        # exactly what is stored, at prefill and at every decoded token.
+        return dequantize_kv(self.keys, self.dtype), dequantize_kv(self.values, self.dtype)
+
+
+class QuantizedKVCache(Cache):
+    """A transformers Cache holding keys and values in 8 bits (see `quantize_kv`), for `use_cache_quantization`.
+
+    With `head_dim` 128 (every released size) a token costs 136 bytes per head and per keys/values instead of 256 in
+    bf16/fp16 or 512 in fp32. Works wherever a DynamicCache does (`generate`, `chat`, beam search, our engine).
+    """
+
+    def __init__(self, config: PretrainedConfig | None = None) -> None:
+        super().__init__(layer_class_to_replicate=QuantizedKVLayer)
+
+
+def new_kv_cache(config: PretrainedConfig) -> Cache:
+    """The cache a fresh sequence gets: int8 (`QuantizedKVCache`) when `config.use_cache_quantization`, else float."""
+    if getattr(config, "use_cache_quantization", False):
+        return QuantizedKVCache(config)
+    return DynamicCache(config=config)
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Blocks
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -394,6 +471,9 @@ class QWenPreTrainedModel(PreTrainedModel):
     base_model_prefix = "transformer"
     supports_gradient_checkpointing = True
     _no_split_modules = ["QWenBlock"]
+    # AutoGPTQ, which wrote the released -Int4 checkpoints, stored a bias for every quantized linear layer, zeros for
+    # the ones Qwen has without (no_bias); they carry nothing, and qwen/gptq.py checks that they are zero.
+    _keys_to_ignore_on_load_unexpected = [r"\.(attn\.c_proj|mlp\.w1|mlp\.w2|mlp\.c_proj)\.bias$"]
     _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
     _supports_flash_attn = True
@@ -422,6 +502,13 @@ class QWenModel(QWenPreTrainedModel):
         self.h = nn.ModuleList(QWenBlock(config, i) for i in range(config.num_hidden_layers))
         self.ln_f = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.gradient_checkpointing = False
+        if config.use_cache_quantization and config.use_cache_kernel:
+            # The released model compiled CUDA kernels (cache_autogptq_cuda_256) that read the int8 cache directly.
+            logger.warning_once(
+                "use_cache_kernel=True: the released CUDA kernels for the quantized KV cache are not part of this "
+                "implementation; the int8 cache is dequantized with torch before attention instead (same stored "
+                "values, any device)."
+            )
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -487,7 +574,7 @@ class QWenModel(QWenPreTrainedModel):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             use_cache = False
         if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
+            cache = new_kv_cache(self.config)
         output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = (
             self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
@@ -552,23 +639,38 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         Without a flag or `dtype`, the precision is chosen like the released model: bf16 on a CUDA GPU that supports
         it, else fp16 on CUDA, else fp32; a model placed on the CPU (`device_map="cpu"` or no GPU) runs in fp32.
         """
+        config = kwargs.get("config")
+        # Not isinstance(QWenConfig): under trust_remote_code the config class comes from another module copy.
+        if not isinstance(config, PretrainedConfig):
+            config = QWenConfig.from_pretrained(
+                pretrained_model_name_or_path,
+                **{k: kwargs[k] for k in ("revision", "cache_dir", "local_files_only", "token") if k in kwargs},
+            )
+        if _is_gptq(getattr(config, "quantization_config", None)) or _is_gptq(kwargs.get("quantization_config")):
+            require_gptq_packages()
         if kwargs.get("dtype") is None and kwargs.get("torch_dtype") is None:
             flags = {name: kwargs.get(name) for name in ("bf16", "fp16", "fp32")}
             if not any(flags.values()):
-                config = kwargs.get("config")
-                # Not isinstance(QWenConfig): under trust_remote_code the config class comes from another module copy.
-                if not isinstance(config, PretrainedConfig):
-                    config = QWenConfig.from_pretrained(
-                        pretrained_model_name_or_path,
-                        **{k: kwargs[k] for k in ("revision", "cache_dir", "local_files_only", "token") if k in kwargs},
-                    )
                 flags = {name: getattr(config, name, False) for name in ("bf16", "fp16", "fp32")}
             kwargs["dtype"] = resolve_dtype(**flags, device_map=kwargs.get("device_map"))
-        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model = loaded[0] if kwargs.get("output_loading_info") else loaded  # (model, loading_info) when asked
         model.config.bf16 = model.dtype == torch.bfloat16
         model.config.fp16 = model.dtype == torch.float16
         model.config.fp32 = model.dtype == torch.float32
-        return model
+        return loaded
+
+    def _prepare_cache_for_generation(
+        self, generation_config: GenerationConfig, model_kwargs: dict[str, Any], *args: Any, **kwargs: Any
+    ) -> None:
+        """transformers' choice of cache for `generate()`, except that its default float DynamicCache becomes a
+        QuantizedKVCache when `use_cache_quantization` is set. A cache passed by the caller is used as it is."""
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        default = generation_config.cache_implementation in (None, "dynamic")
+        cache = model_kwargs.get("cache")
+        if self.config.use_cache_quantization and default and type(cache) is DynamicCache \
+                and not getattr(cache, "_is_user_defined", False):
+            model_kwargs["cache"] = QuantizedKVCache(self.config)
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
@@ -836,6 +938,31 @@ class _EventStoppingCriteria(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
+def _is_gptq(quantization_config: Any) -> bool:
+    if isinstance(quantization_config, dict):
+        method = quantization_config.get("quant_method")
+    else:
+        method = getattr(quantization_config, "quant_method", None)
+    return str(getattr(method, "value", method)).lower() == "gptq"
+
+
+def require_gptq_packages() -> None:
+    """Raise ImportError naming what to install when transformers' GPTQ support (optimum + gptqmodel) is missing.
+
+    transformers asks for one package at a time, and with optimum alone fails with a NameError (or, on a machine
+    without a GPU, says a GPU is required), none of which tells the user what to install.
+    """
+    missing = [name for name in ("optimum", "gptqmodel") if importlib.util.find_spec(name) is None]
+    if missing:
+        torch_version = torch.__version__.split("+")[0]
+        raise ImportError(
+            f"This checkpoint is GPTQ-quantized (Int4/Int8); loading it needs optimum and gptqmodel, and "
+            f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed. Install them with "
+            f"`pip install torch=={torch_version} optimum gptqmodel` (naming your torch version keeps pip from "
+            "replacing it)."
+        )
+
+
 def resolve_dtype(
     bf16: bool | None = None, fp16: bool | None = None, fp32: bool | None = None, device_map: Any = None
 ) -> torch.dtype:
@@ -856,4 +983,7 @@ def resolve_dtype(
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-__all__ = ["QWenLMHeadModel", "QWenModel", "QWenPreTrainedModel", "RMSNorm", "resolve_dtype"]
+__all__ = [
+    "QWenLMHeadModel", "QWenModel", "QWenPreTrainedModel", "QuantizedKVCache", "RMSNorm", "dequantize_kv",
+    "new_kv_cache", "quantize_kv", "require_gptq_packages", "resolve_dtype",
+]

@@ -254,5 +254,7 @@ def test_scripts_stop_with_one_line_for_a_bad_checkpoint(tmp_path):
     """)
     result = subprocess.run([sys.executable, "-c", script, "-c", str(tmp_path / "nowhere")], capture_output=True,
                             text=True)
-    assert result.returncode == 1
-    assert result.stderr.startswith("error: Checkpoint folder") and "Traceback" not in result.stderr
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    # The message is the last line: with the GPTQ extra installed, torchao logs at import that its CUDA kernels do not
+    # load on a CPU build of torch, before the script has run.
+    assert result.stderr.strip().splitlines()[-1].startswith("error: Checkpoint folder")
