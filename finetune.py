@@ -66,7 +66,8 @@ class LoraArguments:
     lora_target_modules: list[str] = field(default_factory=lambda: LoraSettings().target_modules)
     lora_weight_path: str = field(default="", metadata={"help": "start from this adapter instead of a new one"})
     lora_bias: str = field(default=LoraSettings.bias, metadata={"help": "none, all or lora_only"})
-    q_lora: bool = field(default=False, metadata={"help": "LoRA on a 4-bit NF4 load of the checkpoint (bitsandbytes)"})
+    q_lora: bool = field(default=False, metadata={"help": "LoRA on 4-bit weights: a GPTQ Int4 folder as it is, "
+                                                          "a 16-bit one loaded in NF4 by bitsandbytes"})
     lora_modules_to_save: list[str] | None = field(
         default=None,
         metadata={"help": "fully trained modules besides the adapter; default: wte lm_head for a base model (so "

@@ -117,6 +117,8 @@ def run_block(language: str, body: str, cwd: Path, env: dict[str, str], port: in
         (cwd / "data.json").write_text(body)  # the fine-tuning section's sample, saved as it tells the reader to
     elif language == "python" and "load_model_on_gpus" in body and torch.cuda.device_count() < 2:
         return  # needs two GPUs; tests/test_device_map.py covers it and says when it is skipped
+    elif language == "python" and "-Int4" in body:
+        return  # a released Int4 folder from the hub; tests/test_gptq.py loads a run_gptq.py output by both routes
     elif language == "python" and "vllm" in body.lower():
         return  # needs vLLM on CUDA; tests/test_vllm.py covers it there and says why it skipped elsewhere
     elif language == "python":
