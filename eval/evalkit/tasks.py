@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from tqdm import tqdm
 
-from qwen.engine import chat_stop_token_ids
+from qwen.engine import SamplingParams, chat_stop_token_ids
 from qwen.loading import add_model_arguments, load_from_args
 from qwen.qwen_generation_utils import DEFAULT_MAX_WINDOW_SIZE, DEFAULT_SYSTEM_PROMPT, make_context
 from qwen.react import STOP_WORDS as REACT_STOP_WORDS
@@ -185,6 +185,18 @@ def _note_if_chat_model(model: Any) -> None:
     if _chat_format(model) == "chatml":
         print("note: this is a chat checkpoint; the published few-shot numbers of this script are for base models.",
               file=sys.stderr)
+
+
+def _generation_params(model: Any, tokenizer: Any, max_new_tokens: int | None, chat: bool, base_script: str,
+                       base_stops: Sequence[str]) -> SamplingParams:
+    """Greedy settings for a script that has a chat and a base variant: the model kind is checked against the
+    variant, and a reply ends where that kind's does (a chat turn's end, or <|endoftext|> and the benchmark's
+    stop strings)."""
+    if chat:
+        _require_chat_model(model, base_script)
+        return greedy_params(model.generation_config, max_new_tokens, chat_stop_token_ids(tokenizer))
+    _note_if_chat_model(model)
+    return greedy_params(model.generation_config, max_new_tokens, frozenset({tokenizer.eod_id}), base_stops)
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
@@ -367,13 +379,8 @@ def run_gsm8k(chat: bool, argv: Sequence[str] | None = None, description: str | 
                 raise DataLayoutError(f"Few-shot prompt file {str(prompt_file)!r} does not exist.")
             exemplars = prompt_file.read_text(encoding="utf-8")
         model, tokenizer = _load(args)
-        if chat:
-            _require_chat_model(model, "evaluate_gsm8k.py")
-            stop_ids, stops = chat_stop_token_ids(tokenizer), ()
-        else:
-            _note_if_chat_model(model)
-            stop_ids, stops = frozenset({tokenizer.eod_id}), prompts.GSM8K_STOPS
-        params = greedy_params(model.generation_config, args.max_new_tokens, stop_ids, stops)
+        params = _generation_params(model, tokenizer, args.max_new_tokens, chat, "evaluate_gsm8k.py",
+                                    prompts.GSM8K_STOPS)
         settings: dict[str, Any] = {"max_new_tokens": params.max_new_tokens}
         if not chat:
             settings["prompt_sha256"] = hashlib.sha256(exemplars.encode("utf-8")).hexdigest()
@@ -394,7 +401,7 @@ def run_gsm8k(chat: bool, argv: Sequence[str] | None = None, description: str | 
 
             def save(job: int, text: str, finish_reason: str) -> None:
                 index = todo[job]
-                completion = text.strip() if chat else truncate_at_stops(text, stops)
+                completion = text.strip() if chat else truncate_at_stops(text, params.stop_strings)
                 predicted = extract_math_answer(completion)
                 store.append("gsm8k", {
                     "id": index, "answer": format_number(problems[index].answer),
@@ -437,13 +444,8 @@ def run_humaneval(chat: bool, argv: Sequence[str] | None = None, description: st
     with _user_errors():
         tasks = read_humaneval(args.data_dir, args.limit)
         model, tokenizer = _load(args)
-        if chat:
-            _require_chat_model(model, "evaluate_humaneval.py")
-            stop_ids, stops = chat_stop_token_ids(tokenizer), ()
-        else:
-            _note_if_chat_model(model)
-            stop_ids, stops = frozenset({tokenizer.eod_id}), COMPLETION_STOPS[args.stop]
-        params = greedy_params(model.generation_config, args.max_new_tokens, stop_ids, stops)
+        params = _generation_params(model, tokenizer, args.max_new_tokens, chat, "evaluate_humaneval.py",
+                                    () if chat else COMPLETION_STOPS[args.stop])
         settings: dict[str, Any] = {"max_new_tokens": params.max_new_tokens}
         if not chat:
             settings["stop"] = args.stop
@@ -468,7 +470,7 @@ def run_humaneval(chat: bool, argv: Sequence[str] | None = None, description: st
                     record["response"] = text.strip()
                     record["completion"] = chat_code_completion(record["response"], task.entry_point)
                 else:
-                    record["completion"] = truncate_at_stops(text, stops)
+                    record["completion"] = truncate_at_stops(text, params.stop_strings)
                 store.append("humaneval", record)
                 bar.update(1)
 
