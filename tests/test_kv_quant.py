@@ -18,15 +18,9 @@ from qwen import QWenConfig, QWenLMHeadModel
 from qwen.engine import GenerationEngine, SamplingParams
 from qwen.modeling_qwen import QuantizedKVCache, dequantize_kv, quantize_kv
 from support import STOP_IDS, greedy_reference
-from trained_checkpoint import chat_turn, memorizing_checkpoint_cached
+from trained_checkpoint import EXCHANGES, SEA, chat_turn, memorizing_checkpoint_cached
 
 GREEDY = dict(do_sample=False, repetition_penalty=1.0, top_p=None, top_k=None)
-# The exchanges of tests/test_trained_checkpoint.py: the same trained folder serves both files in one session.
-WEATHER = ("What's the weather in Paris?", 'Thought: I should call the weather tool.\nAction: get_weather\n'
-           'Action Input: {"city": "Paris"}\nObservation:')
-SEA = ("Tell me a fact about the sea.",
-       "The sea covers about seventy percent of the surface of the Earth, and its tides follow the moon.")
-EXCHANGES = (WEATHER, SEA)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,9 @@ from qwen import QWenLMHeadModel
 from qwen.checkpoint import write_random_checkpoint
 from trained_checkpoint import (
     DEFAULT_CONFIG_OVERRIDES,
+    EXCHANGES,
     RELEASED_METADATA,
+    WEATHER,
     MemorizationError,
     chat_turn,
     memorizing_checkpoint_cached,
@@ -20,11 +22,6 @@ from trained_checkpoint import (
 )
 
 GREEDY = dict(do_sample=False, repetition_penalty=1.0, top_p=None, top_k=None)
-WEATHER = ("What's the weather in Paris?", 'Thought: I should call the weather tool.\nAction: get_weather\n'
-           'Action Input: {"city": "Paris"}\nObservation:')
-SEA = ("Tell me a fact about the sea.",
-       "The sea covers about seventy percent of the surface of the Earth, and its tides follow the moon.")
-EXCHANGES = (WEATHER, SEA)
 
 
 @pytest.fixture(scope="module")

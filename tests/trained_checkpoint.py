@@ -68,6 +68,14 @@ RELEASED_METADATA = ("config.json", "generation_config.json", "tokenizer_config.
 # instead of ~600). config.json records it; nothing reads it at inference.
 DEFAULT_CONFIG_OVERRIDES: dict[str, Any] = {"initializer_range": 0.1}
 
+# Two single-turn exchanges, a ReAct tool call and a plain answer, that tests train a checkpoint on when they need a
+# model that attends to its prompt. Tests sharing them share one trained folder per session.
+WEATHER = ("What's the weather in Paris?", 'Thought: I should call the weather tool.\nAction: get_weather\n'
+           'Action Input: {"city": "Paris"}\nObservation:')
+SEA = ("Tell me a fact about the sea.",
+       "The sea covers about seventy percent of the surface of the Earth, and its tides follow the moon.")
+EXCHANGES = (WEATHER, SEA)
+
 
 class MemorizationError(RuntimeError):
     """Training ran out of steps before greedy decoding wrote every reply exactly."""
