@@ -80,6 +80,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     return parser.parse_args_into_dataclasses(args=argv)
 
 
+def trains_on_cpu(args: TrainingArguments) -> bool:
+    return args.use_cpu or not torch.cuda.is_available()
+
+
 def weights_dtype(args: TrainingArguments, use_lora: bool) -> torch.dtype:
     """The precision the checkpoint is loaded in for training.
 
@@ -87,7 +91,7 @@ def weights_dtype(args: TrainingArguments, use_lora: bool) -> torch.dtype:
     precision: Trainer's gradient scaler refuses fp16 parameters, so fully trained weights stay fp32 and only a
     frozen LoRA base is loaded in fp16 (`prepare_lora_model` keeps whatever trains in fp32).
     """
-    if args.fp16 and (args.use_cpu or not torch.cuda.is_available()):
+    if args.fp16 and trains_on_cpu(args):
         raise LoadError("--fp16 needs a CUDA GPU; on the CPU train with --bf16 True or in fp32 (neither flag).")
     if args.bf16:
         return torch.bfloat16
@@ -105,7 +109,7 @@ def start_deepspeed_on_cpu(args: TrainingArguments) -> None:
     believes it is alone and DeepSpeed's batch-size check fails. Left to itself DeepSpeed would pick oneCCL on the
     CPU, which does not install for current torch; gloo comes with it.
     """
-    if not args.deepspeed or not (args.use_cpu or not torch.cuda.is_available()):
+    if not args.deepspeed or not trains_on_cpu(args):
         return
     import deepspeed
 
@@ -132,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
 def train(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments,
           lora_args: LoraArguments) -> None:
     logging.basicConfig(level=logging.INFO if training_args.process_index == 0 else logging.WARNING)
-    if training_args.use_cpu or not torch.cuda.is_available():
+    if trains_on_cpu(training_args):
         # Adam's updates shrink into denormal floats late in a run, and x86 CPUs compute on those 10-20x slower;
         # flushing them to zero changes nothing a model can notice.
         torch.set_flush_denormal(True)
