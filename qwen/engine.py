@@ -39,9 +39,32 @@ PREFILL_TOKEN_BUDGET = 4096
 # --------------------------------------------------------------------------------------------------------------------
 
 
+# Bounds of the sampling values, chosen so that no value inside them can overflow fp32 logits (a logit divided by a
+# temperature of 1e-39 is inf, and softmax over inf is NaN). Below GREEDY_BELOW_TEMPERATURE sampling is greedy, as
+# vLLM does; the difference is only in exact near-ties of the logits.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
+PRESENCE_FREQUENCY_RANGE = (-2.0, 2.0)  # OpenAI's range for presence_penalty and frequency_penalty
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+
+
+class SamplingParamError(ValueError):
+    """A sampling value out of its bounds; `field` names the SamplingParams field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def _check_number(name: str, value: Any, low: float, high: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise SamplingParamError(name, f"{name} must be a number from {low:g} to {high:g}, got {value!r}.")
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one request is decoded. `temperature == 0` (or `do_sample=False`) means greedy."""
+    """How one request is decoded. `temperature == 0` (or below GREEDY_BELOW_TEMPERATURE, or `do_sample=False`) means
+    greedy. Every value is checked against the bounds above at construction: SamplingParamError names the field."""
 
     max_new_tokens: int = 512
     do_sample: bool = True
@@ -56,20 +79,27 @@ class SamplingParams:
     stop_strings: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}.")
-        if self.temperature < 0 or not math.isfinite(self.temperature):
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}.")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 turns it off), got {self.top_k}.")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}.")
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise SamplingParamError("max_new_tokens", f"max_new_tokens must be a whole number >= 1, got "
+                                                       f"{self.max_new_tokens!r}.")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
+                or not 0 <= self.temperature < math.inf:
+            raise SamplingParamError("temperature", f"temperature must be a finite number >= 0, got "
+                                                    f"{self.temperature!r}.")
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise SamplingParamError("top_p", f"top_p must be in (0, 1], got {self.top_p!r}.")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise SamplingParamError("top_k", f"top_k must be a whole number >= 0 (0 turns it off), got {self.top_k!r}.")
+        _check_number("repetition_penalty", self.repetition_penalty, *REPETITION_PENALTY_RANGE)
+        _check_number("presence_penalty", self.presence_penalty, *PRESENCE_FREQUENCY_RANGE)
+        _check_number("frequency_penalty", self.frequency_penalty, *PRESENCE_FREQUENCY_RANGE)
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
+            raise SamplingParamError("seed", f"seed must be a whole number from -2**63 to 2**64 - 1, got {self.seed!r}.")
 
     @property
     def greedy(self) -> bool:
-        return not self.do_sample or self.temperature == 0
+        return not self.do_sample or self.temperature < GREEDY_BELOW_TEMPERATURE
 
     @classmethod
     def from_generation_config(cls, generation_config: Any, **overrides: Any) -> SamplingParams:
@@ -125,7 +155,11 @@ class RequestHandle:
         if event.finish_reason is not None:
             self.finished.set()
         if self._on_event is not None:
-            self._on_event(event)
+            try:
+                self._on_event(event)
+            except Exception:  # the consumer is gone (e.g. its event loop closed): stop generating for it
+                logger.exception("a request's event callback failed; cancelling the request")
+                self.cancelled.set()
         else:
             self._events.put(event)
 
@@ -391,6 +425,10 @@ class GenerationEngine:
         """Queue a request. `on_event` (called on the engine thread) receives events instead of iteration."""
         if not prompt_ids:
             raise ValueError("The prompt is empty.")
+        vocab_size = self.model.config.vocab_size
+        if not 0 <= min(prompt_ids) <= max(prompt_ids) < vocab_size:
+            # Checked here: inside a batched prefill, one bad id would fail every prompt prefilled with it.
+            raise ValueError(f"The prompt holds token ids outside this model's vocabulary (0..{vocab_size - 1}).")
         if len(prompt_ids) >= self.max_context:
             raise ValueError(
                 f"The prompt has {len(prompt_ids)} tokens; this model's context holds {self.max_context} "
@@ -495,10 +533,16 @@ class GenerationEngine:
         for index, (handle, length) in enumerate(zip(handles, lengths)):
             params = handle.params
             row = len(self._running)
-            self.cache.store(row, prefilled, index, length)
-            generator = None
-            if params.seed is not None:
-                generator = torch.Generator(device=logits.device).manual_seed(params.seed)
+            try:
+                self.cache.store(row, prefilled, index, length)
+                generator = None
+                if params.seed is not None:
+                    generator = torch.Generator(device=logits.device).manual_seed(params.seed)
+            except Exception as error:  # this request's own setup: the others of the group go on
+                logger.exception("starting a request failed")
+                handle._emit(GenerationEvent(finish_reason="error", error=f"{type(error).__name__}: {error}",
+                                             prompt_tokens=length))
+                continue
             running = _Running(
                 handle=handle,
                 assembler=TextAssembler(self.tokenizer, params.stop_strings),
@@ -538,7 +582,18 @@ class GenerationEngine:
         self._compact()
 
     def _accept(self, running: _Running, logits: torch.Tensor) -> None:
-        """Sample the next token for one request from its logits, stream its text, and finish it when due."""
+        """Sample the next token for one request from its logits, stream its text, and finish it when due.
+
+        Whatever fails here (NaN logits, a client callback that raises) ends this request alone with an error; the
+        rows decoding beside it are untouched.
+        """
+        try:
+            self._sample_and_emit(running, logits)
+        except Exception as error:
+            logger.exception("sampling a request's next token failed")
+            self._finish(running, "error", error=f"{type(error).__name__}: {error}")
+
+    def _sample_and_emit(self, running: _Running, logits: torch.Tensor) -> None:
         params = running.handle.params
         # `logits` is this request's own row of the step's output, so it is changed in place.
         logits = apply_penalties(logits, running.seen, running.generated_counts, params)

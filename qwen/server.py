@@ -28,7 +28,7 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import react
-from .engine import GenerationEngine, GenerationEvent, SamplingParams, chat_stop_token_ids
+from .engine import GenerationEngine, GenerationEvent, SamplingParamError, SamplingParams, chat_stop_token_ids
 from .qwen_generation_utils import make_context
 
 
@@ -46,6 +46,10 @@ class ServerSettings:
     def __post_init__(self) -> None:
         if self.cors_allow_credentials and "*" in self.cors_origins:
             raise ValueError("CORS credentials cannot be combined with the origin '*'; list the allowed origins.")
+
+
+# The request field behind each SamplingParams field, for the `param` of an error.
+REQUEST_FIELD = {"max_new_tokens": "max_tokens"}
 
 
 class APIError(Exception):
@@ -203,19 +207,22 @@ def create_app(engine: GenerationEngine, settings: ServerSettings | None = None)
                                 f"context of {engine.max_context}.", param="max_tokens",
                            code="context_length_exceeded")
         default_max = getattr(generation_config, "max_new_tokens", None) or 512
-        return SamplingParams.from_generation_config(
-            generation_config,
-            max_new_tokens=limit if limit is not None else min(default_max, room),
-            temperature=body.temperature,
-            top_p=body.top_p,
-            top_k=body.top_k,
-            repetition_penalty=body.repetition_penalty,
-            presence_penalty=body.presence_penalty,
-            frequency_penalty=body.frequency_penalty,
-            seed=body.seed,
-            stop_token_ids=stop_token_ids,
-            stop_strings=tuple(body.stop or ()) + tuple(extra_stops),
-        )
+        try:
+            return SamplingParams.from_generation_config(
+                generation_config,
+                max_new_tokens=limit if limit is not None else min(default_max, room),
+                temperature=body.temperature,
+                top_p=body.top_p,
+                top_k=body.top_k,
+                repetition_penalty=body.repetition_penalty,
+                presence_penalty=body.presence_penalty,
+                frequency_penalty=body.frequency_penalty,
+                seed=body.seed,
+                stop_token_ids=stop_token_ids,
+                stop_strings=tuple(body.stop or ()) + tuple(extra_stops),
+            )
+        except SamplingParamError as error:
+            raise APIError(400, str(error), param=REQUEST_FIELD.get(error.field, error.field)) from error
 
     if settings.collect_garbage:
         # A full collection walks every tracked object: with the model, tokenizer and libraries loaded that took
@@ -245,7 +252,7 @@ def create_app(engine: GenerationEngine, settings: ServerSettings | None = None)
         legacy = body.functions is not None
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        seeds = [params.seed + i if params.seed is not None else None for i in range(body.n)]
+        seeds = [_choice_seed(params.seed, i) for i in range(body.n)]
         choices_params = [_with_seed(params, seed) for seed in seeds]
 
         if body.stream:
@@ -282,7 +289,7 @@ def create_app(engine: GenerationEngine, settings: ServerSettings | None = None)
         for ids in encoded:
             params = sampling(body, len(ids), [])
             for i in range(body.n):
-                jobs.append((ids, _with_seed(params, params.seed + i if params.seed is not None else None)))
+                jobs.append((ids, _with_seed(params, _choice_seed(params.seed, i))))
         if body.stream:
             ids, params = jobs[0]
             return EventSourceResponse(
@@ -313,6 +320,12 @@ def create_app(engine: GenerationEngine, settings: ServerSettings | None = None)
 # --------------------------------------------------------------------------------------------------------------------
 # Engine <-> asyncio
 # --------------------------------------------------------------------------------------------------------------------
+
+
+def _choice_seed(seed: int | None, index: int) -> int | None:
+    """Choice `index`'s seed when a request asks for several: the request's seed plus the index, modulo 2**64 as
+    torch's generators read seeds, so that a seed at the top of the range still gives n distinct streams."""
+    return None if seed is None else (seed + index) % 2**64
 
 
 def _with_seed(params: SamplingParams, seed: int | None) -> SamplingParams:

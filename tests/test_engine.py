@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -177,3 +178,70 @@ def test_cancelling_an_earlier_request_leaves_later_ones_intact(engine, tiny_cha
     tokens = [t for e in head + list(second_events) for t in e.token_ids]
     assert tokens == greedy_reference(tiny_chat_model, tokenizer, second_ids, 30)
     list(events)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("repetition_penalty", 1e-300), ("repetition_penalty", 1e300), ("repetition_penalty", float("nan")),
+    ("presence_penalty", 3.0), ("frequency_penalty", float("inf")), ("seed", 2**64), ("seed", -(2**63) - 1),
+    ("temperature", float("nan")), ("temperature", -1e-45), ("top_k", -1), ("top_p", float("nan")),
+    ("max_new_tokens", 0), ("top_k", 2.5), ("seed", 1.5), ("temperature", "0.7"),
+])
+def test_sampling_values_out_of_bounds_are_refused_naming_the_field(field, value):
+    from qwen.engine import SamplingParamError
+
+    with pytest.raises(SamplingParamError, match=field) as raised:
+        SamplingParams(**{field: value})
+    assert raised.value.field == field
+
+
+def test_tiny_temperatures_decode_greedily_beside_normal_requests(engine, tiny_chat_model, tokenizer):
+    """A temperature of 1e-39 once overflowed the logits to inf and failed every request decoding in its batch."""
+    ids = [prompt(tokenizer, q) for q in QUERIES[:3]]
+    tiny = [SamplingParams(max_new_tokens=10, temperature=t, seed=1, stop_token_ids=STOP_IDS) for t in (1e-39, 1e-45)]
+    handles = [engine.submit(ids[0], tiny[0]), engine.submit(ids[1], greedy(10)), engine.submit(ids[2], tiny[1])]
+    results = [collect(h) for h in handles]
+    for prompt_ids, (tokens, _, reason) in zip(ids, results):
+        assert reason in ("stop", "length")
+        assert tokens == greedy_reference(tiny_chat_model, tokenizer, prompt_ids, 10)
+    # The extremes of the seed range are seeds a generator takes.
+    for seed in (2**64 - 1, -(2**63)):
+        params = SamplingParams(max_new_tokens=3, temperature=0.8, seed=seed, stop_token_ids=STOP_IDS)
+        assert collect(engine.submit(ids[0], params))[2] in ("stop", "length")
+
+
+def test_a_failure_in_one_rows_sampling_ends_that_request_alone(engine, tiny_chat_model, tokenizer):
+    # Values the checks refuse, forced past them to stand for any fault in one row's sampling (NaN logits from the
+    # division, here): the engine must end that request with an error and decode its neighbours unharmed.
+    broken = SamplingParams(max_new_tokens=10, temperature=0.7, stop_token_ids=STOP_IDS)
+    object.__setattr__(broken, "repetition_penalty", 1e-300)
+    ids = [prompt(tokenizer, q) for q in QUERIES[:3]]
+    handles = [engine.submit(ids[0], greedy(10)), engine.submit(ids[1], broken), engine.submit(ids[2], greedy(10))]
+    (first, _, first_reason), (_, _, broken_reason), (third, _, third_reason) = [collect(h) for h in handles]
+    assert broken_reason == "error"
+    assert first == greedy_reference(tiny_chat_model, tokenizer, ids[0], 10) and first_reason != "error"
+    assert third == greedy_reference(tiny_chat_model, tokenizer, ids[2], 10) and third_reason != "error"
+
+
+def test_a_consumer_callback_that_raises_cancels_only_its_request(engine, tiny_chat_model, tokenizer):
+    def gone(event) -> None:
+        raise RuntimeError("Event loop is closed")
+
+    ids = [prompt(tokenizer, q) for q in QUERIES[:2]]
+    doomed = engine.submit(ids[0], greedy(40), on_event=gone)
+    neighbour = engine.submit(ids[1], greedy(10))
+    # A bounded wait: before the fix the raising callback killed the engine thread, and iterating would block forever.
+    results: list = []
+    waiter = threading.Thread(target=lambda: results.append(collect(neighbour)), daemon=True)
+    waiter.start()
+    waiter.join(60)
+    assert results, "the neighbouring request never finished"
+    tokens, _, reason = results[0]
+    assert reason != "error" and tokens == greedy_reference(tiny_chat_model, tokenizer, ids[1], 10)
+    assert doomed.finished.wait(30) and doomed.cancelled.is_set()
+
+
+def test_prompt_ids_outside_the_vocabulary_are_refused_at_submit(engine, tokenizer):
+    with pytest.raises(ValueError, match="vocabulary"):
+        engine.submit([1, engine.model.config.vocab_size], greedy())
+    with pytest.raises(ValueError, match="vocabulary"):
+        engine.submit([-1, 5], greedy())

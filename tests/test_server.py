@@ -230,6 +230,8 @@ BAD_REQUESTS = [
     ({"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4"}, 404),
     ({"messages": [{"role": "user", "content": 5}]}, 400),
     ({"messages": [{"role": "tool", "content": "42", "tool_call_id": "x"}]}, 400),
+    ({"messages": [{"role": "user", "content": "hi"}], "repetition_penalty": 1e-300}, 400),
+    ({"messages": [{"role": "user", "content": "hi"}], "seed": 2**64}, 400),
 ]
 
 
@@ -242,6 +244,38 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, cli
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     assert client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "ok?"}],
                                           max_tokens=1).choices
+
+
+def test_extreme_sampling_values_never_fail_the_requests_beside_them(server, client):
+    """temperature 1e-39, repetition_penalty 1e-300 or seed 2**64 once made every request decoding beside them 500."""
+    messages = [{"role": "user", "content": "Tell me a story"}]
+    expected = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, **GREEDY)
+    odd_bodies = [
+        {"temperature": 1e-39, "seed": 5}, {"temperature": 1e-45}, {"repetition_penalty": 1e-300},
+        {"seed": 2**64}, {"seed": 2**64 - 1, "n": 2, "temperature": 0.9},
+    ]
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+
+    def odd(extra: dict) -> httpx.Response:
+        body = {"model": MODEL, "messages": messages, "max_tokens": 16, **extra}
+        return httpx.post(f"{server}/v1/chat/completions", json=body, headers=headers, timeout=120)
+
+    def normal(_: int) -> str:
+        return client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16,
+                                              **GREEDY).choices[0].message.content
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:  # all in flight together
+        normal_futures = [pool.submit(normal, i) for i in range(3)]
+        odd_futures = [pool.submit(odd, extra) for extra in odd_bodies]
+        normal_results = [f.result() for f in normal_futures]
+        odd_results = [f.result() for f in odd_futures]
+    assert normal_results == [expected.choices[0].message.content] * 3
+    statuses = [r.status_code for r in odd_results]
+    assert statuses == [200, 200, 400, 400, 200], [r.text for r in odd_results]
+    # Tiny temperatures decode greedily (documented); out-of-range values name their field.
+    assert odd_results[0].json()["choices"][0]["message"]["content"] == expected.choices[0].message.content
+    assert [odd_results[i].json()["error"]["param"] for i in (2, 3)] == ["repetition_penalty", "seed"]
+    assert len(odd_results[4].json()["choices"]) == 2
 
 
 def test_malformed_json_and_authentication(server):
