@@ -208,6 +208,8 @@ def test_describe_states_what_the_probe_measured():
     facts = describe(Sandbox(tmp_mb=8))
     assert facts["isolated"] is True and facts["isolation"].startswith("bubblewrap ")
     assert os.path.realpath(sys.base_prefix) in facts["filesystem"] and "8 MiB tmpfs" in facts["filesystem"]
+    assert {"usr", "tmp", "proc", "dev"} <= set(facts["root_listing"])
+    assert not {"etc", "home", "work", "var", "run", "srv", "opt"} & set(facts["root_listing"])
     inside, outside = facts["user"].removeprefix("uid ").split(" without capabilities inside, uid ")
     assert inside == "65534" and outside.removesuffix(" outside") != "0"
     assert "RLIMIT_NPROC 0, checked to bind" in facts["processes"]

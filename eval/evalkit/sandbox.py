@@ -283,6 +283,7 @@ def describe(sandbox: Sandbox) -> dict[str, Any]:
                          "namespaces",
             "filesystem": f"read-only: {', '.join(_visible_paths())}; writable: only a private {sandbox.tmp_mb} MiB "
                           f"tmpfs at {SANDBOX_FOLDER} (the working folder); nothing else of the host exists there",
+            "root_listing": facts["root"],  # what the probe found in / inside the sandbox
             "user": f"uid {facts['uid']} without capabilities inside, uid "
                     f"{NOBODY if found.userns_fd is not None else os.geteuid()} outside",
             "network": "own network namespace with only its loopback: nothing of the host, 127.0.0.1 included",
