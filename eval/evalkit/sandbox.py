@@ -133,6 +133,9 @@ _userns: tuple[int | None, str] | None = None
 def _interpreter() -> tuple[str, list[str]]:
     """The interpreter's executable, and the folders outside the system paths that it needs: its installation."""
     executable = os.path.realpath(sys.executable)
+    base = os.path.join(sys.base_exec_prefix, "bin", f"python{sys.version_info.major}.{sys.version_info.minor}")
+    if not executable.startswith(os.path.realpath(sys.base_exec_prefix) + "/") and os.path.isfile(base):
+        executable = os.path.realpath(base)  # a virtual environment's copied binary: run the one it was made from
     needed: list[str] = []
     for folder in sorted({os.path.realpath(p) for p in (sys.base_prefix, sys.base_exec_prefix,
                                                          os.path.dirname(executable))}):
