@@ -234,6 +234,7 @@ def check_results(script: str, out: Path) -> dict:
         assert set(results["tasks"]) == {item["id"] for item in items}
         assert overall["correct"] == sum(t["status"] == "passed" for t in results["tasks"].values())
         assert results["pass@1"] == overall["accuracy"] and results["sandbox"]["timeout_s"] > 0
+        assert results["sandbox"]["isolated"] is True, results["sandbox"]
         samples = [json.loads(line) for line in (out / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
         assert [s["task_id"] for s in samples] == ["Fixture/0", "Fixture/1", "Fixture/2"]
         return results
@@ -301,6 +302,27 @@ def test_user_errors_end_with_one_line(checkpoints, tmp_path, monkeypatch, capsy
         monkeypatch.setattr(sys, "argv", ["evaluate_chat_mmlu.py", "-c", str(checkpoints["base"]), "-d",
                                           str(DATA / "mmlu"), "-o", str(tmp_path / "chat")])
         runpy.run_path(str(EVAL / "evaluate_chat_mmlu.py"), run_name="__main__")
+
+
+def test_humaneval_refuses_to_run_model_code_without_isolation_unless_allowed(checkpoints, tmp_path, monkeypatch,
+                                                                             capsys):
+    arguments = _arguments("evaluate_humaneval.py", checkpoints, tmp_path / "out")
+    monkeypatch.setenv("PATH", str(tmp_path))  # a PATH without bwrap
+    # Refused before the model loads: with a checkpoint that does not exist, the sandbox's error still comes first.
+    nowhere = ["-c", str(tmp_path / "nowhere"), *arguments[2:]]
+    with pytest.raises(SystemExit, match=r"^error: cannot isolate model-written programs: 'bwrap' is not installed\. "
+                                         r"Install bubblewrap \(apt-get install bubblewrap\), or pass "
+                                         r"--allow-unsafe-execution .*\.$"):
+        monkeypatch.setattr(sys, "argv", ["evaluate_humaneval.py", *nowhere])
+        runpy.run_path(str(EVAL / "evaluate_humaneval.py"), run_name="__main__")
+    assert not (tmp_path / "out").exists()
+    capsys.readouterr()
+    assert run_script("evaluate_humaneval.py", [*arguments, "--allow-unsafe-execution"], monkeypatch) == 0
+    printed = capsys.readouterr().err
+    assert "WARNING: model-written programs will run WITHOUT isolation (--allow-unsafe-execution)" in printed
+    assert "WARNING: these programs ran WITHOUT isolation" in printed
+    sandbox = json.loads((tmp_path / "out" / "results.json").read_text(encoding="utf-8"))["sandbox"]
+    assert sandbox["isolated"] is False and sandbox["isolation"].startswith("NONE (--allow-unsafe-execution)")
 
 
 def test_tool_use_scores_of_a_model_trained_to_call_the_tool(tool_chat_dir, tmp_path, monkeypatch):

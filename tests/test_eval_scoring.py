@@ -92,6 +92,21 @@ def test_answers_compare_as_numbers_not_strings():
     assert parse_reference_answer("no marker") is None
 
 
+def test_numbers_of_any_length_are_read_compared_and_written_exactly():
+    # 5,000 digits: past Python's 4,300-digit limit for int <-> str, and far past Decimal's 28-digit context, which
+    # rounds any arithmetic (-x, normalize) and would make two different long answers compare equal.
+    digits = "9" * 4999 + "8"
+    reference = parse_reference_answer(f"Multiply it out.\n#### -{digits}")
+    assert format_number(reference) == f"-{digits}"
+    assert extract_math_answer(f"The answer is -{digits}.") == reference
+    assert extract_math_answer(f"The answer is -{'9' * 5000}.") != reference  # differs in the last digit only
+    long_fraction = extract_math_answer(f"The answer is {digits}.2500 apples")
+    assert format_number(long_fraction) == f"{digits}.25"
+    grouped = ",".join(["123"] * 1700)  # 5,100 digits written with thousands separators
+    assert format_number(extract_math_answer(f"#### {grouped}")) == "123" * 1700
+    assert [format_number(extract_math_answer(t)) for t in ("The answer is -0", "The answer is 0.000")] == ["0", "0"]
+
+
 def test_math_text_is_never_evaluated():
     # eval("2**10") would give 1024; the text is only read, so the first number after the statement is 2.
     assert extract_math_answer("The answer is 2**10") == Decimal(2)

@@ -1,25 +1,47 @@
-"""Runs first in the sandboxed child, before the program: `python -I -S -B -c <this file's text> PROGRAM`.
+"""Runs first in the sandboxed child, before the program: `python -I -S -B -c <this file's text> VERDICT_FD`.
 
-It reads PROGRAM (a file in the child's own empty working folder), then takes away what a HumanEval solution never
-needs, and only then runs the program. The operating-system limits set by `sandbox.py` (rlimits, namespaces) are the
-real walls; this is the second layer, for what rlimits cannot express or where namespaces are unavailable:
+What it does, in order:
 
-- no new processes: RLIMIT_NPROC 0 (the kernel ignores it for root, hence also) fork, exec, spawn, system, popen and
-  the subprocess machinery raise PermissionError, and so do kill/killpg, so a program cannot signal the evaluator;
+1. reads its standard input: a per-run random token on the first line, the program after it; then standard input
+   becomes /dev/null (a solution that calls `input()` gets EOF, as before);
+2. sets RLIMIT_NPROC to 0: from here on the process can start neither processes nor threads. This one is a kernel
+   limit, and it binds inside bubblewrap, where the process's user is not root outside (`sandbox.py` sees to that);
+3. takes away, at the Python level, what a HumanEval solution never needs (the list below);
+4. runs the program (as module `sandboxed_program`, so a solution's `if __name__ == "__main__":` demo does not run);
+5. only when the program's last line, the tests' `check(...)` call, has returned: writes the token to the pipe
+   VERDICT_FD and ends the process at once with `os._exit(0)`, so no atexit hook or finalizer of the program runs
+   after it. On any exception, `SystemExit` included, it prints why and ends with status 1 without the token.
+
+The evaluator scores a program as passed only when the pipe holds the token: the exit status does not count, so
+`sys.exit(0)`, `os._exit(0)` or an atexit hook cannot turn failed tests into a pass. The program cannot know the
+token in advance; one written to search this process's memory for it could still forge a pass. That is an attack on
+the score, not a wrong answer that exits early, and the operating-system sandbox around the process still holds.
+
+The Python-level layer, an extra one and not the boundary (the program can undo all of it, for instance by
+re-importing `posix`; bubblewrap's namespaces and the rlimits are the walls):
+
+- no new processes: fork, exec, spawn, system, popen, posix_spawn and the subprocess machinery raise
+  PermissionError, and so do kill/killpg;
 - no network: every socket constructor, socketpair, fromfd and getaddrinfo (DNS) raise PermissionError;
 - no writes outside the working folder: open/os.open for writing, and removing, renaming, linking, chmod/chown,
   mkdir and the like, are refused for any path that resolves outside it;
-- no ctypes, cffi or multiprocessing imports, which would reach around all of the above.
+- no ctypes, cffi or multiprocessing imports.
 
-Nothing here can be relied on against a determined attacker in the same process (Python has no such boundary); it
-stops accidents and casual escapes, and the tests show each one refused. It must import only the standard library:
-the child runs with -I -S, without site-packages.
+Without bubblewrap (the evaluator's `--allow-unsafe-execution`) this layer and the rlimits are all there is. It must
+import only the standard library: the child runs with -I -S, without site-packages.
 """
 
 import builtins
 import io
 import os
+import resource
 import sys
+import traceback
+
+# Kept before the program runs: the program may replace os.write or os._exit with its own functions.
+_write = os.write
+_exit = os._exit
+_stderr = sys.stderr
 
 
 def _refuse(what: str):
@@ -31,12 +53,9 @@ def _refuse(what: str):
 
 
 def _limit_processes() -> None:
-    import resource
-
-    try:
-        resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
-    except (ValueError, OSError):
-        pass
+    # The kernel exempts root, and a user namespace whose user is root outside, from this limit; sandbox.py runs
+    # bubblewrap so that it binds, and describes the unisolated mode for what it is.
+    resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
     import _posixsubprocess
     import posix
 
@@ -132,10 +151,33 @@ class _ImportBlocker:
         return None
 
 
+def _flush_output() -> None:
+    for stream in {id(s): s for s in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)}.values():
+        try:
+            stream.flush()
+        except Exception:  # the program may have closed or replaced them; its output is then its own business
+            pass
+
+
+def _fail(message: str | None) -> None:
+    """Report why the program did not run to its end, and end the process without the token."""
+    _flush_output()
+    try:
+        if message is None:
+            traceback.print_exc(file=_stderr)
+        else:
+            print(message, file=_stderr)
+        _stderr.flush()
+    finally:
+        _exit(1)
+
+
 def main() -> None:
-    program = sys.argv[1]
-    with open(program, encoding="utf-8") as handle:
-        source = handle.read()
+    verdict_fd = int(sys.argv[1])
+    token, _, source = sys.stdin.buffer.read().partition(b"\n")
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
     workdir = os.path.realpath(os.getcwd())
     _limit_processes()
     _block_network()
@@ -144,10 +186,17 @@ def main() -> None:
         if name.partition(".")[0] in _ImportBlocker.blocked:
             del sys.modules[name]
     sys.meta_path.insert(0, _ImportBlocker())
-    code = compile(source, program, "exec")
-    sys.argv = [program]
-    # Not "__main__": as in the HumanEval harness, a solution's `if __name__ == "__main__":` demo does not run.
-    exec(code, {"__name__": "sandboxed_program", "__builtins__": builtins})
+    sys.argv = ["program.py"]
+    try:
+        code = compile(source, "program.py", "exec")
+        exec(code, {"__name__": "sandboxed_program", "__builtins__": builtins})
+    except SystemExit as stop:
+        _fail(f"SystemExit({stop.code!r}): the program ended itself before its tests ran to the end")
+    except BaseException:
+        _fail(None)
+    _flush_output()
+    _write(verdict_fd, token)
+    _exit(0)
 
 
 main()

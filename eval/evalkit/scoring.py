@@ -1,7 +1,9 @@
 """Reading answers out of model text, and the tool-use metrics. Pure string work: no model, no torch.
 
 Each rule is written out here because the published numbers depend on it; `eval/EVALUATION.md` lists them in words.
-Numbers are parsed with `decimal.Decimal`, never `eval()`.
+Numbers are parsed with `decimal.Decimal`, never `eval()`, and only with its exact operations (construction,
+comparison, `copy_negate`, formatting): arithmetic such as `-x` or `normalize()` rounds to the context's 28 digits, and
+`int` cannot be turned into a string past 4,300 digits, while a model may write a number of any length.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import difflib
 import json
 import re
 from collections.abc import Callable, Sequence
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
 
 CHOICES = ("A", "B", "C", "D")
@@ -33,7 +35,7 @@ def find_numbers(text: str) -> list[Decimal]:
     for match in _NUMBER.finditer(text):
         digits = match.group("digits") or match.group("bare")
         value = Decimal(digits.replace(",", ""))
-        numbers.append(-value if match.group("sign") else value)
+        numbers.append(value.copy_negate() if match.group("sign") else value)
     return numbers
 
 
@@ -59,15 +61,15 @@ def extract_math_answer(text: str) -> Decimal | None:
 
 
 def format_number(value: Decimal | None) -> str | None:
-    """A number for the results file: "1200" rather than "1.2E+3", "0.5" rather than "0.50"."""
+    """A number for the results file, every digit kept: "1200" rather than "1.2E+3", "0.5" rather than "0.50"."""
     if value is None:
         return None
-    try:
-        if value == value.to_integral_value():
-            return str(int(value))
-    except InvalidOperation:  # infinities cannot come from find_numbers, but stay safe
+    if not value.is_finite():  # cannot come from find_numbers, but stay safe
         return str(value)
-    return format(value.normalize(), "f")
+    if value.is_zero():
+        return "0"
+    text = format(value, "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
 # --------------------------------------------------------------------------------------------------------------------

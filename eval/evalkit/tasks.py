@@ -41,7 +41,7 @@ from .data import (
 )
 from .inference import fit_prompt, generate, greedy_params, iter_next_token_logprobs, running_engine
 from .results import ResultsMismatchError, ResultStore, accuracy_summary, format_table, write_json
-from .sandbox import Sandbox, describe, run_many
+from .sandbox import UNSAFE_FLAG, Sandbox, SandboxUnavailable, describe, require_isolation, run_many
 from .scoring import (
     COMPLETION_STOPS,
     chat_code_completion,
@@ -140,7 +140,7 @@ def _user_errors() -> Iterator[None]:
     """Problems the user can fix end the script with their one-line message; an interrupted run says how to resume."""
     try:
         yield
-    except (DataLayoutError, ResultsMismatchError) as error:
+    except (DataLayoutError, ResultsMismatchError, SandboxUnavailable) as error:
         raise SystemExit(f"error: {error}") from None
     except KeyboardInterrupt:
         print("\ninterrupted; the answers so far are saved: run the same command again to resume.", file=sys.stderr)
@@ -436,13 +436,23 @@ def run_humaneval(chat: bool, argv: Sequence[str] | None = None, description: st
                         help="address space each program may use, MiB (default 1024)")
     parser.add_argument("--workers", type=_positive_int, default=os.cpu_count() or 1,
                         help="programs run at once (default: one per CPU)")
+    parser.add_argument(UNSAFE_FLAG, action="store_true",
+                        help="where bubblewrap cannot isolate the programs (not installed, or no user namespaces), "
+                             "run them anyway with only resource limits and an in-process guard that model code can "
+                             "undo: they can then reach your files, network and processes. results.json records it")
     if not chat:
         parser.add_argument("--stop", choices=sorted(COMPLETION_STOPS), default="qwen",
                             help="where a completion ends: 'qwen' (the published runs: at the first blank line or "
                                  "'def ') or 'codex' (the HumanEval paper's stop sequences)")
     args = parser.parse_args(argv)
+    sandbox = Sandbox(timeout=args.timeout, memory_mb=args.memory_mb, allow_unisolated=args.allow_unsafe_execution)
     with _user_errors():
         tasks = read_humaneval(args.data_dir, args.limit)
+        isolation = require_isolation(sandbox)  # before the model loads: a refusal costs a second, not a run
+        if isolation.bwrap is None:
+            print(f"WARNING: model-written programs will run WITHOUT isolation ({UNSAFE_FLAG}): "
+                  f"{isolation.problem}. They can read and write your files, reach the network and signal your "
+                  "processes; results.json records this.", file=sys.stderr)
         model, tokenizer = _load(args)
         params = _generation_params(model, tokenizer, args.max_new_tokens, chat, "evaluate_humaneval.py",
                                     () if chat else COMPLETION_STOPS[args.stop])
@@ -481,7 +491,6 @@ def run_humaneval(chat: bool, argv: Sequence[str] | None = None, description: st
         samples.write_text("".join(
             json.dumps({"task_id": task.task_id, "completion": saved[task.task_id]["completion"]},
                                      ensure_ascii=False) + "\n" for task in tasks), encoding="utf-8")
-        sandbox = Sandbox(timeout=args.timeout, memory_mb=args.memory_mb)
         programs = [humaneval_program(task.prompt, saved[task.task_id]["completion"], task.test, task.entry_point)
                     for task in tasks]
         with _progress(len(programs), "running tests", "program") as bar:
@@ -495,6 +504,8 @@ def run_humaneval(chat: bool, argv: Sequence[str] | None = None, description: st
                    "checkpoint": _checkpoint_name(args.checkpoint_path), "pass@1": summary["overall"]["accuracy"],
                    **summary, "sandbox": describe(sandbox), "tasks": executions}
         _finish(output_dir, "HumanEval pass@1" + (", chat" if chat else ""), results)
+        if isolation.bwrap is None:
+            print(f"WARNING: these programs ran WITHOUT isolation ({UNSAFE_FLAG}).", file=sys.stderr)
     return 0
 
 
