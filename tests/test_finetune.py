@@ -66,7 +66,7 @@ def test_lora_adapter_reloads_with_peft_and_merges_to_the_same_model(tmp_path, t
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoTokenizer
 
-    from qwen.loading import load_model_and_tokenizer
+    from qwen.loading import LoadError, load_model_and_tokenizer
 
     adapter = tmp_path / "lora"
     # A random tiny model's output layer is too weak for adapters alone to make one answer win; training it as a
@@ -87,6 +87,12 @@ def test_lora_adapter_reloads_with_peft_and_merges_to_the_same_model(tmp_path, t
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_no_third_party_noise(result)  # peft imports bitsandbytes and gptqmodel here, accelerate DeepSpeed
+    from qwen.lora import merge_adapter
+
+    merged_weights = (merged_dir / "model.safetensors").read_bytes()
+    with pytest.raises(LoadError, match=r"already holds a model \(config.json, model.safetensors\).*--overwrite"):
+        merge_adapter(adapter, merged_dir)  # a second merge into the same folder must be asked for
+    assert (merged_dir / "model.safetensors").read_bytes() == merged_weights
     merged, merged_tokenizer = load_model_and_tokenizer(merged_dir, cpu_only=True)
     assert merged.chat(merged_tokenizer, QUESTION, history=None, **GREEDY)[0] == ANSWER
     ids = torch.tensor([tokenizer.encode("Tell me about LoRA merging.")])
