@@ -70,7 +70,9 @@ class _QuietImportFinder(importlib.abc.MetaPathFinder):
 
     packages = {"gptqmodel": "logbar"}
 
-    def find_spec(self, fullname: str, path: Any, target: ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
+    def find_spec(
+        self, fullname: str, path: Any, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
         logger_name = self.packages.get(fullname)
         if logger_name is None:
             return None
