@@ -3,9 +3,10 @@
     python finetune.py --model_name_or_path Qwen-7B-Chat --data_path data.json --output_dir out \\
         [--use_lora] [--q_lora] [--bf16 True] [--model_max_length 2048] [--gradient_checkpointing] ...
 
-Every TrainingArguments option works as in transformers. The data format, the label mask and the choice between a
-base and a chat model (read from the checkpoint's generation_config.json) are in `qwen/sft.py` and `qwen/lora.py`;
-`finetune/*.sh` are the launch scripts for one or many GPUs.
+Every TrainingArguments option works as in transformers, plus --overwrite_output_dir (without it, an --output_dir that
+already holds a model is refused). --bf16 True on a machine without any GPU trains on the CPU. The data format, the
+label mask and the choice between a base and a chat model (read from the checkpoint's generation_config.json) are in
+`qwen/sft.py` and `qwen/lora.py`; `finetune/*.sh` are the launch scripts for one or many GPUs (or the CPU).
 """
 
 from __future__ import annotations
