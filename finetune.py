@@ -3,22 +3,28 @@
     python finetune.py --model_name_or_path Qwen-7B-Chat --data_path data.json --output_dir out \\
         [--use_lora] [--q_lora] [--bf16 True] [--model_max_length 2048] [--gradient_checkpointing] ...
 
-Every TrainingArguments option works as in transformers. The data format, the label mask and the choice between a
-base and a chat model (read from the checkpoint's generation_config.json) are in `qwen/sft.py` and `qwen/lora.py`;
-`finetune/*.sh` are the launch scripts for one or many GPUs.
+Every TrainingArguments option works as in transformers, plus --overwrite_output_dir (without it, an --output_dir that
+already holds a model is refused). --bf16 True on a machine without any GPU trains on the CPU. The data format, the
+label mask and the choice between a base and a chat model (read from the checkpoint's generation_config.json) are in
+`qwen/sft.py` and `qwen/lora.py`; `finetune/*.sh` are the launch scripts for one or many GPUs (or the CPU).
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# First, before transformers' Trainer is imported: importing qwen quiets the start-up messages of third-party packages
+# (qwen/_quiet.py), which importing Trainer would otherwise print.
+import qwen  # noqa: F401  # isort: skip
 import torch
 import transformers
 from transformers import HfArgumentParser, Trainer
 
 from qwen import QWenLMHeadModel, QWenTokenizer
+from qwen.checkpoint import model_files_in
 from qwen.loading import LoadError, resolve_checkpoint
 from qwen.lora import LoraSettings, copy_checkpoint_metadata, is_chat_checkpoint, prepare_lora_model
 from qwen.sft import ConversationDataset, DataError, PadToLongest, load_samples
@@ -38,6 +44,10 @@ class DataArguments:
     lazy_preprocess: bool = field(default=False, metadata={"help": "tokenize each sample when it is read"})
 
 
+class UsageError(ValueError):
+    """Command-line options that cannot work together or here; the message says what to change."""
+
+
 @dataclass
 class TrainingArguments(transformers.TrainingArguments):
     model_max_length: int = field(default=8192, metadata={"help": "samples are cut to this many tokens"})
@@ -47,12 +57,26 @@ class TrainingArguments(transformers.TrainingArguments):
         metadata={"help": "warmup as a fraction of all steps, as the original scripts say it (transformers 5 folded "
                           "it into --warmup_steps, which takes a fraction below 1 as a ratio)"},
     )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "replace the model already saved in --output_dir (else the run refuses)"},
+    )
 
     def __post_init__(self) -> None:
         if self.warmup_ratio is not None:
             if self.warmup_steps:
-                raise ValueError("Give --warmup_ratio or --warmup_steps, not both.")
+                raise UsageError("Give --warmup_ratio or --warmup_steps, not both.")
             self.warmup_steps = self.warmup_ratio
+        bf16 = self.bf16 or self.bf16_full_eval
+        if bf16 and not self.use_cpu and not transformers.utils.is_torch_bf16_gpu_available():
+            if torch.accelerator.is_available():
+                raise UsageError(
+                    "--bf16 True needs a GPU with bf16 support (NVIDIA Ampere or newer); on this one train with "
+                    "--fp16 True, or on the CPU with --use_cpu True."
+                )
+            # No GPU at all: bf16 runs on the CPU (the launchers pass --bf16 True), which transformers only allows
+            # with --use_cpu. Without it, its check stops the run with a traceback that suggests nothing else.
+            self.use_cpu = True
+            print("No GPU found: training on the CPU (as with --use_cpu True).", file=sys.stderr, flush=True)
         super().__post_init__()
 
 
@@ -129,26 +153,75 @@ def end_distributed() -> None:
 def main(argv: list[str] | None = None) -> None:
     try:
         train(*parse_args(argv))
-    except (DataError, LoadError) as error:  # a data file or checkpoint the user can fix: one line, no traceback
+    except (DataError, LoadError, UsageError) as error:  # what the user can fix: one line, no traceback
         raise SystemExit(f"error: {error}") from None
+
+
+def check_output_dir(args: TrainingArguments) -> None:
+    """Refuse to write over a model already saved in --output_dir unless --overwrite_output_dir says so.
+
+    Trainer's own checkpoint-N folders inside it do not count: resuming from them works as before.
+    """
+    found = model_files_in(args.output_dir)
+    if found and not args.overwrite_output_dir:
+        raise UsageError(
+            f"--output_dir {args.output_dir} already holds a model ({', '.join(found[:3])}). Choose another folder, "
+            "or pass --overwrite_output_dir True to replace it."
+        )
+
+
+# Left-out samples reported one line each, up to this many; a big file with many of them would bury everything else.
+LEFT_OUT_LINES = 10
+
+
+def conversation_dataset(samples: list[dict], tokenizer: QWenTokenizer, flag: str, path: str, max_length: int,
+                         lazy: bool, report: bool) -> ConversationDataset:
+    """The dataset of one data file; samples cut down to no label at all are reported (on the main process) and
+    left out, and a file left with none stops the run."""
+    dataset = ConversationDataset(samples, tokenizer, max_length, lazy=lazy)
+    if report:
+        for sample in dataset.left_out[:LEFT_OUT_LINES]:
+            print(f"warning: {path}: {sample.name} is {sample.length} tokens long and its first reply starts at "
+                  f"token {sample.first_label}, beyond --model_max_length {max_length}: every label is cut off, so "
+                  "it is left out.", file=sys.stderr)
+        if len(dataset.left_out) > LEFT_OUT_LINES:
+            print(f"warning: {path}: {len(dataset.left_out) - LEFT_OUT_LINES} more samples like these are left out "
+                  f"({len(dataset.left_out)} of {len(samples)} in all).", file=sys.stderr)
+    if not len(dataset):
+        earliest = min(sample.first_label for sample in dataset.left_out)
+        raise DataError(
+            f"{flag} {path}: every sample's first reply starts beyond --model_max_length {max_length} (the earliest "
+            f"at token {earliest}), so nothing is left to learn from; raise --model_max_length above {earliest}."
+        )
+    return dataset
 
 
 def train(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments,
           lora_args: LoraArguments) -> None:
     logging.basicConfig(level=logging.INFO if training_args.process_index == 0 else logging.WARNING)
+    check_output_dir(training_args)
+    folder = resolve_checkpoint(model_args.model_name_or_path)
+    use_lora = training_args.use_lora or lora_args.q_lora
+    chat = is_chat_checkpoint(folder)
+
+    # The data are read and checked before the model is loaded, so that a problem with them stops the run at once.
+    tokenizer = QWenTokenizer.from_pretrained(folder, model_max_length=training_args.model_max_length)
+    max_length = training_args.model_max_length
+    main_process = training_args.process_index == 0
+    train_dataset = conversation_dataset(
+        load_samples(data_args.data_path), tokenizer, "--data_path", data_args.data_path, max_length,
+        data_args.lazy_preprocess, report=main_process,
+    )
+    eval_dataset = conversation_dataset(
+        load_samples(data_args.eval_data_path), tokenizer, "--eval_data_path", data_args.eval_data_path, max_length,
+        data_args.lazy_preprocess, report=main_process,
+    ) if data_args.eval_data_path else None
+
     if trains_on_cpu(training_args):
         # Adam's updates shrink into denormal floats late in a run, and x86 CPUs compute on those 10-20x slower;
         # flushing them to zero changes nothing a model can notice.
         torch.set_flush_denormal(True)
     start_deepspeed_on_cpu(training_args)
-    folder = resolve_checkpoint(model_args.model_name_or_path)
-    use_lora = training_args.use_lora or lora_args.q_lora
-    chat = is_chat_checkpoint(folder)
-
-    tokenizer = QWenTokenizer.from_pretrained(folder, model_max_length=training_args.model_max_length)
-    train_samples = load_samples(data_args.data_path)
-    eval_samples = load_samples(data_args.eval_data_path) if data_args.eval_data_path else None
-
     settings = LoraSettings(
         r=lora_args.lora_r, alpha=lora_args.lora_alpha, dropout=lora_args.lora_dropout,
         target_modules=list(lora_args.lora_target_modules), bias=lora_args.lora_bias,
@@ -165,13 +238,11 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         model = QWenLMHeadModel.from_pretrained(folder, dtype=weights_dtype(training_args, use_lora=False))
     model.config.use_cache = False
 
-    max_length = training_args.model_max_length
     trainer = Trainer(
         model=model,
         args=training_args,
-        train_dataset=ConversationDataset(train_samples, tokenizer, max_length, lazy=data_args.lazy_preprocess),
-        eval_dataset=ConversationDataset(eval_samples, tokenizer, max_length, lazy=data_args.lazy_preprocess)
-        if eval_samples else None,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
         data_collator=PadToLongest(pad_token_id=tokenizer.eod_id),
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)

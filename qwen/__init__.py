@@ -5,15 +5,10 @@ Importing this package registers the classes with transformers' Auto classes und
 folder without `trust_remote_code`.
 """
 
-import logging
+from ._quiet import quiet_third_party_startup
 
-# The GPTQ extra brings torchao, which transformers imports with PreTrainedModel. On a CPU build of torch its
-# CUDA-only kernels fail to load and it logs a warning per library file, plus torch's notices about the enums it
-# registers: lines on every start of every script that would bury our own one-line errors. Errors still show, and a
-# level the user set is kept.
-for _name in ("torchao", "torch.utils._pytree"):
-    if logging.getLogger(_name).level == logging.NOTSET:
-        logging.getLogger(_name).setLevel(logging.ERROR)
+# First, before transformers (which imports torchao with PreTrainedModel) and the optional packages it brings.
+quiet_third_party_startup()
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 

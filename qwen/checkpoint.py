@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
+import os
 from pathlib import Path
 from typing import Any
 
@@ -72,8 +72,39 @@ def config_for_size(size: str, **overrides: Any) -> QWenConfig:
     return QWenConfig(**{**SIZES[size], **overrides})
 
 
+# Files that make a folder a saved model or LoRA adapter (Trainer's checkpoint-N subfolders do not).
+MODEL_FILE_PATTERNS = (
+    "config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model*.bin.index.json",
+    "adapter_config.json", "adapter_model.*",
+)
+
+
+def model_files_in(folder: str | Path) -> list[str]:
+    """The names of the files in `folder` that make it a saved model or adapter; empty for a new or other folder."""
+    path = Path(folder)
+    if not path.is_dir():
+        return []
+    return sorted({file.name for pattern in MODEL_FILE_PATTERNS for file in path.glob(pattern) if file.is_file()})
+
+
+def _replace_file(path: Path, data: bytes) -> None:
+    """Make `path` a regular file holding `data`, atomically, replacing whatever is there.
+
+    A symbolic link is replaced itself, never written through: in the Hugging Face hub cache every file of a snapshot
+    is a link into `blobs/`, where one blob can belong to several snapshots, and a link may point outside the folder.
+    """
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(staging, "xb") as handle:
+            handle.write(data)
+        os.replace(staging, path)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+
+
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    _replace_file(path, (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 def _released_config_dict(config: QWenConfig, dtype: torch.dtype) -> dict[str, Any]:
@@ -100,8 +131,13 @@ def write_random_checkpoint(
 ) -> Path:
     """Write a checkpoint folder in the released layout with seeded random weights (or, with config_only, none)."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    # The vocabulary and the config are checked first: a problem with either stops before any weights (GBs for the
+    # released sizes) are written.
+    vocab = Path(vocab_file) if vocab_file is not None else find_vocab()
+    if not vocab.is_file():
+        raise FileNotFoundError(f"The vocabulary file {vocab} does not exist.")
     config = config_for_size(size, **config_overrides)
+    folder.mkdir(parents=True, exist_ok=True)
     if not config_only:
         from .modeling_qwen import QWenLMHeadModel
 
@@ -117,23 +153,29 @@ def write_random_checkpoint(
         {"auto_map": AUTO_MAP_TOKENIZER, "clean_up_tokenization_spaces": True,
          "model_max_length": config.seq_length, "tokenizer_class": "QWenTokenizer"},
     )
-    shutil.copyfile(vocab_file if vocab_file is not None else find_vocab(), folder / VOCAB_FILE_NAME)
+    _replace_file(folder / VOCAB_FILE_NAME, vocab.read_bytes())
     return folder
 
 
 def install_code(folder: str | Path) -> list[Path]:
-    """Copy our model files into `folder` and point its `auto_map` at them, for `trust_remote_code=True` loading."""
+    """Copy our model files into `folder` and point its `auto_map` at them, for `trust_remote_code=True` loading.
+
+    Files that are symbolic links (every file of a hub cache snapshot is one) become regular files; what they point
+    to is left as it was.
+    """
     folder = Path(folder)
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{folder} has no config.json: it is not a checkpoint folder.")
     config = json.loads(config_path.read_text(encoding="utf-8"))
-    if config.get("model_type") != "qwen":
-        raise ValueError(f"{config_path} has model_type={config.get('model_type')!r}; this command is for Qwen (v1).")
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type != "qwen":
+        raise ValueError(f"{config_path} has model_type={model_type!r}; this command is for Qwen (v1).")
     source = Path(__file__).parent
     written = []
     for name in REMOTE_CODE_FILES:
-        written.append(Path(shutil.copyfile(source / name, folder / name)))
+        _replace_file(folder / name, (source / name).read_bytes())
+        written.append(folder / name)
     config["auto_map"] = dict(AUTO_MAP_CONFIG)
     _write_json(config_path, config)
     tokenizer_config_path = folder / "tokenizer_config.json"
@@ -160,10 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     install.add_argument("folder", type=Path)
     args = parser.parse_args(argv)
     if args.command == "make-random":
-        folder = write_random_checkpoint(
-            args.folder, size=args.size, chat=not args.base, seed=args.seed, dtype=getattr(torch, args.dtype),
-            config_only=args.config_only,
-        )
+        try:
+            folder = write_random_checkpoint(
+                args.folder, size=args.size, chat=not args.base, seed=args.seed, dtype=getattr(torch, args.dtype),
+                config_only=args.config_only,
+            )
+        except (FileNotFoundError, ValueError) as error:  # no (or a damaged) vocabulary file
+            parser.exit(1, f"error: {error}\n")
         print(f"wrote a random-weight {args.size} checkpoint to {folder} (its replies are noise)")
     else:
         try:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from transformers import GenerationConfig
 
+from .configuration_qwen import QWenConfig
 from .modeling_qwen import QWenLMHeadModel
 from .tokenization_qwen import VOCAB_FILE_NAME, QWenTokenizer
 
@@ -43,9 +44,15 @@ def check_checkpoint_folder(folder: str | Path) -> Path:
     if not config_path.is_file():
         raise CheckpointError(f"{path} has no config.json, so it is not a model checkpoint folder.")
     try:
-        model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
-    except json.JSONDecodeError as error:
+        settings = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{config_path} is not valid JSON ({error}).") from error
+    if not isinstance(settings, dict):
+        raise CheckpointError(
+            f"{config_path} holds a JSON {type(settings).__name__}, not an object of settings: it is not a model's "
+            "config.json."
+        )
+    model_type = settings.get("model_type")
     if model_type != "qwen":
         raise CheckpointError(
             f"{path} holds a {model_type!r} model, not a Qwen (v1) one (model_type 'qwen'). This repository runs "
@@ -56,6 +63,11 @@ def check_checkpoint_folder(folder: str | Path) -> Path:
             f"{path} has no {VOCAB_FILE_NAME}. Copy it from the released checkpoint, or fetch it with "
             "`python -m qwen.vocab fetch` and copy ~/.cache/qwen/qwen.tiktoken into the folder."
         )
+    # Values no model can be built with, or that its weights contradict: named here, before anything is allocated.
+    try:
+        QWenConfig.from_pretrained(path).check_against_weights(path)
+    except (ValueError, NotImplementedError) as error:
+        raise CheckpointError(f"{config_path}: {error}") from error
     return path
 
 

@@ -1,9 +1,9 @@
 """LoRA and Q-LoRA on Qwen checkpoints with peft: building the trainable model, saving, merging an adapter back.
 
-    python -m qwen.lora merge ADAPTER_DIR OUTPUT_DIR [--max-shard-size 2GB]
+    python -m qwen.lora merge ADAPTER_DIR OUTPUT_DIR [--max-shard-size 2GB] [--overwrite]
 
 writes a complete checkpoint folder (weights with the adapter merged in, config, generation config and tokenizer
-files of the base) that loads like a released one.
+files of the base) that loads like a released one; a model already in OUTPUT_DIR is replaced only with --overwrite.
 """
 
 from __future__ import annotations
@@ -153,16 +153,25 @@ def copy_checkpoint_metadata(base: str | Path, output: str | Path, full: bool) -
             shutil.copyfile(base / name, output / name)
 
 
-def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, max_shard_size: str = "2GB") -> Path:
-    """Fold a LoRA adapter into its base model and save a complete checkpoint folder."""
+def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, max_shard_size: str = "2GB",
+                  overwrite: bool = False) -> Path:
+    """Fold a LoRA adapter into its base model and save a complete checkpoint folder.
+
+    An `output_dir` that already holds a model is refused unless `overwrite` is set.
+    """
     from peft import PeftConfig, PeftModel
 
+    from .checkpoint import model_files_in
     from .gptq import read_gptq_settings
     from .modeling_qwen import QWenLMHeadModel
 
     adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise LoadError(f"{adapter_dir} has no adapter_config.json, so it is not a LoRA adapter folder.")
+    found = model_files_in(output_dir)
+    if found and not overwrite:
+        raise LoadError(f"{output_dir} already holds a model ({', '.join(found[:3])}). Choose another folder, or pass "
+                        "--overwrite to replace it.")
     base_name = PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
     if not base_name:
         raise LoadError(f"{adapter_dir}/adapter_config.json does not say which base model it belongs to "
@@ -190,9 +199,10 @@ def main(argv: list[str] | None = None) -> None:
     merge.add_argument("adapter_dir")
     merge.add_argument("output_dir")
     merge.add_argument("--max-shard-size", default="2GB")
+    merge.add_argument("--overwrite", action="store_true", help="replace a model already saved in OUTPUT_DIR")
     args = parser.parse_args(argv)
     try:
-        print(merge_adapter(args.adapter_dir, args.output_dir, args.max_shard_size))
+        print(merge_adapter(args.adapter_dir, args.output_dir, args.max_shard_size, overwrite=args.overwrite))
     except LoadError as error:
         raise SystemExit(f"error: {error}") from None
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import math
+import os
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -646,6 +647,13 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
                 pretrained_model_name_or_path,
                 **{k: kwargs[k] for k in ("revision", "cache_dir", "local_files_only", "token") if k in kwargs},
             )
+        if isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
+            # A config that its saved weights contradict is refused before transformers builds the model.
+            folder = pretrained_model_name_or_path
+            if kwargs.get("subfolder"):
+                folder = os.path.join(folder, kwargs["subfolder"])
+            if os.path.isdir(folder):
+                config.check_against_weights(folder)
         if _is_gptq(getattr(config, "quantization_config", None)) or _is_gptq(kwargs.get("quantization_config")):
             require_gptq_packages()
         if kwargs.get("dtype") is None and kwargs.get("torch_dtype") is None:

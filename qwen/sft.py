@@ -14,7 +14,7 @@ not to write the user's turns or the role headers.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,15 @@ def load_samples(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"Data file {str(path)!r} does not exist.")
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")  # a byte-order mark, as some Windows editors write, is not part of the data
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}, line {line}: not UTF-8 text (byte 0x{raw[error.start]:02x} at offset {error.start}); save the "
+            "file as UTF-8."
+        ) from None
     if text.lstrip().startswith("["):
         try:
             samples = json.loads(text)
@@ -93,40 +101,83 @@ def check_sample(sample: Any, index: int) -> None:
         raise DataError(f"{name} has no assistant turn, so there is nothing to learn from it.")
 
 
+def _encoded_pieces(tokenizer: Any, sample: dict[str, Any]) -> Iterator[tuple[list[int], list[int]]]:
+    """(ids, labels) of a checked sample, piece by piece in order: the system turn, then each turn after a newline."""
+    newline = _encode_text(tokenizer, "\n")
+    turns = [("system", sample.get("system", DEFAULT_SYSTEM_PROMPT))]
+    turns += [(turn["from"], turn["value"]) for turn in sample["conversations"]]
+    for position, (role, content) in enumerate(turns):
+        if position:
+            yield newline, [IGNORE_INDEX] * len(newline)
+        _, ids = _turn(tokenizer, role, content)
+        if role == "assistant":
+            header = 1 + len(_encode_text(tokenizer, role)) + len(newline)  # <|im_start|>assistant\n
+            yield ids, [IGNORE_INDEX] * header + ids[header:]
+        else:
+            yield ids, [IGNORE_INDEX] * len(ids)
+
+
 def tokenize_sample(tokenizer: Any, sample: dict[str, Any], max_length: int | None = None) -> TokenizedSample:
     """ChatML ids of one checked sample and its labels (-100 except assistant replies and their `<|im_end|>`).
 
     Longer samples are cut at `max_length` tokens.
     """
-    newline = _encode_text(tokenizer, "\n")
     input_ids: list[int] = []
     labels: list[int] = []
-    turns = [("system", sample.get("system", DEFAULT_SYSTEM_PROMPT))]
-    turns += [(turn["from"], turn["value"]) for turn in sample["conversations"]]
-    for position, (role, content) in enumerate(turns):
-        if position:
-            input_ids += newline
-            labels += [IGNORE_INDEX] * len(newline)
-        _, ids = _turn(tokenizer, role, content)
+    for ids, piece_labels in _encoded_pieces(tokenizer, sample):
         input_ids += ids
-        if role == "assistant":
-            header = 1 + len(_encode_text(tokenizer, role)) + len(newline)  # <|im_start|>assistant\n
-            labels += [IGNORE_INDEX] * header + ids[header:]
-        else:
-            labels += [IGNORE_INDEX] * len(ids)
+        labels += piece_labels
     if max_length is not None:
         input_ids, labels = input_ids[:max_length], labels[:max_length]
     return TokenizedSample(input_ids, labels)
 
 
+def first_label_position(tokenizer: Any, sample: dict[str, Any]) -> int:
+    """Where the first labelled token (the start of the first reply) of a checked sample is, in tokens.
+
+    A sample cut at a length at or below this has every label masked: nothing in it is learned. Only the pieces up to
+    that reply are tokenized, so checking a big file costs little more than its prompts.
+    """
+    position = 0
+    for ids, labels in _encoded_pieces(tokenizer, sample):
+        for offset, label in enumerate(labels):
+            if label != IGNORE_INDEX:
+                return position + offset
+        position += len(ids)
+    raise DataError("The sample has no assistant turn, so there is nothing to learn from it.")
+
+
+@dataclass(frozen=True)
+class LeftOutSample:
+    """A sample whose every label lies beyond the length samples are cut at."""
+
+    index: int
+    name: str
+    length: int  # tokens of the whole sample
+    first_label: int  # where its first reply starts
+
+
 class ConversationDataset(torch.utils.data.Dataset):
-    """Samples tokenized up front, or (`lazy=True`) each time one is read, for files too big to tokenize at once."""
+    """Samples tokenized up front, or (`lazy=True`) each time one is read, for files too big to tokenize at once.
+
+    Samples whose first reply starts at or beyond `max_length` are left out and listed in `left_out`: cut there, all
+    their labels would be masked, and a step of such samples has a loss of 0 and no gradient, yet counts as a step,
+    drags the logged loss down and still moves the weights (the optimizer's momentum and weight decay).
+    """
 
     def __init__(self, samples: Sequence[dict[str, Any]], tokenizer: Any, max_length: int, lazy: bool = False) -> None:
-        self.samples = list(samples)
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.lazy = lazy
+        self.samples: list[dict[str, Any]] = []
+        self.left_out: list[LeftOutSample] = []
+        for index, sample in enumerate(samples):
+            first_label = first_label_position(tokenizer, sample)
+            if first_label < max_length:
+                self.samples.append(sample)
+            else:
+                length = len(tokenize_sample(tokenizer, sample).input_ids)
+                self.left_out.append(LeftOutSample(index, sample_name(sample, index), length, first_label))
         self._tokenized = None if lazy else [tokenize_sample(tokenizer, s, max_length) for s in self.samples]
 
     def __len__(self) -> int:
@@ -159,6 +210,6 @@ class PadToLongest:
 
 
 __all__ = [
-    "IGNORE_INDEX", "ConversationDataset", "DataError", "PadToLongest", "TokenizedSample",
-    "check_sample", "load_samples", "tokenize_sample",
+    "IGNORE_INDEX", "ConversationDataset", "DataError", "LeftOutSample", "PadToLongest", "TokenizedSample",
+    "check_sample", "first_label_position", "load_samples", "tokenize_sample",
 ]

@@ -50,18 +50,31 @@ def test_full_finetuning_writes_a_complete_folder_that_chats_the_trained_answer(
     assert model.chat(tokenizer, QUESTION, history=None, **GREEDY)[0] == ANSWER
 
 
+# Start-up lines of optional third-party packages (torchao, torch's pytree notices, bitsandbytes, DeepSpeed, gptqmodel)
+# that `import qwen` silences; each command that imports them must show none.
+THIRD_PARTY_NOISE = ("Failed to load", "_pytree", "gemm_4bit_forward", "publisher trust", "Setting accelerator to CPU",
+                     "GPT-QModel", "GIL is enabled", "Auto setting")
+
+
+def assert_no_third_party_noise(result: subprocess.CompletedProcess) -> None:
+    for marker in THIRD_PARTY_NOISE:
+        assert marker not in result.stderr and marker not in result.stdout, marker
+
+
 def test_lora_adapter_reloads_with_peft_and_merges_to_the_same_model(tmp_path, tiny_chat_dir, data_file):
     import qwen  # noqa: F401  (registers the Qwen classes for AutoPeftModelForCausalLM)
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoTokenizer
 
-    from qwen.loading import load_model_and_tokenizer
+    from qwen.loading import LoadError, load_model_and_tokenizer
 
     adapter = tmp_path / "lora"
     # A random tiny model's output layer is too weak for adapters alone to make one answer win; training it as a
     # module_to_save (as base-model LoRA does for wte and lm_head) lets 60 CPU steps memorize the answer.
-    finetune(tiny_chat_dir, data_file, adapter, "--use_lora", "--max_steps", "60", "--learning_rate", "1e-2",
-             "--lora_r", "8", "--lora_dropout", "0", "--lora_modules_to_save", "lm_head", "--save_strategy", "no")
+    result = finetune(tiny_chat_dir, data_file, adapter, "--use_lora", "--max_steps", "60", "--learning_rate", "1e-2",
+                      "--lora_r", "8", "--lora_dropout", "0", "--lora_modules_to_save", "lm_head",
+                      "--save_strategy", "no")
+    assert_no_third_party_noise(result)
     assert (adapter / "adapter_config.json").is_file() and not (adapter / "model.safetensors").exists()
     model = AutoPeftModelForCausalLM.from_pretrained(adapter).eval()
     tokenizer = AutoTokenizer.from_pretrained(adapter)  # the adapter folder carries the tokenizer, as the original
@@ -73,6 +86,13 @@ def test_lora_adapter_reloads_with_peft_and_merges_to_the_same_model(tmp_path, t
     result = subprocess.run([sys.executable, "-m", "qwen.lora", "merge", str(adapter), str(merged_dir)], cwd=REPO,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert_no_third_party_noise(result)  # peft imports bitsandbytes and gptqmodel here, accelerate DeepSpeed
+    from qwen.lora import merge_adapter
+
+    merged_weights = (merged_dir / "model.safetensors").read_bytes()
+    with pytest.raises(LoadError, match=r"already holds a model \(config.json, model.safetensors\).*--overwrite"):
+        merge_adapter(adapter, merged_dir)  # a second merge into the same folder must be asked for
+    assert (merged_dir / "model.safetensors").read_bytes() == merged_weights
     merged, merged_tokenizer = load_model_and_tokenizer(merged_dir, cpu_only=True)
     assert merged.chat(merged_tokenizer, QUESTION, history=None, **GREEDY)[0] == ANSWER
     ids = torch.tensor([tokenizer.encode("Tell me about LoRA merging.")])
@@ -305,3 +325,143 @@ def test_fp16_lora_and_full_finetuning_train_on_a_gpu(tmp_path, tiny_chat_dir, d
                  "--learning_rate", "1e-3", "--logging_steps", "1", "--save_strategy", "no", *mode, device="cuda")
         losses = logged_losses(tmp_path / name)
         assert len(losses) == 4 and all(loss == loss for loss in losses)  # no fp16 overflow reached the loss
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Refusals and reports before training starts
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def finetune_main(monkeypatch):
+    """finetune.main in this process, for runs that must stop before the model is loaded: the SystemExit's message
+    is the line the user sees."""
+    monkeypatch.syspath_prepend(str(REPO))
+    import finetune as script
+
+    def run(base: Path, data: Path, output: Path, *extra: str) -> str:
+        with pytest.raises(SystemExit) as stop:
+            script.main(["--model_name_or_path", str(base), "--data_path", str(data), "--output_dir", str(output),
+                         "--use_cpu", "--report_to", "none", *extra])
+        return str(stop.value.code)
+
+    return run
+
+
+def test_data_that_is_not_utf8_stops_with_an_error_line(tmp_path, tiny_chat_dir, finetune_main):
+    data = tmp_path / "latin1.jsonl"
+    sample = {"id": "fr", "conversations": [{"from": "user", "value": "Où?"}, {"from": "assistant", "value": "Là."}]}
+    raw = b"\n" + json.dumps(sample, ensure_ascii=False).encode("latin-1") + b"\n"
+    data.write_bytes(raw)
+    assert finetune_main(tiny_chat_dir, data, tmp_path / "out") == (
+        f"error: {data}, line 2: not UTF-8 text (byte 0xf9 at offset {raw.index(0xF9)}); save the file as UTF-8."
+    )
+
+
+def test_a_run_where_every_sample_is_cut_to_no_label_refuses_to_start(tmp_path, tiny_chat_dir, data_file,
+                                                                       finetune_main, tokenizer):
+    from qwen.sft import first_label_position, load_samples
+
+    first_reply = first_label_position(tokenizer, load_samples(data_file)[0])
+    message = finetune_main(tiny_chat_dir, data_file, tmp_path / "out", "--model_max_length", str(first_reply))
+    assert message == (
+        f"error: --data_path {data_file}: every sample's first reply starts beyond --model_max_length {first_reply} "
+        f"(the earliest at token {first_reply}), so nothing is left to learn from; raise --model_max_length above "
+        f"{first_reply}."
+    )
+    assert not (tmp_path / "out").exists()
+
+
+LONG_PROMPT = {"id": "long", "conversations": [{"from": "user", "value": "word " * 100},
+                                               {"from": "assistant", "value": "ok"}]}
+
+
+def long_prompt_tokens(tokenizer) -> tuple[int, int]:
+    """(length, first labelled position) of LONG_PROMPT, whose reply starts beyond 64 tokens."""
+    from qwen.sft import IGNORE_INDEX, tokenize_sample
+
+    labels = tokenize_sample(tokenizer, LONG_PROMPT).labels
+    first = next(position for position, label in enumerate(labels) if label != IGNORE_INDEX)
+    assert 64 < first < len(labels)
+    return len(labels), first
+
+
+def test_samples_cut_to_no_label_are_reported_one_line_each_up_to_a_cap(monkeypatch, capsys, tokenizer):
+    monkeypatch.syspath_prepend(str(REPO))
+    import finetune as script
+
+    long_prompt = LONG_PROMPT
+    length, first = long_prompt_tokens(tokenizer)
+    short = {"id": "short", "conversations": [{"from": "user", "value": "hi"}, {"from": "assistant", "value": "ok"}]}
+    samples = [long_prompt] * 13 + [short]
+    dataset = script.conversation_dataset(samples, tokenizer, "--data_path", "data.json", 64, lazy=True, report=True)
+    assert len(dataset) == 1 and dataset[0]["input_ids"] == script.ConversationDataset([short], tokenizer, 64)[0][
+        "input_ids"]
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == script.LEFT_OUT_LINES + 1
+    assert lines[0] == (f"warning: data.json: sample 'long' (#0) is {length} tokens long and its first reply starts "
+                        f"at token {first}, beyond --model_max_length 64: every label is cut off, so it is left out.")
+    assert lines[9].startswith(f"warning: data.json: sample 'long' (#9) is {length} tokens long")
+    assert lines[-1] == "warning: data.json: 3 more samples like these are left out (13 of 14 in all)."
+
+
+def test_a_sample_cut_to_no_label_is_reported_and_left_out_of_the_steps(tmp_path, tiny_chat_dir, tokenizer):
+    """On its own in a step, a sample without any label gives a loss of 0 and no gradient: a wasted step that still
+    moves the weights (momentum, weight decay) and drags the logged loss down."""
+    data = tmp_path / "data.jsonl"
+    samples = [
+        {"id": "who", "conversations": [{"from": "user", "value": QUESTION}, {"from": "assistant", "value": ANSWER}]},
+        LONG_PROMPT,
+    ]
+    data.write_text("".join(json.dumps(sample) + "\n" for sample in samples))
+    result = finetune(tiny_chat_dir, data, tmp_path / "out", "--model_max_length", "64", "--max_steps", "2",
+                      "--learning_rate", "1e-3", "--logging_steps", "1", "--save_strategy", "no")
+    length, first = long_prompt_tokens(tokenizer)
+    reports = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert reports == [f"warning: {data}: sample 'long' (#1) is {length} tokens long and its first reply starts at "
+                       f"token {first}, beyond --model_max_length 64: every label is cut off, so it is left out."]
+    losses = logged_losses(tmp_path / "out")
+    assert len(losses) == 2 and all(loss > 1 for loss in losses)  # both steps trained on the labelled sample
+
+
+@pytest.mark.parametrize("saved", ["config.json", "model.safetensors", "adapter_config.json"])
+def test_an_output_dir_holding_a_model_is_not_overwritten_unless_asked(tmp_path, tiny_chat_dir, data_file,
+                                                                       finetune_main, saved):
+    import finetune as script
+
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / saved).write_text("{}")
+    message = finetune_main(tiny_chat_dir, data_file, output)
+    assert message == (f"error: --output_dir {output} already holds a model ({saved}). Choose another folder, or "
+                       "pass --overwrite_output_dir True to replace it.")
+    assert (output / saved).read_text() == "{}"
+
+    def args(*extra: str) -> script.TrainingArguments:
+        return script.parse_args(["--model_name_or_path", "m", "--data_path", "d", "--output_dir", str(output),
+                                  "--use_cpu", *extra])[2]
+
+    script.check_output_dir(args("--overwrite_output_dir", "True"))  # asked: goes ahead
+    resumable = tmp_path / "resumable"
+    (resumable / "checkpoint-2").mkdir(parents=True)
+    (resumable / "checkpoint-2" / "config.json").write_text("{}")  # Trainer's own checkpoint: resuming works
+    script.check_output_dir(script.parse_args(["--model_name_or_path", "m", "--data_path", "d", "--output_dir",
+                                               str(resumable), "--use_cpu"])[2])
+
+
+def test_a_gpu_launcher_trains_on_the_cpu_in_bf16_when_there_is_no_gpu(tmp_path, tiny_chat_dir, two_samples_file):
+    """The launchers pass --bf16 True, which transformers refuses without a GPU unless --use_cpu is set."""
+    output = tmp_path / "lora"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "",
+           # The launchers call `python` from PATH: make it this interpreter.
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    result = subprocess.run(
+        ["bash", str(REPO / "finetune" / "finetune_lora_single_gpu.sh"), "-m", str(tiny_chat_dir), "-d",
+         str(two_samples_file), "-o", str(output), "--", "--max_steps", "1", "--lora_r", "8", "--save_strategy", "no"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-4000:]
+    assert "No GPU found: training on the CPU (as with --use_cpu True)." in result.stderr.splitlines()
+    assert (output / "adapter_config.json").is_file()
+    losses = logged_losses(output)
+    assert len(losses) == 1 and losses[0] == losses[0]

@@ -409,6 +409,10 @@ def run_gptq(tmp_path_factory, source: Path, calibration_file: Path, env: dict[s
                             env={**env, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr[-4000:]
     assert f"wrote the {bits}-bit GPTQ checkpoint to {out}" in result.stdout
+    # gptqmodel's start-up banner and the other packages' start-up lines are quiet (qwen/_quiet.py); its progress
+    # while quantizing is not.
+    for noise in ("GPT-QModel", "GIL is enabled", "Failed to load", "Setting accelerator to CPU", "publisher trust"):
+        assert noise not in result.stdout and noise not in result.stderr, noise
     assert list(work.iterdir()) == []  # gptqmodel's ./logs/ went into a staging folder, now removed
     assert [p.name for p in out.parent.iterdir()] == [out.name]  # and so did the staging folder
     return out

@@ -112,3 +112,32 @@ def test_bad_files_are_clear_errors(tmp_path):
     (tmp_path / "empty.json").write_text("[]")
     with pytest.raises(DataError, match="holds no samples"):
         load_samples(tmp_path / "empty.json")
+
+
+def test_a_file_that_is_not_utf8_is_named_with_its_line(tmp_path):
+    sample = {"conversations": [{"from": "user", "value": "Grüße"}, {"from": "assistant", "value": "Hallo"}]}
+    good = json.dumps(sample, ensure_ascii=False)
+    (tmp_path / "cp1252.jsonl").write_bytes((good + "\n" + good + "\n").encode("utf-8") + good.encode("cp1252"))
+    with pytest.raises(DataError, match=r"cp1252.jsonl, line 3: not UTF-8 text \(byte 0xfc at offset \d+\); save"):
+        load_samples(tmp_path / "cp1252.jsonl")
+    # A byte-order mark, as some Windows editors write at the start of UTF-8 files, is not part of the data.
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps([sample], ensure_ascii=False).encode("utf-8"))
+    assert load_samples(tmp_path / "bom.json") == [sample]
+
+
+def test_samples_whose_reply_starts_beyond_max_length_are_left_out_lazily_or_not(tokenizer):
+    from qwen.sft import first_label_position
+
+    long_prompt = {"id": "long", "conversations": [{"from": "user", "value": "word " * 50},
+                                                    {"from": "assistant", "value": "ok"}]}
+    first = first_label_position(tokenizer, long_prompt)
+    full = tokenize_sample(tokenizer, long_prompt)
+    assert full.labels[first] != IGNORE_INDEX and set(full.labels[:first]) == {IGNORE_INDEX}
+    for lazy in (False, True):
+        dataset = ConversationDataset([SAMPLE, long_prompt], tokenizer, max_length=first, lazy=lazy)
+        assert len(dataset) == 1 and dataset[0]["input_ids"] == tokenize_sample(tokenizer, SAMPLE, first).input_ids
+        assert [(s.index, s.name, s.length, s.first_label) for s in dataset.left_out] == [
+            (1, "sample 'long' (#1)", len(full.input_ids), first)
+        ]
+        kept = ConversationDataset([long_prompt], tokenizer, max_length=first + 1, lazy=lazy)
+        assert len(kept) == 1 and not kept.left_out and kept[0]["labels"][-1] != IGNORE_INDEX
