@@ -88,7 +88,7 @@ def stop(process: subprocess.Popen) -> None:
         process.kill()
 
 
-# A word that is one token of the vocabulary, for `nan_embedding_checkpoint`: no test prompt or reply holds it otherwise.
+# One token of the vocabulary, for `nan_embedding_checkpoint`: no test prompt or reply holds it otherwise.
 POISONED_WORD = " poisoned"
 
 
@@ -118,8 +118,8 @@ def import_script(path: Path) -> ModuleType:
 
 
 def options_hiding_their_default(parser: argparse.ArgumentParser) -> list[str]:
-    """The options of `parser` whose help does not say "default <value>" (or its repr), leaving out the shared loading options
-    (qwen/loading.py's add_model_arguments), flags that are off, and options without a default."""
+    """The options of `parser` whose help does not say "default <value>" (or its repr), leaving out the shared
+    loading options (qwen/loading.py's add_model_arguments), flags that are off, and options without a default."""
     from qwen.loading import add_model_arguments
 
     shared = argparse.ArgumentParser()
