@@ -76,6 +76,11 @@ def terminal_safe(text: str) -> str:
     return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
 
 
+def one_line(text: str | None) -> str:
+    """An error message as one line of plain text (an exception's message may hold newlines or escape sequences)."""
+    return terminal_safe(" ".join((text or "unknown error").split()))
+
+
 def parse_value(name: str, text: str) -> Any:
     """The value `text` gives field `name`, parsed as a Python literal (never evaluated); ValueError if unfit."""
     kind = EDITABLE_FIELDS[name]
@@ -376,7 +381,7 @@ def chat_loop(session: ChatSession, read: Callable[[str], str] = input) -> int:
         if reply.finish_reason == "cancelled":
             session.say("\n(reply stopped; this turn is not added to the history)")
         elif reply.finish_reason == "error":
-            session.say(f"\nerror: generation failed ({reply.error}); this turn is not added to the history")
+            session.say(f"\nerror: generation failed ({one_line(reply.error)}); this turn is not added to the history")
         else:
             session.say("\n")
 
@@ -390,7 +395,7 @@ def answer_once(session: ChatSession, query: str) -> int:
         return 1
     session.say()
     if reply.finish_reason == "error":
-        print(f"error: generation failed ({reply.error})", file=sys.stderr)
+        print(f"error: generation failed ({one_line(reply.error)})", file=sys.stderr)
         return 1
     if reply.finish_reason == "cancelled":
         return 130

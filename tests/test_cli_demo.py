@@ -310,3 +310,9 @@ def test_unusable_generation_settings_are_refused_at_start(tiny_chat_dir, tmp_pa
 
 def test_every_option_shows_its_default():
     assert options_hiding_their_default(import_script(CLI).build_parser()) == []
+
+
+def test_an_error_message_is_one_safe_line():
+    one_line = import_script(CLI).one_line
+    assert one_line("out of memory.\nTried to allocate 2 GiB\x1b[2J") == "out of memory. Tried to allocate 2 GiB\\x1b[2J"
+    assert one_line(None) == "unknown error"
