@@ -13,6 +13,7 @@ import argparse
 import ast
 import copy
 import importlib
+import logging
 import math
 import os
 import re
@@ -20,7 +21,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -50,8 +51,8 @@ Commands:
     :conf <key>=<value>     change settings, e.g. :conf temperature=0.7 top_p=0.9 (several pairs allowed)
     :reset-conf             restore the checkpoint's generation settings
 Ctrl-C while Qwen replies stops the reply; a stopped reply is NOT kept in the history, so the next message is
-answered as if that question had not been asked. Ctrl-C twice quits. A line starting with ':' and a letter is
-read as a command."""
+answered as if that question had not been asked. Ctrl-C at the prompt drops the line being typed. A line starting
+with ':' and a letter is read as a command."""
 
 # What `:conf` may change, and the type each takes. These are the fields the engine's SamplingParams honours, plus
 # max_window_size, which decides how much history fits in the prompt.
@@ -73,6 +74,11 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 def terminal_safe(text: str) -> str:
     """Text with control characters (escape sequences, carriage returns, ...) shown as `\\xNN` instead of obeyed."""
     return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
+
+
+def one_line(text: str | None) -> str:
+    """An error message as one line of plain text (an exception's message may hold newlines or escape sequences)."""
+    return terminal_safe(" ".join((text or "unknown error").split()))
 
 
 def parse_value(name: str, text: str) -> Any:
@@ -375,7 +381,7 @@ def chat_loop(session: ChatSession, read: Callable[[str], str] = input) -> int:
         if reply.finish_reason == "cancelled":
             session.say("\n(reply stopped; this turn is not added to the history)")
         elif reply.finish_reason == "error":
-            session.say(f"\nerror: generation failed ({reply.error}); this turn is not added to the history")
+            session.say(f"\nerror: generation failed ({one_line(reply.error)}); this turn is not added to the history")
         else:
             session.say("\n")
 
@@ -389,21 +395,27 @@ def answer_once(session: ChatSession, query: str) -> int:
         return 1
     session.say()
     if reply.finish_reason == "error":
-        print(f"error: generation failed ({reply.error})", file=sys.stderr)
+        print(f"error: generation failed ({one_line(reply.error)})", file=sys.stderr)
         return 1
     if reply.finish_reason == "cancelled":
         return 130
     return 0
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
     parser.add_argument("-s", "--seed", type=int, default=DEFAULT_SEED,
                         help=f"random seed for sampling (default {DEFAULT_SEED}); change it in the chat with :seed N")
     parser.add_argument("--system", default=DEFAULT_SYSTEM_PROMPT,
                         help=f"system prompt (default {DEFAULT_SYSTEM_PROMPT!r})")
-    parser.add_argument("--query", help="answer this one message, print the reply and exit")
+    parser.add_argument("--query",
+                        help="answer this one message and exit; stdout gets the reply alone, notices go to stderr")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not 0 <= args.seed <= MAX_SEED:
         parser.error(f"--seed must be from 0 to {MAX_SEED}")
@@ -417,13 +429,26 @@ def main(argv: list[str] | None = None) -> int:
     # Text that the terminal's encoding cannot show becomes '?' rather than ending the chat with a traceback.
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="replace")
+    # Every failure the engine logs also ends its reply with an "error" event, which the chat shows as one line; the
+    # logged traceback would only bury the conversation.
+    engine_log = logging.getLogger(GenerationEngine.__module__)
+    engine_log.addHandler(logging.NullHandler())
+    engine_log.propagate = False
     try:
-        model, tokenizer = load_from_args(args)
+        # stdout holds the conversation alone (with --query: the reply alone), so loading notices go to stderr.
+        with redirect_stdout(sys.stderr):
+            model, tokenizer = load_from_args(args)
     except KeyboardInterrupt:
         return 130
     engine = GenerationEngine(model, tokenizer, max_batch_size=1)
     try:
         session = ChatSession(engine, tokenizer, model.generation_config, system=args.system, seed=args.seed)
+        try:
+            session.sampling_params()
+        except ValueError as error:  # refused here, not at every reply
+            print(f"error: the generation settings of {args.checkpoint_path} (generation_config.json) are unusable: "
+                  f"{error}", file=sys.stderr)
+            return 1
         if args.query is not None:
             return answer_once(session, args.query)
         return chat_loop(session)

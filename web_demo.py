@@ -6,13 +6,17 @@
 
 Each browser tab holds its own conversation (the Chatbot's value), and all tabs share one `GenerationEngine`, which
 decodes their replies together. The page loads nothing from the internet: no analytics, no web fonts, and a public
-share link only with --share.
+share link only with --share. Nor can a message make it load anything: the page's Content-Security-Policy lets the
+browser fetch, send or frame nothing from any other origin, and a message cannot cover the page or show a form.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import hashlib
 import os
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,6 +40,7 @@ from qwen.qwen_generation_utils import (  # noqa: E402
 
 
 ChatMessages = list[dict[str, Any]]  # the Chatbot's value: {"role": "user" | "assistant", "content": ...} dicts
+ERROR_TITLE = "The reply failed"  # the metadata title that marks an error shown in the chat (not a reply)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -55,11 +60,25 @@ def message_text(message: dict[str, Any]) -> str:
     return "".join(part.get("text", "") for part in content or [] if isinstance(part, dict))
 
 
+def error_message(error: str) -> dict[str, Any]:
+    """An error shown in the chat where the reply would be (Gradio draws a titled box)."""
+    return {"role": "assistant", "content": f"{error} This question is left out of the conversation the model sees.",
+            "metadata": {"title": ERROR_TITLE}}
+
+
+def is_error_message(message: dict[str, Any]) -> bool:
+    return (message.get("metadata") or {}).get("title") == ERROR_TITLE
+
+
 def history_pairs(messages: ChatMessages) -> HistoryType:
-    """(query, reply) pairs for `make_context`; a question whose reply was stopped before any text pairs with ""."""
+    """(query, reply) pairs for `make_context`; a question whose reply was stopped before any text pairs with "", and
+    a question whose reply failed is left out, as the command-line demo leaves it out."""
     pairs: HistoryType = []
     for message in messages:
-        if message.get("role") == "user":
+        if is_error_message(message):
+            if pairs:
+                pairs.pop()
+        elif message.get("role") == "user":
             pairs.append((message_text(message), ""))
         elif message.get("role") == "assistant" and pairs:
             query, reply = pairs[-1]
@@ -96,7 +115,10 @@ class WebChat:
         self.tokenizer = tokenizer
         self.params = params
         self.system = system
-        self.max_window_size = max_window_size
+        # Room is kept for the reply (at most half the context), so that a long conversation drops its oldest turns
+        # instead of being refused, as in the command-line demo.
+        context = engine.max_context
+        self.max_window_size = max(1, min(max_window_size, context - min(params.max_new_tokens, context // 2)))
         self._lock = threading.Lock()
         # session hash -> its running requests, each with whether Clear was pressed while it ran
         self._running: dict[str, dict[RequestHandle, bool]] = {}
@@ -105,7 +127,8 @@ class WebChat:
         """Answer the last message of `messages`, yielding the conversation with the reply so far as it grows.
 
         Closing the generator early cancels the request in the engine, which frees its slot at the next step (Gradio
-        closes it when the tab that started it goes away).
+        closes it when the tab that started it goes away). A reply that fails, or a question the engine refuses,
+        ends with an error message in place of the reply; the tab's chat goes on, and other tabs never notice.
         """
         *earlier, question = messages
         _, prompt_ids = make_context(self.tokenizer, message_text(question), history=history_pairs(earlier),
@@ -113,7 +136,8 @@ class WebChat:
         try:
             handle = self.engine.submit(prompt_ids, self.params)
         except ValueError as error:  # one question longer than the model's context
-            raise gr.Error(str(error)) from None
+            yield [*messages, error_message(str(error))]
+            return
         with self._lock:
             self._running.setdefault(session, {})[handle] = False
         reply = ""
@@ -121,8 +145,9 @@ class WebChat:
             for event in handle:
                 if handle.cancelled.is_set():
                     break  # stopped: the reply stays as last shown
-                if event.error:
-                    raise gr.Error(f"Generation failed: {event.error}")
+                if event.finish_reason == "error":
+                    yield [*messages, error_message(f"Generation failed: {event.error}.")]
+                    break
                 reply += event.text
                 # Stripped as model.chat() strips its replies, so that the history holds what chat()'s would.
                 yield [*messages, {"role": "assistant", "content": reply.strip()}]
@@ -151,6 +176,77 @@ class WebChat:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def _gradio_page_style_hashes() -> list[str]:
+    """CSP sources for the style attributes of Gradio's own page template (its <html>, <body> and <gradio-app> are
+    laid out by them): those exact values may apply, and no style attribute written in a message can."""
+    template = Path(gr.__file__).parent / "templates" / "frontend" / "index.html"
+    try:
+        values = re.findall(r'style="([^"]*)"', template.read_text(encoding="utf-8"))
+    except OSError:  # another Gradio layout: its page loses some flex layout, messages are no less contained
+        return []
+    return [f"'sha256-{base64.b64encode(hashlib.sha256(value.encode()).digest()).decode()}'" for value in values]
+
+
+# The browser itself refuses whatever a message could make it load, send or frame from another origin: Markdown and
+# HTML images, CSS url(), SVG references, iframes, objects, forms, scripts. Gradio's sanitizer removes scripts and
+# event handlers but keeps images, forms and style attributes, so this header is the boundary. Gradio needs its inline
+# scripts (the page's config) and the <style> elements it writes; everything else comes from the page's own origin.
+CONTENT_SECURITY_POLICY = "; ".join([
+    "default-src 'self'",
+    "script-src 'self' 'unsafe-inline'",
+    "style-src 'self' 'unsafe-inline'",
+    # No style attribute in markup applies but those of Gradio's page template. (Gradio styles its components
+    # through the CSSOM, which this does not govern.)
+    " ".join(["style-src-attr 'unsafe-hashes'", *_gradio_page_style_hashes()]),
+    "img-src 'self' data: blob:",
+    "media-src 'self' data: blob:",
+    "font-src 'self' data:",
+    "connect-src 'self'",
+    "frame-src 'none'",
+    "object-src 'none'",
+    "form-action 'none'",
+    "base-uri 'self'",
+])
+
+# A message is a box of its own: nothing in it paints outside it, not even with position: fixed (from one of Gradio's
+# own classes, say). Form controls from a message are not shown: nothing in a reply asks for input. (The copy button
+# of a code block is Gradio's, and a task list's checkbox is disabled.)
+PAGE_CSS = """
+#chatbot .message-content { contain: paint; }
+#chatbot .message-content :is(form, select, textarea, input:not([type="checkbox"][disabled]),
+                              button:not(.copy_code_button)) { display: none !important; }
+"""
+
+
+class ContentSecurityPolicy:
+    """ASGI middleware that sends CONTENT_SECURITY_POLICY with every HTTP response (streamed ones included)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_policy(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                header = (b"content-security-policy", CONTENT_SECURITY_POLICY.encode())
+                message = {**message, "headers": [*message.get("headers", []), header]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_policy)
+
+
+def launch_demo(demo: gr.Blocks, **launch_options: Any) -> Any:
+    """`demo.launch` with what the page's safety rests on: the Content-Security-Policy header and PAGE_CSS."""
+    from starlette.middleware import Middleware
+
+    # ssr_mode=False: server-side rendering would start a Node server, which this page does not need.
+    return demo.launch(css=PAGE_CSS, app_kwargs={"middleware": [Middleware(ContentSecurityPolicy)]}, ssr_mode=False,
+                       **launch_options)
+
+
 def build_demo(
     engine: GenerationEngine,
     tokenizer: Any,
@@ -168,7 +264,8 @@ def build_demo(
                     "rendered.")
         if demo_notice:
             gr.Markdown(f"> ⚠️ **Random weights.** {DEMO_NOTICE}", elem_id="demo-notice")
-        chatbot = gr.Chatbot(elem_id="chatbot", label="Qwen", height=460)
+        # sanitize_html (Gradio's default, stated here): scripts, event handlers and javascript: links are removed.
+        chatbot = gr.Chatbot(elem_id="chatbot", label="Qwen", height=460, sanitize_html=True)
         # One line high: Enter sends (a taller Gradio 6 textbox sends on Shift+Enter); Shift+Enter adds a line.
         message = gr.Textbox(elem_id="msg", show_label=False, lines=1, max_lines=8,
                              placeholder="Ask something and press Enter (Shift+Enter for a new line)")
@@ -223,27 +320,38 @@ def build_demo(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+DEFAULT_PORT = 8000
+DEFAULT_HOST = "127.0.0.1"
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
-    parser.add_argument("--share", action="store_true", help="also serve the page through a public gradio.live link")
-    parser.add_argument("--inbrowser", action="store_true", help="open the page in the default browser")
-    parser.add_argument("--server-port", type=int, default=8000)
-    parser.add_argument("--server-name", default="127.0.0.1", help="address to listen on (0.0.0.0 for all)")
-    return parser.parse_args(argv)
+    parser.add_argument("--share", action="store_true",
+                        help="also serve the page through a public gradio.live link (off by default)")
+    parser.add_argument("--inbrowser", action="store_true",
+                        help="open the page in the default browser (off by default)")
+    parser.add_argument("--server-port", type=int, default=DEFAULT_PORT,
+                        help=f"port to listen on (default {DEFAULT_PORT})")
+    parser.add_argument("--server-name", default=DEFAULT_HOST,
+                        help=f"address to listen on (default {DEFAULT_HOST}: this machine only; 0.0.0.0 for all)")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     model, tokenizer = load_from_args(args)
     generation_config = model.generation_config
     if getattr(generation_config, "chat_format", "chatml") != "chatml":
         raise SystemExit(f"error: {args.checkpoint_path} is a base model (chat_format "
                          f"{generation_config.chat_format!r}); the web demo needs a -Chat checkpoint.")
+    try:
+        params = SamplingParams.from_generation_config(generation_config, stop_token_ids=chat_stop_token_ids(tokenizer))
+    except ValueError as error:  # every tab's every reply would fail with it
+        raise SystemExit(f"error: the generation settings of {args.checkpoint_path} (generation_config.json) are "
+                         f"unusable: {error}") from None
     engine = GenerationEngine(model, tokenizer, max_batch_size=8)
-    params = SamplingParams.from_generation_config(generation_config, stop_token_ids=chat_stop_token_ids(tokenizer))
-    # As the API server does: the window make_context keeps, never more than the engine's context.
-    max_window_size = min(getattr(generation_config, "max_window_size", None) or engine.max_context, engine.max_context)
+    max_window_size = getattr(generation_config, "max_window_size", None) or DEFAULT_MAX_WINDOW_SIZE
     demo_notice = is_demo_checkpoint(args.checkpoint_path)
     demo = build_demo(
         engine, tokenizer, params,
@@ -252,9 +360,8 @@ def main(argv: list[str] | None = None) -> None:
         max_window_size=max_window_size,
     )
     try:
-        # ssr_mode=False: server-side rendering would start a Node server, which this page does not need.
-        demo.launch(share=args.share, inbrowser=args.inbrowser, server_name=args.server_name,
-                    server_port=args.server_port, ssr_mode=False)
+        launch_demo(demo, share=args.share, inbrowser=args.inbrowser, server_name=args.server_name,
+                    server_port=args.server_port)
     finally:
         engine.close()
 

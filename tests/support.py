@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import os
+import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import httpx
 import torch
@@ -81,3 +86,48 @@ def stop(process: subprocess.Popen) -> None:
         process.wait(10)
     except subprocess.TimeoutExpired:
         process.kill()
+
+
+# One token of the vocabulary, for `nan_embedding_checkpoint`: no test prompt or reply holds it otherwise.
+POISONED_WORD = " poisoned"
+
+
+def nan_embedding_checkpoint(source: Path, folder: Path, token_id: int) -> Path:
+    """A copy of the one-file checkpoint `source` whose input embedding of `token_id` is NaN, as an fp16 overflow in
+    training can leave a row.
+
+    A prompt holding that token gets NaN logits, and sampling from them fails inside the engine (greedy decoding
+    does not fail: argmax takes the NaN); a prompt without it decodes exactly as it does from `source`.
+    """
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, folder, ignore=shutil.ignore_patterns("model.safetensors"))
+    weights = load_file(source / "model.safetensors")
+    weights["transformer.wte.weight"][token_id] = float("nan")
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def import_script(path: Path) -> ModuleType:
+    """A script at the repository root (cli_demo.py, web_demo.py), imported as a module of its file's name."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def options_hiding_their_default(parser: argparse.ArgumentParser) -> list[str]:
+    """The options of `parser` whose help does not say "default <value>" (or its repr), leaving out the shared
+    loading options (qwen/loading.py's add_model_arguments), flags that are off, and options without a default."""
+    from qwen.loading import add_model_arguments
+
+    shared = argparse.ArgumentParser()
+    add_model_arguments(shared)
+    shared_options = {option for action in shared._actions for option in action.option_strings}
+    return [
+        action.option_strings[-1] for action in parser._actions
+        if action.option_strings and not set(action.option_strings) & shared_options
+        and action.default not in (None, False, argparse.SUPPRESS)
+        and f"default {action.default}" not in action.help and f"default {action.default!r}" not in action.help
+    ]

