@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -185,12 +186,13 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_checkpoint: str
     parser.add_argument("--cpu-only", action="store_true", help="run on the CPU even when a GPU is present")
     parser.add_argument(
         "--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
-        help="weights' precision; auto is bf16 (or fp16) on a GPU and fp32 on the CPU, as the released model chose",
+        help="weights' precision; auto is bf16 (or fp16) on a GPU and fp32 on the CPU, as the released model chose "
+             "(default: auto)",
     )
 
 
 def load_from_args(args: argparse.Namespace) -> tuple[QWenLMHeadModel, QWenTokenizer]:
-    """Load what `add_model_arguments` described, saying so on screen when it is the random demo model.
+    """Load what `add_model_arguments` described, saying so on stderr when it is the random demo model.
 
     A problem the user can fix (wrong path, not a Qwen checkpoint, missing vocabulary, a dtype the device cannot run)
     ends the script with its one-line message instead of a traceback.
@@ -200,7 +202,7 @@ def load_from_args(args: argparse.Namespace) -> tuple[QWenLMHeadModel, QWenToken
     except (LoadError, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}") from None
     if is_demo_checkpoint(args.checkpoint_path):
-        print(DEMO_NOTICE, flush=True)
+        print(DEMO_NOTICE, file=sys.stderr, flush=True)  # a notice: stdout is the program's output
     return model, tokenizer
 
 

@@ -236,10 +236,10 @@ def test_demo_checkpoint_is_built_once_and_announced(tmp_path, vocab_file):
     """)
     first = subprocess.run([sys.executable, "-c", script, "-c", "demo"], env=env, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr
-    assert "RANDOM weights" in first.stdout and "layers 2 vocab 151851" in first.stdout
+    assert "RANDOM weights" in first.stderr and "layers 2 vocab 151851" in first.stdout
     built = (folder / "model.safetensors").stat().st_mtime_ns
     second = subprocess.run([sys.executable, "-c", script, "-c", "demo"], env=env, capture_output=True, text=True)
-    assert second.returncode == 0 and "RANDOM weights" in second.stdout
+    assert second.returncode == 0 and "RANDOM weights" in second.stderr
     assert (folder / "model.safetensors").stat().st_mtime_ns == built  # reused, not rebuilt
     assert [p.name for p in folder.parent.iterdir()] == ["demo"]  # no staging folder left behind
 
