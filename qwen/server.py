@@ -187,11 +187,17 @@ class _BodyTooLarge(Exception):
     pass
 
 
+# Before an answer given without reading the body (401, 413), up to this many times max_request_bytes of it are read
+# and dropped. Closing a socket that still holds unread bytes makes the kernel send a reset, and a client that writes
+# its whole body before reading (httpx, the OpenAI SDKs) then often loses the answer and reports a connection error.
+DRAIN_FACTOR = 4
+
+
 class RequestGate:
     """ASGI middleware: authentication, then the whole request body read under `max_request_bytes` and
     `body_timeout_s`, so that no route ever starts on an oversized or never-ending body.
 
-    The limit holds for a declared Content-Length (refused before reading a byte) and for chunked bodies without one
+    The limit holds for a declared Content-Length (refused before a byte is kept) and for chunked bodies without one
     (refused at the first chunk past the limit). Routes get the body as one message; later `receive` calls reach the
     server's own, which is how a route learns that its client hung up (`http.disconnect`).
 
@@ -210,22 +216,23 @@ class RequestGate:
             return
         settings = self.settings
         headers = Headers(scope=scope)
+        # A client that waits for `100 Continue` has sent no body yet: there is nothing to drain.
+        body_on_its_way = headers.get("expect", "").lower() != "100-continue"
         if scope["method"] != "OPTIONS" and scope["path"].startswith("/v1/") and not _authorized(headers, settings):
             error = APIError(401, "Missing or wrong API key or credentials.", kind="authentication_error",
                              code="invalid_api_key")
-            challenge = {"WWW-Authenticate": 'Basic realm="qwen"'} if settings.api_auth is not None else None
-            await error.response(challenge)(scope, receive, send)
+            challenge = {"WWW-Authenticate": 'Basic realm="qwen"'} if settings.api_auth is not None else {}
+            await self._refuse(error, challenge, body_on_its_way, scope, receive, send)
             return
-        too_large = APIError(413, f"The request body is larger than this server's limit of "
-                                  f"{settings.max_request_bytes} bytes.", code="request_too_large")
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > settings.max_request_bytes:
-            await too_large.response({"Connection": "close"})(scope, receive, send)
+            drain = body_on_its_way and int(declared) <= DRAIN_FACTOR * settings.max_request_bytes
+            await self._refuse(self._too_large(), {}, drain, scope, receive, send)
             return
         try:
             body = await asyncio.wait_for(self._read_body(receive), settings.body_timeout_s)
         except _BodyTooLarge:
-            await too_large.response({"Connection": "close"})(scope, receive, send)
+            await self._refuse(self._too_large(), {}, True, scope, receive, send)
             return
         except asyncio.TimeoutError:
             error = APIError(408, f"The request body did not arrive within {settings.body_timeout_s:g} s.",
@@ -246,6 +253,10 @@ class RequestGate:
 
         await self.app(scope, receive_after_body, send)
 
+    def _too_large(self) -> APIError:
+        return APIError(413, f"The request body is larger than this server's limit of "
+                             f"{self.settings.max_request_bytes} bytes.", code="request_too_large")
+
     async def _read_body(self, receive: Receive) -> bytes | None:
         """The request's body, or None if the client disconnected first; _BodyTooLarge past the limit."""
         chunks, size = [], 0
@@ -260,6 +271,25 @@ class RequestGate:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)
+
+    async def _refuse(self, error: APIError, headers: dict[str, str], drain: bool, scope: Scope, receive: Receive,
+                      send: Send) -> None:
+        """Answer `error` and close the connection, after reading and dropping the rest of the body when `drain`
+        (up to DRAIN_FACTOR times the limit, within the body timeout)."""
+        if drain:
+            try:
+                await asyncio.wait_for(self._drain(receive), self.settings.body_timeout_s)
+            except asyncio.TimeoutError:
+                pass  # a body too slow to wait for: answer anyway
+        await error.response({**headers, "Connection": "close"})(scope, receive, send)
+
+    async def _drain(self, receive: Receive) -> None:
+        size = 0
+        while size <= DRAIN_FACTOR * self.settings.max_request_bytes:
+            message = await receive()
+            size += len(message.get("body", b""))
+            if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                return
 
 
 # --------------------------------------------------------------------------------------------------------------------

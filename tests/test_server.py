@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import json
 import os
@@ -304,6 +305,13 @@ def test_malformed_json_and_authentication(server):
         assert response.status_code == 401 and response.json()["error"]["type"] == "authentication_error"
     with pytest.raises(openai.AuthenticationError):
         OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0).models.list()
+    # A refused client posting a large body still reads its 401 (see the 413 test for why that takes draining).
+
+    async def post_async() -> httpx.Response:
+        async with httpx.AsyncClient(base_url=server, timeout=60) as async_client:
+            return await async_client.post("/v1/completions", json={"prompt": "a " * 3 * 2**20})
+
+    assert asyncio.run(post_async()).status_code == 401
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -381,6 +389,17 @@ def test_request_bodies_over_the_limit_get_413(server, client):
     with pytest.raises(openai.APIStatusError) as raised:
         client.completions.create(model=MODEL, prompt="a " * (limit // 2 + 1), max_tokens=1)
     assert raised.value.status_code == 413 and raised.value.code == "request_too_large"
+    # httpx's async client writes the whole body before it reads: it gets the 413, not a reset connection, only if
+    # the server reads what it refuses before closing.
+    oversized = b'{"prompt": "' + b"a " * (limit // 2 + 1) + b'"}'
+
+    async def post_async() -> httpx.Response:
+        async with httpx.AsyncClient(base_url=server, timeout=60, headers=AUTHORIZED) as async_client:
+            return await async_client.post("/v1/completions", content=oversized,
+                                           headers={"Content-Type": "application/json"})
+
+    response = asyncio.run(post_async())
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
 
     def chunks() -> Iterator[bytes]:
         yield b'{"prompt": "'
