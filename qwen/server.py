@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import gc
 import json
 import secrets
@@ -20,10 +21,10 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from types import FrameType
-from typing import Any, TypeVar
+from typing import Any, ContextManager, TypeVar
 
 import torch
 import uvicorn
@@ -301,8 +302,17 @@ class RequestGate:
 INLINE_PROMPT_BYTES = 64 * 1024
 
 
+class OpenStreams:
+    """How many streamed replies are still being sent. Changed on the event loop only; `serve`'s stop thread reads
+    it."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
 def create_app(engine: GenerationEngine, settings: ServerSettings | None = None) -> FastAPI:
-    """The HTTP app serving `engine`'s model under `settings.model_name`."""
+    """The HTTP app serving `engine`'s model under `settings.model_name`; `app.state.open_streams` (OpenStreams)
+    counts the streams being sent."""
     settings = settings or ServerSettings()
     tokenizer = engine.tokenizer
     generation_config = engine.model.generation_config
@@ -401,6 +411,18 @@ def create_app(engine: GenerationEngine, settings: ServerSettings | None = None)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
+    open_streams = OpenStreams()
+
+    @contextlib.contextmanager
+    def streaming() -> Iterator[None]:
+        """Around a stream's generator, once it runs: counted in `open_streams`, then the clean-up of a request."""
+        open_streams.count += 1
+        try:
+            yield
+        finally:
+            open_streams.count -= 1
+            after_request()
+
     async def off_loop_if_large(request: Request, work: Callable[[], T]) -> T:
         if len(await request.body()) < INLINE_PROMPT_BYTES:  # the body FastAPI already read, cached
             return work()
@@ -430,7 +452,7 @@ def create_app(engine: GenerationEngine, settings: ServerSettings | None = None)
         if body.stream:
             return EventSourceResponse(
                 _stream_chat(engine, prompt_ids, choices_params, functions, legacy, completion_id, created,
-                             settings.model_name, body.stream_options, after_request),
+                             settings.model_name, body.stream_options, streaming),
                 ping=15,
             )
         try:
@@ -472,7 +494,7 @@ def create_app(engine: GenerationEngine, settings: ServerSettings | None = None)
             ids, params = jobs[0]
             return EventSourceResponse(
                 _stream_completion(engine, ids, [p for _, p in jobs], completion_id, created, settings.model_name,
-                                   body.stream_options, prompts[0] if body.echo else "", after_request),
+                                   body.stream_options, prompts[0] if body.echo else "", streaming),
                 ping=15,
             )
         try:
@@ -496,6 +518,7 @@ def create_app(engine: GenerationEngine, settings: ServerSettings | None = None)
 
     app.state.engine = engine
     app.state.settings = settings
+    app.state.open_streams = open_streams
     return app
 
 
@@ -637,49 +660,48 @@ async def _merge(streams: list[AsyncIterator[GenerationEvent]]) -> AsyncIterator
 
 
 async def _stream_chat(engine, prompt_ids, choice_params, functions, legacy, completion_id, created, model,
-                       stream_options, after_request) -> AsyncIterator[str]:
+                       stream_options, streaming: Callable[[], ContextManager[None]]) -> AsyncIterator[str]:
     parsers = [react.ReActStreamParser() if functions else None for _ in choice_params]
     completion_tokens = 0
-    try:
-        for index in range(len(choice_params)):
-            yield _chunk("chat.completion.chunk", completion_id, created, model,
-                         [{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-        streams = [_events(engine, prompt_ids, p) for p in choice_params]
-        async for index, event in _merge(streams):
-            parser = parsers[index]
-            deltas: list[dict] = []
-            called = False
-            if parser is None:
-                if event.text:
-                    deltas.append({"content": event.text})
-            else:
-                events = parser.feed(event.text) if event.text else []
+    with streaming():  # counted while open (see `serve`); the idle clean-up after it
+        try:
+            for index in range(len(choice_params)):
+                yield _chunk("chat.completion.chunk", completion_id, created, model,
+                             [{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+            streams = [_events(engine, prompt_ids, p) for p in choice_params]
+            async for index, event in _merge(streams):
+                parser = parsers[index]
+                deltas: list[dict] = []
+                called = False
+                if parser is None:
+                    if event.text:
+                        deltas.append({"content": event.text})
+                else:
+                    events = parser.feed(event.text) if event.text else []
+                    if event.finish_reason is not None:
+                        events += parser.finish()
+                    for item in events:
+                        delta, is_call = _stream_delta(item, legacy)
+                        deltas.append(delta)
+                        called = called or is_call
+                for delta in deltas:
+                    yield _chunk("chat.completion.chunk", completion_id, created, model,
+                                 [{"index": index, "delta": delta, "finish_reason": None}])
                 if event.finish_reason is not None:
-                    events += parser.finish()
-                for item in events:
-                    delta, is_call = _stream_delta(item, legacy)
-                    deltas.append(delta)
-                    called = called or is_call
-            for delta in deltas:
-                yield _chunk("chat.completion.chunk", completion_id, created, model,
-                             [{"index": index, "delta": delta, "finish_reason": None}])
-            if event.finish_reason is not None:
-                if (error := _engine_error(event)) is not None:  # the stream's status was sent: an error event
-                    yield json.dumps(error.body())
-                    return
-                completion_tokens += event.completion_tokens
-                reason = ("function_call" if legacy else "tool_calls") if (called or (parser and parser.called)) \
-                    else _finish(event.finish_reason)
-                yield _chunk("chat.completion.chunk", completion_id, created, model,
-                             [{"index": index, "delta": {}, "finish_reason": reason}])
-        if stream_options is not None and stream_options.include_usage:
-            yield _chunk("chat.completion.chunk", completion_id, created, model, [],
-                         usage=_usage(len(prompt_ids), completion_tokens))
-        yield "[DONE]"
-    except APIError as error:  # the engine refused the request (shut down) after the stream's status was sent
-        yield json.dumps(error.body())
-    finally:
-        after_request()
+                    if (error := _engine_error(event)) is not None:  # the stream's status was sent: an error event
+                        yield json.dumps(error.body())
+                        return
+                    completion_tokens += event.completion_tokens
+                    reason = ("function_call" if legacy else "tool_calls") if (called or (parser and parser.called)) \
+                        else _finish(event.finish_reason)
+                    yield _chunk("chat.completion.chunk", completion_id, created, model,
+                                 [{"index": index, "delta": {}, "finish_reason": reason}])
+            if stream_options is not None and stream_options.include_usage:
+                yield _chunk("chat.completion.chunk", completion_id, created, model, [],
+                             usage=_usage(len(prompt_ids), completion_tokens))
+            yield "[DONE]"
+        except APIError as error:  # the engine refused the request (shut down) after the stream's status was sent
+            yield json.dumps(error.body())
 
 
 def _stream_delta(item: Any, legacy: bool) -> tuple[dict, bool]:
@@ -693,32 +715,31 @@ def _stream_delta(item: Any, legacy: bool) -> tuple[dict, bool]:
 
 
 async def _stream_completion(engine, prompt_ids, choice_params, completion_id, created, model, stream_options,
-                             echo: str, after_request) -> AsyncIterator[str]:
+                             echo: str, streaming: Callable[[], ContextManager[None]]) -> AsyncIterator[str]:
     completion_tokens = 0
-    try:
-        if echo:
-            for index in range(len(choice_params)):
-                yield _chunk("text_completion", completion_id, created, model,
-                             [{"index": index, "text": echo, "finish_reason": None, "logprobs": None}])
-        async for index, event in _merge([_events(engine, prompt_ids, p) for p in choice_params]):
-            finish = None
-            if event.finish_reason is not None:
-                if (error := _engine_error(event)) is not None:  # the stream's status was sent: an error event
-                    yield json.dumps(error.body())
-                    return
-                completion_tokens += event.completion_tokens
-                finish = _finish(event.finish_reason)
-            if event.text or finish:
-                yield _chunk("text_completion", completion_id, created, model,
-                             [{"index": index, "text": event.text, "finish_reason": finish, "logprobs": None}])
-        if stream_options is not None and stream_options.include_usage:
-            yield _chunk("text_completion", completion_id, created, model, [],
-                         usage=_usage(len(prompt_ids), completion_tokens))
-        yield "[DONE]"
-    except APIError as error:  # the engine refused the request (shut down) after the stream's status was sent
-        yield json.dumps(error.body())
-    finally:
-        after_request()
+    with streaming():  # counted while open (see `serve`); the idle clean-up after it
+        try:
+            if echo:
+                for index in range(len(choice_params)):
+                    yield _chunk("text_completion", completion_id, created, model,
+                                 [{"index": index, "text": echo, "finish_reason": None, "logprobs": None}])
+            async for index, event in _merge([_events(engine, prompt_ids, p) for p in choice_params]):
+                finish = None
+                if event.finish_reason is not None:
+                    if (error := _engine_error(event)) is not None:  # the stream's status was sent: an error event
+                        yield json.dumps(error.body())
+                        return
+                    completion_tokens += event.completion_tokens
+                    finish = _finish(event.finish_reason)
+                if event.text or finish:
+                    yield _chunk("text_completion", completion_id, created, model,
+                                 [{"index": index, "text": event.text, "finish_reason": finish, "logprobs": None}])
+            if stream_options is not None and stream_options.include_usage:
+                yield _chunk("text_completion", completion_id, created, model, [],
+                             usage=_usage(len(prompt_ids), completion_tokens))
+            yield "[DONE]"
+        except APIError as error:  # the engine refused the request (shut down) after the stream's status was sent
+            yield json.dumps(error.body())
 
 
 def _authorized(headers: Headers, settings: ServerSettings) -> bool:
@@ -744,15 +765,32 @@ def _authorized(headers: Headers, settings: ServerSettings) -> bool:
 
 class _EngineStoppingServer(uvicorn.Server):
     """uvicorn's server, shutting the engine down as soon as a stop signal arrives. On its own uvicorn would wait for
-    every request in flight to finish generating (minutes, for long replies and abandoned queues) before stopping."""
+    every request in flight to finish generating (minutes, for long replies and abandoned queues) before stopping.
 
-    def __init__(self, config: uvicorn.Config, engine: GenerationEngine) -> None:
+    uvicorn itself hears of the stop only once every stream has sent the error event that tells its client why it
+    ends (or after `wait_s`): sse-starlette ends all streams at once when uvicorn begins its shutdown, and under load
+    that cut streams off before their last event, leaving clients with a reply that just stops.
+    """
+
+    def __init__(self, config: uvicorn.Config, engine: GenerationEngine, open_streams: OpenStreams,
+                 wait_s: float) -> None:
         super().__init__(config)
-        self._engine = engine
+        self._engine, self._open_streams, self._wait_s = engine, open_streams, wait_s
+        self._stopping = False
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._stopping:  # a second signal (a second Ctrl+C forces uvicorn's exit) or uvicorn's own repeat
+            super().handle_exit(sig, frame)
+            return
+        self._stopping = True
         self._engine.shutdown()  # sets flags only: safe inside a signal handler
-        super().handle_exit(sig, frame)
+        threading.Thread(target=self._stop_once_streams_end, args=(sig, frame), daemon=True).start()
+
+    def _stop_once_streams_end(self, sig: int, frame: FrameType | None) -> None:
+        deadline = time.monotonic() + self._wait_s
+        while self._open_streams.count and time.monotonic() < deadline:
+            time.sleep(0.02)
+        super().handle_exit(sig, frame)  # sets uvicorn's flags, which its loop polls
 
 
 def serve(engine: GenerationEngine, settings: ServerSettings, host: str, port: int) -> None:
@@ -762,9 +800,9 @@ def serve(engine: GenerationEngine, settings: ServerSettings, host: str, port: i
     stream), which OpenAI SDKs retry. uvicorn then waits up to `settings.shutdown_timeout_s` for connections still
     open before closing them. The engine is left to the caller to close.
     """
-    config = uvicorn.Config(create_app(engine, settings), host=host, port=port,
-                            timeout_graceful_shutdown=settings.shutdown_timeout_s)
-    server = _EngineStoppingServer(config, engine)
+    app = create_app(engine, settings)
+    config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=settings.shutdown_timeout_s)
+    server = _EngineStoppingServer(config, engine, app.state.open_streams, settings.shutdown_timeout_s)
     if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
         server.run()
         return
