@@ -439,16 +439,29 @@ class GenerationEngine:
         handle = RequestHandle(list(prompt_ids), params, on_event)
         self._waiting.put(handle)
         self._wake.set()
+        if self._closing.is_set():  # shut down since the check above: the loop may have drained the queue already
+            self._cancel_waiting()
         return handle
 
     @property
     def running(self) -> int:
+        """Requests holding a slot (decoding)."""
         return len(self._running)
 
-    def close(self, timeout: float = 10.0) -> None:
-        """Finish nothing more: cancel all requests and stop the thread."""
+    @property
+    def waiting(self) -> int:
+        """Requests queued for a slot."""
+        return self._waiting.qsize()
+
+    def shutdown(self) -> None:
+        """Refuse new requests and end every queued and running one with finish_reason "cancelled" after the current
+        step, without waiting for that: only sets flags, so a signal handler on the event loop's thread may call it."""
         self._closing.set()
         self._wake.set()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Finish nothing more: cancel all requests and stop the thread (waiting up to `timeout` seconds for it)."""
+        self.shutdown()
         self._thread.join(timeout)
 
     # The loop --------------------------------------------------------------------------------------------------------
@@ -470,8 +483,17 @@ class GenerationEngine:
                 self._running.clear()
         for running in self._running:
             self._finish(running, "cancelled")
-        while not self._waiting.empty():
-            self._waiting.get()._emit(GenerationEvent(finish_reason="cancelled"))
+        self._running.clear()
+        self._cancel_waiting()
+
+    def _cancel_waiting(self) -> None:
+        """End every queued request as cancelled (the engine thread and `submit` may both call it)."""
+        while True:
+            try:
+                handle = self._waiting.get_nowait()
+            except queue.Empty:
+                return
+            handle._emit(GenerationEvent(finish_reason="cancelled", prompt_tokens=len(handle.prompt_ids)))
 
     def _admit(self) -> None:
         admitted: list[RequestHandle] = []

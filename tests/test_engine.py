@@ -245,3 +245,24 @@ def test_prompt_ids_outside_the_vocabulary_are_refused_at_submit(engine, tokeniz
         engine.submit([1, engine.model.config.vocab_size], greedy())
     with pytest.raises(ValueError, match="vocabulary"):
         engine.submit([-1, 5], greedy())
+
+
+def test_shutdown_ends_running_and_queued_requests_at_once(tiny_chat_model, tokenizer):
+    """What the server calls on SIGTERM: every request ends as cancelled after the current step (none runs to its
+    length), and nothing more is accepted."""
+    engine = GenerationEngine(tiny_chat_model, tokenizer, max_batch_size=1)
+    try:
+        ids = prompt(tokenizer, QUERIES[1])
+        long = SamplingParams(max_new_tokens=900, do_sample=False)  # no stop ids: nearly the whole context
+        handles = [engine.submit(ids, long) for _ in range(3)]
+        deadline = time.monotonic() + 60
+        while (engine.running, engine.waiting) != (1, 2):
+            assert time.monotonic() < deadline, "the first request never started"
+            time.sleep(0.01)
+        engine.shutdown()
+        assert [collect(handle)[2] for handle in handles] == ["cancelled"] * 3
+        assert (engine.running, engine.waiting) == (0, 0)
+        with pytest.raises(RuntimeError, match="shut down"):
+            engine.submit(ids, greedy())
+    finally:
+        engine.close()

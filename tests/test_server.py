@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import json
 import os
+import random
+import re
+import runpy
+import signal
+import socket
+import statistics
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -17,26 +26,32 @@ import torch
 from openai import OpenAI
 
 from qwen.qwen_generation_utils import make_context
-from support import STOP_IDS, free_port, greedy_reference, stop, wait_until_healthy
+from qwen.server import ServerSettings
+from support import STOP_IDS, free_port, greedy_reference, stop, wait_until_serving
 
 REPO = Path(__file__).resolve().parents[1]
 API_KEY = "sk-test-key"
 MODEL = "qwen-tiny"
 
 
-def start_server(folder: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+def start_server(folder: Path, log: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+    """`openai_api.py` on a free port, its output in `log`: a pipe nobody reads fills up with access-log lines and then
+    blocks the server."""
     port = free_port()
     command = [sys.executable, str(REPO / "openai_api.py"), "-c", str(folder), "--server-port", str(port),
                "--model-name", MODEL, "--cpu-only", *extra]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    wait_until_healthy(process, port)
+    with log.open("w") as output:
+        process = subprocess.Popen(command, cwd=REPO, stdout=output, stderr=subprocess.STDOUT, text=True,
+                                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    wait_until_serving(process, f"http://127.0.0.1:{port}/health", output=log.read_text)
     return process, f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")
-def server(tiny_chat_dir):
-    process, base = start_server(tiny_chat_dir, "--api-key", API_KEY, "--max-batch-size", "4")
+def server(tiny_chat_dir, tmp_path_factory):
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    process, base = start_server(tiny_chat_dir, log, "--api-key", API_KEY, "--max-batch-size", "4",
+                                 "--body-timeout", "3")
     yield base
     stop(process)
 
@@ -281,12 +296,243 @@ def test_extreme_sampling_values_never_fail_the_requests_beside_them(server, cli
 def test_malformed_json_and_authentication(server):
     headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
     response = httpx.post(f"{server}/v1/chat/completions", content=b"{not json", headers=headers)
-    assert response.status_code == 400 and "error" in response.json()
+    assert response.status_code == 400
+    # No field is wrong, so no `param` (it once held the character offset of the JSON error).
+    assert response.json()["error"] == {"message": "The request body is not valid JSON.",
+                                        "type": "invalid_request_error", "param": None, "code": None}
     for bad in ({}, {"Authorization": "Bearer wrong"}):
         response = httpx.get(f"{server}/v1/models", headers=bad)
         assert response.status_code == 401 and response.json()["error"]["type"] == "authentication_error"
     with pytest.raises(openai.AuthenticationError):
         OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0).models.list()
+    # A refused client posting a large body still reads its 401 (see the 413 test for why that takes draining).
+
+    async def post_async() -> httpx.Response:
+        async with httpx.AsyncClient(base_url=server, timeout=60) as async_client:
+            return await async_client.post("/v1/completions", json={"prompt": "a " * 3 * 2**20})
+
+    assert asyncio.run(post_async()).status_code == 401
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What one client may cost: abandoned work, choices per request, body size and upload time, shutdown
+
+
+# Replies of 1000 tokens (the tiny model's whole context) and 16 of them per request: 1000 decoding steps for each
+# batch of choices, seconds to a minute depending on the machine.
+LONG_TOKENS = 1000
+AUTHORIZED = {"Authorization": f"Bearer {API_KEY}"}
+
+
+def health(base: str) -> dict:
+    return httpx.get(f"{base}/health", timeout=30).json()
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout:g} s")
+        time.sleep(0.05)
+
+
+def raw_request(base: str, body: bytes, content_length: int | None = None) -> socket.socket:
+    """A chat request written to a socket, so that the test decides when the connection closes and how much of the
+    body arrives."""
+    host, port = base.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=60)
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {API_KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {content_length or len(body)}\r\n\r\n")
+    sock.sendall(head.encode() + body)
+    return sock
+
+
+def test_abandoned_plain_requests_are_cancelled_at_once(server, client):
+    """A client that hangs up on a non-streaming request (a timeout, a killed script) frees its slots and its places
+    in the queue at once, as a closed stream does: 8 abandoned requests once held every slot for 150 s."""
+    bodies = [json.dumps({"model": MODEL, "messages": [{"role": "user", "content": f"Talk {i}"}], "n": 16,
+                          "max_tokens": LONG_TOKENS, "temperature": 0, "repetition_penalty": 1.0}).encode()
+              for i in range(2)]
+    sockets = [raw_request(server, body) for body in bodies]
+    try:  # the module's server decodes 4 at a time
+        wait_for(lambda: health(server) == {"status": "ok", "running": 4, "waiting": 28}, 60, "4 decoding, 28 queued")
+    finally:
+        for sock in sockets:
+            sock.close()
+    # Finishing them would take 8 rounds of 1000 decoding steps.
+    wait_for(lambda: health(server) == {"status": "ok", "running": 0, "waiting": 0}, 5, "abandoned requests cancelled")
+    reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Still there?"}],
+                                           max_tokens=4, **GREEDY)
+    assert reply.usage.completion_tokens >= 1
+
+
+def test_choices_per_request_are_limited(client):
+    """Each prompt of a /v1/completions list, times n, is a queued engine request: 100 prompts with n=16 once queued
+    1,600 of them and held a 4-token request back for three minutes."""
+    allowed = ServerSettings().max_choices  # the module's server runs with the default
+    for prompts, n, param in ((["Hi"] * 100, 16, "n"), (["Hi"] * (allowed + 1), 1, "prompt")):
+        with pytest.raises(openai.BadRequestError) as raised:
+            client.completions.create(model=MODEL, prompt=prompts, n=n, max_tokens=1, **GREEDY)
+        assert raised.value.param == param and f"at most {allowed}" in raised.value.message
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], n=allowed + 1,
+                                       max_tokens=1, **GREEDY)
+    assert raised.value.param == "n"
+    reply = client.completions.create(model=MODEL, prompt=["Hi", "Yo", "Hey", "Ok"], n=allowed // 4, max_tokens=1,
+                                      **GREEDY)
+    assert [choice.index for choice in reply.choices] == list(range(allowed))
+
+
+def test_request_bodies_over_the_limit_get_413(server, client):
+    limit = ServerSettings().max_request_bytes  # the module's server runs with the default
+    # With a Content-Length: refused before the body is read; the real client still reads the answer.
+    with pytest.raises(openai.APIStatusError) as raised:
+        client.completions.create(model=MODEL, prompt="a " * (limit // 2 + 1), max_tokens=1)
+    assert raised.value.status_code == 413 and raised.value.code == "request_too_large"
+    # httpx's async client writes the whole body before it reads: it gets the 413, not a reset connection, only if
+    # the server reads what it refuses before closing.
+    oversized = b'{"prompt": "' + b"a " * (limit // 2 + 1) + b'"}'
+
+    async def post_async() -> httpx.Response:
+        async with httpx.AsyncClient(base_url=server, timeout=60, headers=AUTHORIZED) as async_client:
+            return await async_client.post("/v1/completions", content=oversized,
+                                           headers={"Content-Type": "application/json"})
+
+    response = asyncio.run(post_async())
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+
+    def chunks() -> Iterator[bytes]:
+        yield b'{"prompt": "'
+        for _ in range(limit // 2**20 + 1):
+            yield b"a " * 2**19
+
+    # Chunked, without a Content-Length: refused at the first chunk past the limit.
+    response = httpx.post(f"{server}/v1/completions", content=chunks(), timeout=60,
+                          headers={**AUTHORIZED, "Content-Type": "application/json"})
+    assert "content-length" not in response.request.headers
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+    assert health(server)["status"] == "ok"
+
+
+def test_a_large_prompt_is_tokenized_off_the_event_loop(server):
+    """While a large prompt (under the body limit) is tokenized, /health and every stream keep being served: a 100 MB
+    prompt once froze the server for 3.6 s.
+
+    The yardstick is the large request's own duration, not a time: tokenized on the event loop, a /health sent during
+    it waits for most of it (measured: 0.52 s of 0.65 s); in a worker thread, /health waited a tenth of it at worst.
+    """
+    rng = random.Random(0)
+    words = ["".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9))) for _ in range(5000)]
+    text = " ".join(rng.choices(words, k=1_400_000))[:7_000_000]  # about 1.7M tokens: 0.3 s of tokenizing or more
+    body = {"model": MODEL, "messages": [{"role": "user", "content": text}], "max_tokens": 1}
+    with httpx.Client(base_url=server, timeout=60) as polling:
+        idle = statistics.median(_timed(lambda: polling.get("/health")) for _ in range(10))
+        outcome: dict = {}
+
+        def large() -> None:
+            started = time.perf_counter()
+            outcome["response"] = httpx.post(f"{server}/v1/chat/completions", json=body, headers=AUTHORIZED,
+                                             timeout=120)
+            outcome["seconds"] = time.perf_counter() - started
+
+        worker = threading.Thread(target=large)
+        worker.start()
+        latencies = []
+        while worker.is_alive():
+            latencies.append(_timed(lambda: polling.get("/health")))
+        worker.join()
+    assert outcome["response"].status_code == 400  # past the tiny model's context, known once tokenized
+    assert outcome["response"].json()["error"]["code"] == "context_length_exceeded"
+    assert outcome["seconds"] > 20 * idle, "the large prompt was too quick to show anything"
+    assert max(latencies) < outcome["seconds"] / 3, (max(latencies), outcome["seconds"], idle)
+
+
+def _timed(action: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    action()
+    return time.perf_counter() - started
+
+
+def test_a_body_that_never_finishes_gets_408(server):
+    """A client that declares a body and stops sending it (slowloris) holds the connection only until the body
+    timeout (3 s on the module's server)."""
+    with raw_request(server, b'{"messages": [', content_length=100) as sock:
+        sock.settimeout(60)
+        answer = b""
+        while chunk := sock.recv(65536):  # the server closes the connection after its answer
+            answer += chunk
+    answer = answer.decode()
+    assert answer.startswith("HTTP/1.1 408"), answer
+    assert '"code":"request_timeout"' in answer
+
+
+def test_sigterm_stops_a_busy_server_within_seconds(tiny_chat_dir, tmp_path):
+    """SIGTERM (what systemd, Docker and Kubernetes send) ends every request at once with a clean error, and the
+    process exits with status 0: uvicorn alone waited for every reply to finish generating, for minutes."""
+    log = tmp_path / "server.log"
+    process, base = start_server(tiny_chat_dir, log, "--max-batch-size", "2")
+    client = OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+    messages = [{"role": "user", "content": "Talk"}]
+
+    def plain(n: int) -> Exception | None:
+        try:
+            client.chat.completions.create(model=MODEL, messages=messages, n=n, max_tokens=LONG_TOKENS, **GREEDY)
+        except openai.APIError as error:
+            return error
+        return None
+
+    def streamed() -> Exception | None:
+        try:
+            for _ in client.chat.completions.create(model=MODEL, messages=messages, stream=True,
+                                                    max_tokens=LONG_TOKENS, **GREEDY):
+                pass
+        except openai.APIError as error:
+            return error
+        return None
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            futures = [pool.submit(plain, 16), pool.submit(plain, 1), pool.submit(streamed)]
+            wait_for(lambda: health(base) == {"status": "ok", "running": 2, "waiting": 16}, 60, "2 decoding, 16 queued")
+            process.send_signal(signal.SIGTERM)
+            process.wait(10)  # generating what was asked takes 9 rounds of 1000 decoding steps
+            errors = [future.result() for future in futures]
+    finally:
+        if process.poll() is None:
+            process.kill()
+    output = log.read_text()
+    assert process.returncode == 0, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    for error in errors[:2]:
+        assert isinstance(error, openai.InternalServerError) and error.status_code == 503, error
+    for error in errors:
+        assert error is not None and "shutting down" in error.message
+
+
+def load_openai_api() -> dict:
+    return runpy.run_path(str(REPO / "openai_api.py"), run_name="openai_api")
+
+
+def test_every_server_flag_shows_its_default(capsys):
+    with pytest.raises(SystemExit):
+        load_openai_api()["parse_args"](["--help"])
+    usage = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for flag, default in (("--server-name", "127.0.0.1"), ("--server-port", "8000"), ("--model-name", "qwen"),
+                          ("--max-batch-size", "8"), ("--max-request-bytes", str(ServerSettings().max_request_bytes)),
+                          ("--max-choices", "16"), ("--body-timeout", "60.0"), ("--shutdown-timeout", "5.0")):
+        options = usage[usage.index("options:"):]
+        text = re.search(rf"{flag} {flag[2:].upper().replace('-', '_')} (.*?)(?= --[a-z]|$)", options).group(1)
+        assert text.endswith(f"(default: {default})"), text
+    assert usage.startswith("usage:") and "Serve a Qwen checkpoint behind an OpenAI-compatible API." in usage
+
+
+@pytest.mark.parametrize("credentials", ["user:", ":password", "user"])
+def test_basic_auth_without_user_or_password_is_refused_at_start(credentials, capsys):
+    """`--api-auth user:` once started a server whose password was the empty string."""
+    with pytest.raises(SystemExit) as raised:
+        load_openai_api()["parse_args"](["-c", "unused", "--api-auth", credentials])
+    error = capsys.readouterr().err
+    assert raised.value.code == 2 and error.count("\n") == 1 and "user:password" in error, error
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -300,8 +546,8 @@ LEGACY_FUNCTIONS = [tool["function"] for tool in WEATHER_TOOLS]
 
 
 @pytest.fixture(scope="module")
-def tool_client(tool_chat_dir):
-    process, base = start_server(tool_chat_dir)
+def tool_client(tool_chat_dir, tmp_path_factory):
+    process, base = start_server(tool_chat_dir, tmp_path_factory.mktemp("tool-server") / "server.log")
     yield OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
     stop(process)
 
