@@ -44,15 +44,26 @@ def start_server(folder: str, port: int, max_batch_size: int, extra_args: list[s
                "--max-batch-size", str(max_batch_size), *extra_args]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return wait_until_serving(process, port)
+
+
+def wait_until_serving(process: subprocess.Popen, port: int, log: Path | None = None) -> subprocess.Popen:
+    """`process` once its /health answers; SystemExit (with the tail of `log`) if it exits or takes 3 minutes."""
+
+    def tail() -> str:
+        return f":\n{log.read_text()[-3000:]}" if log is not None else ""
+
     deadline = time.time() + 180
     while time.time() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"the server exited ({process.returncode}){tail()}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
                 return process
         except httpx.HTTPError:
             time.sleep(0.5)
     process.kill()
-    raise SystemExit("the server did not start")
+    raise SystemExit(f"the server did not start{tail()}")
 
 
 async def one_client(client: AsyncOpenAI, index: int, max_tokens: int) -> dict:

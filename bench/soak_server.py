@@ -54,7 +54,7 @@ from openai import AsyncOpenAI
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench_server import free_port, percentile  # noqa: E402
+from bench_server import free_port, percentile, wait_until_serving  # noqa: E402
 from qwen.checkpoint import write_random_checkpoint  # noqa: E402
 from qwen.server import ServerSettings  # noqa: E402
 
@@ -78,17 +78,7 @@ def start_server(folder: Path, port: int, log: Path, max_batch_size: int) -> sub
     with log.open("w") as output:  # a file, not a pipe: an unread pipe fills with access-log lines and blocks
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT,
                                    env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"the server exited ({process.returncode}):\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    process.kill()
-    raise SystemExit(f"the server did not start:\n{log.read_text()[-3000:]}")
+    return wait_until_serving(process, port, log)
 
 
 def memory_kib(pid: int) -> dict[str, int]:
