@@ -435,7 +435,8 @@ def main(argv: list[str] | None = None) -> int:
     engine_log.addHandler(logging.NullHandler())
     engine_log.propagate = False
     try:
-        # stdout holds the conversation alone (with --query: the reply alone), so loading notices go to stderr.
+        # stdout holds the conversation alone (with --query: the reply alone), so whatever a library prints while
+        # the checkpoint loads goes to stderr with our own notices.
         with redirect_stdout(sys.stderr):
             model, tokenizer = load_from_args(args)
     except KeyboardInterrupt:
