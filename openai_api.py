@@ -25,6 +25,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     def _get_help_string(self, action: argparse.Action) -> str | None:
         if action.required or action.default in (None, False):  # "(default: None)" would say nothing
             return action.help
+        if "(default:" in (action.help or ""):  # the shared loading options say theirs themselves
+            return action.help
         return super()._get_help_string(action)
 
 
