@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
-import os
 import random
 import re
 import runpy
@@ -27,7 +26,7 @@ from openai import OpenAI
 
 from qwen.qwen_generation_utils import make_context
 from qwen.server import ServerSettings
-from support import STOP_IDS, free_port, greedy_reference, stop, wait_until_serving
+from support import STOP_IDS, greedy_reference, start_openai_api, stop
 
 REPO = Path(__file__).resolve().parents[1]
 API_KEY = "sk-test-key"
@@ -35,16 +34,7 @@ MODEL = "qwen-tiny"
 
 
 def start_server(folder: Path, log: Path, *extra: str) -> tuple[subprocess.Popen, str]:
-    """`openai_api.py` on a free port, its output in `log`: a pipe nobody reads fills up with access-log lines and then
-    blocks the server."""
-    port = free_port()
-    command = [sys.executable, str(REPO / "openai_api.py"), "-c", str(folder), "--server-port", str(port),
-               "--model-name", MODEL, "--cpu-only", *extra]
-    with log.open("w") as output:
-        process = subprocess.Popen(command, cwd=REPO, stdout=output, stderr=subprocess.STDOUT, text=True,
-                                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    wait_until_serving(process, f"http://127.0.0.1:{port}/health", output=log.read_text)
-    return process, f"http://127.0.0.1:{port}"
+    return start_openai_api(folder, log, "--model-name", MODEL, *extra)
 
 
 @pytest.fixture(scope="module")
