@@ -39,9 +39,11 @@ def start_server(folder: Path, log: Path, *extra: str) -> tuple[subprocess.Popen
 
 @pytest.fixture(scope="module")
 def server(tiny_chat_dir, tmp_path_factory):
+    """A server as one might run it in production: an API key, and only its own model name accepted (the default,
+    any name, is tested with the original README's client in test_openai_legacy_client.py)."""
     log = tmp_path_factory.mktemp("server") / "server.log"
-    process, base = start_server(tiny_chat_dir, log, "--api-key", API_KEY, "--max-batch-size", "4",
-                                 "--body-timeout", "3")
+    process, base = start_server(tiny_chat_dir, log, "--api-key", API_KEY, "--strict-model-name",
+                                 "--max-batch-size", "4", "--body-timeout", "3")
     yield base
     stop(process)
 
@@ -232,7 +234,7 @@ BAD_REQUESTS = [
     ({"messages": [{"role": "user", "content": "word " * 9000}]}, 400),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": 3}, 400),
     ({"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, 400),
-    ({"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4"}, 404),
+    ({"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4"}, 404),  # --strict-model-name
     ({"messages": [{"role": "user", "content": 5}]}, 400),
     ({"messages": [{"role": "tool", "content": "42", "tool_call_id": "x"}]}, 400),
     ({"messages": [{"role": "user", "content": "hi"}], "repetition_penalty": 1e-300}, 400),
