@@ -1,7 +1,8 @@
 """Serve a Qwen checkpoint behind an OpenAI-compatible API.
 
     python openai_api.py -c Qwen-7B-Chat [--server-name 127.0.0.1] [--server-port 8000] [--cpu-only]
-                         [--api-key KEY | --api-auth user:pass] [--model-name qwen] [--max-batch-size 8]
+                         [--api-key KEY | --api-auth user:pass] [--model-name qwen] [--strict-model-name]
+                         [--max-batch-size 8]
     python openai_api.py -c demo        # a tiny random-weight model: no download, no GPU
 
 SIGTERM or Ctrl+C stops the server within seconds: requests still generating get a 503 error, retried by OpenAI SDKs.
@@ -25,6 +26,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     def _get_help_string(self, action: argparse.Action) -> str | None:
         if action.required or action.default in (None, False):  # "(default: None)" would say nothing
             return action.help
+        if "(default:" in (action.help or ""):  # the shared loading options say theirs themselves
+            return action.help
         return super()._get_help_string(action)
 
 
@@ -38,7 +41,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Serve
     parser.add_argument("--api-key", help="require `Authorization: Bearer KEY` (what OpenAI SDKs send)")
     parser.add_argument("--api-auth", help="require HTTP basic auth, given as user:password")
     parser.add_argument("--model-name", default=DEFAULTS.model_name,
-                        help="the model id that /v1/models lists and requests name")
+                        help="the model id that /v1/models lists (requests may name any other model)")
+    parser.add_argument("--strict-model-name", action="store_true",
+                        help="refuse requests naming another model than --model-name (404 model_not_found)")
     parser.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together; more wait in line")
     parser.add_argument("--cors-origin", action="append", dest="cors_origins",
                         help="allowed browser origin (repeatable); default any origin, without credentials")
@@ -61,6 +66,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Serve
             api_auth = tuple(args.api_auth.split(":", 1))
         settings = ServerSettings(
             model_name=args.model_name,
+            strict_model_name=args.strict_model_name,
             api_key=args.api_key,
             api_auth=api_auth,
             cors_origins=args.cors_origins or ["*"],

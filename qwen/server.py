@@ -51,7 +51,10 @@ T = TypeVar("T")
 class ServerSettings:
     """What the server is called, who may use it, and every limit on what one request may cost."""
 
-    model_name: str = "qwen"
+    model_name: str = "qwen"  # the id /v1/models lists
+    # Off (the default), a request may name any model, as the original server allowed: its README's client sends
+    # model="Qwen". On, a name other than `model_name` gets 404 model_not_found, as vLLM answers.
+    strict_model_name: bool = False
     api_key: str | None = None  # sent by OpenAI SDKs as `Authorization: Bearer KEY`
     api_auth: tuple[str, str] | None = None  # HTTP basic auth, as the original `--api-auth user:pass`
     cors_origins: list[str] = field(default_factory=lambda: ["*"])
@@ -120,10 +123,15 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# Replies repeat the request's model name in every streamed chunk: a name of megabytes would be serialized once per
+# token, on the event loop every stream shares.
+MAX_MODEL_NAME_CHARS = 1024
+
+
 class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    model: str | None = None
+    model: str | None = Field(None, max_length=MAX_MODEL_NAME_CHARS)
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0, le=2)
@@ -359,10 +367,15 @@ def create_app(engine: GenerationEngine, settings: ServerSettings | None = None)
         card = {"id": settings.model_name, "object": "model", "created": 0, "owned_by": "qwen"}
         return {"object": "list", "data": [card]}
 
-    def check_model(name: str | None) -> None:
-        if name is not None and name != settings.model_name:
+    def reply_model(name: str | None) -> str:
+        """The model name a reply reports: the one the request gave (as the original server and vLLM report it), else
+        `settings.model_name`. With `strict_model_name`, any other name than that gets 404."""
+        if not name:
+            return settings.model_name
+        if settings.strict_model_name and name != settings.model_name:
             raise APIError(404, f"The model {name!r} does not exist; this server serves {settings.model_name!r}.",
                            param="model", code="model_not_found")
+        return name
 
     def check_choices(count: int, param: str) -> None:
         if count > settings.max_choices:
@@ -430,7 +443,7 @@ def create_app(engine: GenerationEngine, settings: ServerSettings | None = None)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        check_model(body.model)
+        model = reply_model(body.model)
         check_choices(body.n, "n")
         try:
             functions = react.normalize_tools(body.functions, body.tools, body.tool_choice, body.function_call)
@@ -452,7 +465,7 @@ def create_app(engine: GenerationEngine, settings: ServerSettings | None = None)
         if body.stream:
             return EventSourceResponse(
                 _stream_chat(engine, prompt_ids, choices_params, functions, legacy, completion_id, created,
-                             settings.model_name, body.stream_options, streaming),
+                             model, body.stream_options, streaming),
                 ping=15,
             )
         try:
@@ -468,13 +481,13 @@ def create_app(engine: GenerationEngine, settings: ServerSettings | None = None)
             message, finish_reason = _chat_message(text, event.finish_reason, functions, legacy)
             choices.append({"index": index, "message": message, "finish_reason": finish_reason, "logprobs": None})
         return {
-            "id": completion_id, "object": "chat.completion", "created": created, "model": settings.model_name,
+            "id": completion_id, "object": "chat.completion", "created": created, "model": model,
             "choices": choices, "usage": _usage(len(prompt_ids), completion_tokens),
         }
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        check_model(body.model)
+        model = reply_model(body.model)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts or any(not p for p in prompts):
             raise APIError(400, "prompt must be a non-empty string or list of strings.", param="prompt")
@@ -493,7 +506,7 @@ def create_app(engine: GenerationEngine, settings: ServerSettings | None = None)
         if body.stream:
             ids, params = jobs[0]
             return EventSourceResponse(
-                _stream_completion(engine, ids, [p for _, p in jobs], completion_id, created, settings.model_name,
+                _stream_completion(engine, ids, [p for _, p in jobs], completion_id, created, model,
                                    body.stream_options, prompts[0] if body.echo else "", streaming),
                 ping=15,
             )
@@ -512,7 +525,7 @@ def create_app(engine: GenerationEngine, settings: ServerSettings | None = None)
                             "logprobs": None})
         prompt_tokens = sum(len(ids) for ids in encoded)
         return {
-            "id": completion_id, "object": "text_completion", "created": created, "model": settings.model_name,
+            "id": completion_id, "object": "text_completion", "created": created, "model": model,
             "choices": choices, "usage": _usage(prompt_tokens, completion_tokens),
         }
 

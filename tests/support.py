@@ -75,6 +75,19 @@ def wait_until_serving(
     raise AssertionError(f"nothing answered {url} within {timeout:.0f} s:\n{tail()}")
 
 
+def start_openai_api(folder: Path, log: Path, *args: str) -> tuple[subprocess.Popen, str]:
+    """`openai_api.py -c folder --cpu-only *args` on a free port, and its base URL once /health answers. Its output goes
+    to `log`: a pipe nobody reads fills up with access-log lines and then blocks the server."""
+    port = free_port()
+    command = [sys.executable, str(REPO / "openai_api.py"), "-c", str(folder), "--server-port", str(port),
+               "--cpu-only", *args]
+    with log.open("w") as output:
+        process = subprocess.Popen(command, cwd=REPO, stdout=output, stderr=subprocess.STDOUT, text=True,
+                                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    wait_until_serving(process, f"http://127.0.0.1:{port}/health", output=log.read_text)
+    return process, f"http://127.0.0.1:{port}"
+
+
 def wait_until_healthy(process: subprocess.Popen, port: int, timeout: float = 120) -> None:
     """Block until the server on `port` answers /health."""
     wait_until_serving(process, f"http://127.0.0.1:{port}/health", timeout)

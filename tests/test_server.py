@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
-import os
 import random
 import re
 import runpy
@@ -27,7 +26,7 @@ from openai import OpenAI
 
 from qwen.qwen_generation_utils import make_context
 from qwen.server import ServerSettings
-from support import STOP_IDS, free_port, greedy_reference, stop, wait_until_serving
+from support import STOP_IDS, greedy_reference, start_openai_api, stop
 
 REPO = Path(__file__).resolve().parents[1]
 API_KEY = "sk-test-key"
@@ -35,23 +34,16 @@ MODEL = "qwen-tiny"
 
 
 def start_server(folder: Path, log: Path, *extra: str) -> tuple[subprocess.Popen, str]:
-    """`openai_api.py` on a free port, its output in `log`: a pipe nobody reads fills up with access-log lines and then
-    blocks the server."""
-    port = free_port()
-    command = [sys.executable, str(REPO / "openai_api.py"), "-c", str(folder), "--server-port", str(port),
-               "--model-name", MODEL, "--cpu-only", *extra]
-    with log.open("w") as output:
-        process = subprocess.Popen(command, cwd=REPO, stdout=output, stderr=subprocess.STDOUT, text=True,
-                                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    wait_until_serving(process, f"http://127.0.0.1:{port}/health", output=log.read_text)
-    return process, f"http://127.0.0.1:{port}"
+    return start_openai_api(folder, log, "--model-name", MODEL, *extra)
 
 
 @pytest.fixture(scope="module")
 def server(tiny_chat_dir, tmp_path_factory):
+    """A server as one might run it in production: an API key, and only its own model name accepted (the default,
+    any name, is tested with the original README's client in test_openai_legacy_client.py)."""
     log = tmp_path_factory.mktemp("server") / "server.log"
-    process, base = start_server(tiny_chat_dir, log, "--api-key", API_KEY, "--max-batch-size", "4",
-                                 "--body-timeout", "3")
+    process, base = start_server(tiny_chat_dir, log, "--api-key", API_KEY, "--strict-model-name",
+                                 "--max-batch-size", "4", "--body-timeout", "3")
     yield base
     stop(process)
 
@@ -242,7 +234,7 @@ BAD_REQUESTS = [
     ({"messages": [{"role": "user", "content": "word " * 9000}]}, 400),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": 3}, 400),
     ({"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, 400),
-    ({"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4"}, 404),
+    ({"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4"}, 404),  # --strict-model-name
     ({"messages": [{"role": "user", "content": 5}]}, 400),
     ({"messages": [{"role": "tool", "content": "42", "tool_call_id": "x"}]}, 400),
     ({"messages": [{"role": "user", "content": "hi"}], "repetition_penalty": 1e-300}, 400),
@@ -524,6 +516,8 @@ def test_every_server_flag_shows_its_default(capsys):
         text = re.search(rf"{flag} {flag[2:].upper().replace('-', '_')} (.*?)(?= --[a-z]|$)", options).group(1)
         assert text.endswith(f"(default: {default})"), text
     assert usage.startswith("usage:") and "Serve a Qwen checkpoint behind an OpenAI-compatible API." in usage
+    # The shared loading options write their defaults into their help; the formatter once added a second one.
+    assert not re.search(r"\(default: [^)]*\) \(default:", usage), usage
 
 
 @pytest.mark.parametrize("credentials", ["user:", ":password", "user"])
