@@ -40,9 +40,10 @@ PREFILL_TOKEN_BUDGET = 4096
 
 
 # Bounds of the sampling values, chosen so that no value inside them can overflow fp32 logits (a logit divided by a
-# temperature of 1e-39 is inf, and softmax over inf is NaN). Below GREEDY_BELOW_TEMPERATURE sampling is greedy, as
-# vLLM does; the difference is only in exact near-ties of the logits.
-GREEDY_BELOW_TEMPERATURE = 1e-5
+# temperature of 1e-39 is inf, and softmax over inf is NaN). Below GREEDY_BELOW_TEMPERATURE decoding is greedy, the
+# rule of the original Qwen server (it turned a temperature under 0.01 into top_k=1); sampling that cold differs from
+# greedy only in near-ties of the logits.
+GREEDY_BELOW_TEMPERATURE = 0.01
 REPETITION_PENALTY_RANGE = (0.01, 100.0)
 PRESENCE_FREQUENCY_RANGE = (-2.0, 2.0)  # OpenAI's range for presence_penalty and frequency_penalty
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts

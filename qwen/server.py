@@ -325,7 +325,7 @@ def create_app(engine: GenerationEngine, settings: ServerSettings | None = None)
     tokenizer = engine.tokenizer
     generation_config = engine.model.generation_config
     stop_token_ids = chat_stop_token_ids(tokenizer)
-    app = FastAPI(title="Qwen OpenAI-compatible API", docs_url=None, redoc_url=None)
+    app = FastAPI(title="Qwen OpenAI-compatible API")  # /docs and /redoc describe the API, as the original's did
     app.add_middleware(RequestGate, settings=settings)
     # Added last, so outermost: preflights are answered before authentication, and errors the gate returns (401,
     # 413) carry the CORS headers a browser needs to read them.

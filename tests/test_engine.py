@@ -197,7 +197,8 @@ def test_sampling_values_out_of_bounds_are_refused_naming_the_field(field, value
 def test_tiny_temperatures_decode_greedily_beside_normal_requests(engine, tiny_chat_model, tokenizer):
     """A temperature of 1e-39 once overflowed the logits to inf and failed every request decoding in its batch."""
     ids = [prompt(tokenizer, q) for q in QUERIES[:3]]
-    tiny = [SamplingParams(max_new_tokens=10, temperature=t, seed=1, stop_token_ids=STOP_IDS) for t in (1e-39, 1e-45)]
+    # Below 0.01 decoding is greedy, as the original server made it (top_k=1 under a temperature of 0.01).
+    tiny = [SamplingParams(max_new_tokens=10, temperature=t, seed=1, stop_token_ids=STOP_IDS) for t in (1e-39, 0.0099)]
     handles = [engine.submit(ids[0], tiny[0]), engine.submit(ids[1], greedy(10)), engine.submit(ids[2], tiny[1])]
     results = [collect(h) for h in handles]
     for prompt_ids, (tokens, _, reason) in zip(ids, results):

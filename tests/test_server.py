@@ -259,7 +259,7 @@ def test_extreme_sampling_values_never_fail_the_requests_beside_them(server, cli
     expected = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, **GREEDY)
     odd_bodies = [
         {"temperature": 1e-39, "seed": 5}, {"temperature": 1e-45}, {"repetition_penalty": 1e-300},
-        {"seed": 2**64}, {"seed": 2**64 - 1, "n": 2, "temperature": 0.9},
+        {"seed": 2**64}, {"seed": 2**64 - 1, "n": 2, "temperature": 0.9}, {"temperature": 0.005, "seed": 9},
     ]
     headers = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -278,11 +278,18 @@ def test_extreme_sampling_values_never_fail_the_requests_beside_them(server, cli
         odd_results = [f.result() for f in odd_futures]
     assert normal_results == [expected.choices[0].message.content] * 3
     statuses = [r.status_code for r in odd_results]
-    assert statuses == [200, 200, 400, 400, 200], [r.text for r in odd_results]
-    # Tiny temperatures decode greedily (documented); out-of-range values name their field.
-    assert odd_results[0].json()["choices"][0]["message"]["content"] == expected.choices[0].message.content
+    assert statuses == [200, 200, 400, 400, 200, 200], [r.text for r in odd_results]
+    # Temperatures below 0.01 decode greedily, as the original server did; out-of-range values name their field.
+    for index in (0, 5):
+        assert odd_results[index].json()["choices"][0]["message"]["content"] == expected.choices[0].message.content
     assert [odd_results[i].json()["error"]["param"] for i in (2, 3)] == ["repetition_penalty", "seed"]
     assert len(odd_results[4].json()["choices"]) == 2
+
+
+def test_the_api_is_described_at_docs_as_the_original_server_said(server):
+    assert httpx.get(f"{server}/docs", timeout=30).status_code == 200
+    schema = httpx.get(f"{server}/openapi.json", timeout=30).json()
+    assert {"/v1/chat/completions", "/v1/completions", "/v1/models"} <= set(schema["paths"])
 
 
 def test_malformed_json_and_authentication(server):
