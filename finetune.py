@@ -5,8 +5,9 @@
 
 Every TrainingArguments option works as in transformers, plus --overwrite_output_dir (without it, an --output_dir that
 already holds a model is refused). --bf16 True on a machine without any GPU trains on the CPU. The data format, the
-label mask and the choice between a base and a chat model (read from the checkpoint's generation_config.json) are in
-`qwen/sft.py` and `qwen/lora.py`; `finetune/*.sh` are the launch scripts for one or many GPUs (or the CPU).
+label masks (--label_mask) and the choice between a base and a chat model (read from the checkpoint's
+generation_config.json) are in `qwen/sft.py` and `qwen/lora.py`; `finetune/*.sh` are the launch scripts for one or
+many GPUs (or the CPU).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from qwen import QWenLMHeadModel, QWenTokenizer
 from qwen.checkpoint import model_files_in
 from qwen.loading import LoadError, resolve_checkpoint
 from qwen.lora import LoraSettings, copy_checkpoint_metadata, is_chat_checkpoint, prepare_lora_model
-from qwen.sft import ConversationDataset, DataError, PadToLongest, load_samples
+from qwen.sft import DEFAULT_LABEL_MASK, ConversationDataset, DataError, LabelMask, PadToLongest, load_samples
 
 logger = logging.getLogger("finetune")
 
@@ -42,6 +43,13 @@ class DataArguments:
     data_path: str = field(metadata={"help": "training conversations (JSON list or JSON Lines)"})
     eval_data_path: str | None = field(default=None, metadata={"help": "evaluation conversations, same format"})
     lazy_preprocess: bool = field(default=False, metadata={"help": "tokenize each sample when it is read"})
+    label_mask: LabelMask = field(
+        default=DEFAULT_LABEL_MASK,
+        metadata={"help": "the tokens the loss is computed on. original (the default, as the original finetune.py): "
+                          "each assistant reply, and the <|im_start|>, <|im_end|> and closing newline of every turn "
+                          "(system and user turns included); role names and system and user text are masked. "
+                          "assistant_only: each assistant reply and its <|im_end|>, nothing else."},
+    )
 
 
 class UsageError(ValueError):
@@ -175,23 +183,23 @@ LEFT_OUT_LINES = 10
 
 
 def conversation_dataset(samples: list[dict], tokenizer: QWenTokenizer, flag: str, path: str, max_length: int,
-                         lazy: bool, report: bool) -> ConversationDataset:
+                         lazy: bool, report: bool, label_mask: LabelMask = DEFAULT_LABEL_MASK) -> ConversationDataset:
     """The dataset of one data file; samples cut down to no label at all are reported (on the main process) and
     left out, and a file left with none stops the run."""
-    dataset = ConversationDataset(samples, tokenizer, max_length, lazy=lazy)
+    dataset = ConversationDataset(samples, tokenizer, max_length, lazy=lazy, label_mask=label_mask)
     if report:
         for sample in dataset.left_out[:LEFT_OUT_LINES]:
-            print(f"warning: {path}: {sample.name} is {sample.length} tokens long and its first reply starts at "
-                  f"token {sample.first_label}, beyond --model_max_length {max_length}: every label is cut off, so "
-                  "it is left out.", file=sys.stderr)
+            print(f"warning: {path}: {sample.name} is {sample.length} tokens long and its first label is at token "
+                  f"{sample.first_label}, beyond --model_max_length {max_length}: every label is cut off, so it is "
+                  "left out.", file=sys.stderr)
         if len(dataset.left_out) > LEFT_OUT_LINES:
             print(f"warning: {path}: {len(dataset.left_out) - LEFT_OUT_LINES} more samples like these are left out "
                   f"({len(dataset.left_out)} of {len(samples)} in all).", file=sys.stderr)
     if not len(dataset):
         earliest = min(sample.first_label for sample in dataset.left_out)
         raise DataError(
-            f"{flag} {path}: every sample's first reply starts beyond --model_max_length {max_length} (the earliest "
-            f"at token {earliest}), so nothing is left to learn from; raise --model_max_length above {earliest}."
+            f"{flag} {path}: every sample's first label is beyond --model_max_length {max_length} (the earliest at "
+            f"token {earliest}), so nothing is left to learn from; raise --model_max_length above {earliest}."
         )
     return dataset
 
@@ -210,11 +218,11 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     main_process = training_args.process_index == 0
     train_dataset = conversation_dataset(
         load_samples(data_args.data_path), tokenizer, "--data_path", data_args.data_path, max_length,
-        data_args.lazy_preprocess, report=main_process,
+        data_args.lazy_preprocess, report=main_process, label_mask=data_args.label_mask,
     )
     eval_dataset = conversation_dataset(
         load_samples(data_args.eval_data_path), tokenizer, "--eval_data_path", data_args.eval_data_path, max_length,
-        data_args.lazy_preprocess, report=main_process,
+        data_args.lazy_preprocess, report=main_process, label_mask=data_args.label_mask,
     ) if data_args.eval_data_path else None
 
     if trains_on_cpu(training_args):

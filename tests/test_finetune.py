@@ -362,12 +362,11 @@ def test_a_run_where_every_sample_is_cut_to_no_label_refuses_to_start(tmp_path, 
                                                                        finetune_main, tokenizer):
     from qwen.sft import first_label_position, load_samples
 
-    first_reply = first_label_position(tokenizer, load_samples(data_file)[0])
-    message = finetune_main(tiny_chat_dir, data_file, tmp_path / "out", "--model_max_length", str(first_reply))
+    first = first_label_position(tokenizer, load_samples(data_file)[0])  # the system turn's <|im_end|>
+    message = finetune_main(tiny_chat_dir, data_file, tmp_path / "out", "--model_max_length", str(first))
     assert message == (
-        f"error: --data_path {data_file}: every sample's first reply starts beyond --model_max_length {first_reply} "
-        f"(the earliest at token {first_reply}), so nothing is left to learn from; raise --model_max_length above "
-        f"{first_reply}."
+        f"error: --data_path {data_file}: every sample's first label is beyond --model_max_length {first} (the "
+        f"earliest at token {first}), so nothing is left to learn from; raise --model_max_length above {first}."
     )
     assert not (tmp_path / "out").exists()
 
@@ -377,10 +376,11 @@ LONG_PROMPT = {"id": "long", "conversations": [{"from": "user", "value": "word "
 
 
 def long_prompt_tokens(tokenizer) -> tuple[int, int]:
-    """(length, first labelled position) of LONG_PROMPT, whose reply starts beyond 64 tokens."""
+    """(length, first labelled position) of LONG_PROMPT under the assistant-only mask: its reply starts beyond 64
+    tokens. (Under the original mask its system turn's markers are labelled, and it is never left out at 64.)"""
     from qwen.sft import IGNORE_INDEX, tokenize_sample
 
-    labels = tokenize_sample(tokenizer, LONG_PROMPT).labels
+    labels = tokenize_sample(tokenizer, LONG_PROMPT, label_mask="assistant_only").labels
     first = next(position for position, label in enumerate(labels) if label != IGNORE_INDEX)
     assert 64 < first < len(labels)
     return len(labels), first
@@ -394,13 +394,14 @@ def test_samples_cut_to_no_label_are_reported_one_line_each_up_to_a_cap(monkeypa
     length, first = long_prompt_tokens(tokenizer)
     short = {"id": "short", "conversations": [{"from": "user", "value": "hi"}, {"from": "assistant", "value": "ok"}]}
     samples = [long_prompt] * 13 + [short]
-    dataset = script.conversation_dataset(samples, tokenizer, "--data_path", "data.json", 64, lazy=True, report=True)
-    assert len(dataset) == 1 and dataset[0]["input_ids"] == script.ConversationDataset([short], tokenizer, 64)[0][
-        "input_ids"]
+    dataset = script.conversation_dataset(samples, tokenizer, "--data_path", "data.json", 64, lazy=True, report=True,
+                                          label_mask="assistant_only")
+    assert len(dataset) == 1 and dataset[0] == script.ConversationDataset([short], tokenizer, 64,
+                                                                          label_mask="assistant_only")[0]
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == script.LEFT_OUT_LINES + 1
-    assert lines[0] == (f"warning: data.json: sample 'long' (#0) is {length} tokens long and its first reply starts "
-                        f"at token {first}, beyond --model_max_length 64: every label is cut off, so it is left out.")
+    assert lines[0] == (f"warning: data.json: sample 'long' (#0) is {length} tokens long and its first label is at "
+                        f"token {first}, beyond --model_max_length 64: every label is cut off, so it is left out.")
     assert lines[9].startswith(f"warning: data.json: sample 'long' (#9) is {length} tokens long")
     assert lines[-1] == "warning: data.json: 3 more samples like these are left out (13 of 14 in all)."
 
@@ -415,10 +416,11 @@ def test_a_sample_cut_to_no_label_is_reported_and_left_out_of_the_steps(tmp_path
     ]
     data.write_text("".join(json.dumps(sample) + "\n" for sample in samples))
     result = finetune(tiny_chat_dir, data, tmp_path / "out", "--model_max_length", "64", "--max_steps", "2",
-                      "--learning_rate", "1e-3", "--logging_steps", "1", "--save_strategy", "no")
+                      "--learning_rate", "1e-3", "--logging_steps", "1", "--save_strategy", "no",
+                      "--label_mask", "assistant_only")
     length, first = long_prompt_tokens(tokenizer)
     reports = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
-    assert reports == [f"warning: {data}: sample 'long' (#1) is {length} tokens long and its first reply starts at "
+    assert reports == [f"warning: {data}: sample 'long' (#1) is {length} tokens long and its first label is at "
                        f"token {first}, beyond --model_max_length 64: every label is cut off, so it is left out."]
     losses = logged_losses(tmp_path / "out")
     assert len(losses) == 2 and all(loss > 1 for loss in losses)  # both steps trained on the labelled sample
