@@ -4,9 +4,11 @@
         [--use_lora] [--q_lora] [--bf16 True] [--model_max_length 2048] [--gradient_checkpointing] ...
 
 Every TrainingArguments option works as in transformers, plus --overwrite_output_dir (without it, an --output_dir that
-already holds a model is refused). --bf16 True on a machine without any GPU trains on the CPU. The data format, the
-label mask and the choice between a base and a chat model (read from the checkpoint's generation_config.json) are in
-`qwen/sft.py` and `qwen/lora.py`; `finetune/*.sh` are the launch scripts for one or many GPUs (or the CPU).
+already holds a model is refused) and the flags of the original script that transformers has since dropped or renamed
+(--cache_dir, --warmup_ratio, --evaluation_strategy). --bf16 True on a machine without any GPU trains on the CPU. The
+data format, the label masks (--label_mask) and the choice between a base and a chat model (read from the checkpoint's
+generation_config.json) are in `qwen/sft.py` and `qwen/lora.py`; `finetune/*.sh` are the launch scripts for one or
+many GPUs (or the CPU).
 """
 
 from __future__ import annotations
@@ -25,16 +27,16 @@ from transformers import HfArgumentParser, Trainer
 
 from qwen import QWenLMHeadModel, QWenTokenizer
 from qwen.checkpoint import model_files_in
-from qwen.loading import LoadError, resolve_checkpoint
+from qwen.loading import LoadError, is_demo_checkpoint, resolve_checkpoint
 from qwen.lora import LoraSettings, copy_checkpoint_metadata, is_chat_checkpoint, prepare_lora_model
-from qwen.sft import ConversationDataset, DataError, PadToLongest, load_samples
+from qwen.sft import DEFAULT_LABEL_MASK, ConversationDataset, DataError, LabelMask, PadToLongest, load_samples
 
 logger = logging.getLogger("finetune")
 
 
 @dataclass
 class ModelArguments:
-    model_name_or_path: str = field(metadata={"help": "checkpoint folder or hub id"})
+    model_name_or_path: str = field(default="Qwen/Qwen-7B", metadata={"help": "checkpoint folder or hub id"})
 
 
 @dataclass
@@ -42,6 +44,13 @@ class DataArguments:
     data_path: str = field(metadata={"help": "training conversations (JSON list or JSON Lines)"})
     eval_data_path: str | None = field(default=None, metadata={"help": "evaluation conversations, same format"})
     lazy_preprocess: bool = field(default=False, metadata={"help": "tokenize each sample when it is read"})
+    label_mask: LabelMask = field(
+        default=DEFAULT_LABEL_MASK,
+        metadata={"help": "the tokens the loss is computed on. original (the default, as the original finetune.py): "
+                          "each assistant reply, and the <|im_start|>, <|im_end|> and closing newline of every turn "
+                          "(system and user turns included); role names and system and user text are masked. "
+                          "assistant_only: each assistant reply and its <|im_end|>, nothing else."},
+    )
 
 
 class UsageError(ValueError):
@@ -52,10 +61,17 @@ class UsageError(ValueError):
 class TrainingArguments(transformers.TrainingArguments):
     model_max_length: int = field(default=8192, metadata={"help": "samples are cut to this many tokens"})
     use_lora: bool = False
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "where a hub id given as --model_name_or_path is downloaded to (default: the "
+                                        "Hugging Face cache)"},
+    )
     warmup_ratio: float | None = field(
         default=None,
         metadata={"help": "warmup as a fraction of all steps, as the original scripts say it (transformers 5 folded "
                           "it into --warmup_steps, which takes a fraction below 1 as a ratio)"},
+    )
+    evaluation_strategy: str | None = field(
+        default=None, metadata={"help": "the original scripts' name of --eval_strategy (renamed by transformers)"},
     )
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "replace the model already saved in --output_dir (else the run refuses)"},
@@ -66,6 +82,10 @@ class TrainingArguments(transformers.TrainingArguments):
             if self.warmup_steps:
                 raise UsageError("Give --warmup_ratio or --warmup_steps, not both.")
             self.warmup_steps = self.warmup_ratio
+        if self.evaluation_strategy is not None:
+            if self.eval_strategy not in ("no", self.evaluation_strategy):
+                raise UsageError("Give --evaluation_strategy or --eval_strategy, not both.")
+            self.eval_strategy = self.evaluation_strategy
         bf16 = self.bf16 or self.bf16_full_eval
         if bf16 and not self.use_cpu and not transformers.utils.is_torch_bf16_gpu_available():
             if torch.accelerator.is_available():
@@ -170,28 +190,50 @@ def check_output_dir(args: TrainingArguments) -> None:
         )
 
 
+def checkpoint_folder(name: str, cache_dir: str | None) -> Path:
+    """The folder --model_name_or_path names. With --cache_dir, a hub id is downloaded into that folder instead of the
+    Hugging Face cache, as the original script's `from_pretrained(..., cache_dir=...)` did."""
+    if cache_dir is None or Path(name).expanduser().exists() or is_demo_checkpoint(name):
+        return resolve_checkpoint(name)
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
+
+    try:
+        fetched = snapshot_download(name, cache_dir=cache_dir)
+    except HFValidationError:
+        return resolve_checkpoint(name)  # not a hub id but a missing folder: resolve_checkpoint's message names it
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as error:
+        reason = str(error).splitlines()[0] if str(error) else "no details"
+        raise LoadError(
+            f"{name!r} is not a local folder, and it could not be fetched from the Hugging Face hub into --cache_dir "
+            f"{cache_dir} ({type(error).__name__}: {reason}). Check the spelling, or download the checkpoint where "
+            "there is internet and pass its folder as --model_name_or_path."
+        ) from error
+    return resolve_checkpoint(fetched)
+
+
 # Left-out samples reported one line each, up to this many; a big file with many of them would bury everything else.
 LEFT_OUT_LINES = 10
 
 
 def conversation_dataset(samples: list[dict], tokenizer: QWenTokenizer, flag: str, path: str, max_length: int,
-                         lazy: bool, report: bool) -> ConversationDataset:
+                         lazy: bool, report: bool, label_mask: LabelMask = DEFAULT_LABEL_MASK) -> ConversationDataset:
     """The dataset of one data file; samples cut down to no label at all are reported (on the main process) and
     left out, and a file left with none stops the run."""
-    dataset = ConversationDataset(samples, tokenizer, max_length, lazy=lazy)
+    dataset = ConversationDataset(samples, tokenizer, max_length, lazy=lazy, label_mask=label_mask)
     if report:
         for sample in dataset.left_out[:LEFT_OUT_LINES]:
-            print(f"warning: {path}: {sample.name} is {sample.length} tokens long and its first reply starts at "
-                  f"token {sample.first_label}, beyond --model_max_length {max_length}: every label is cut off, so "
-                  "it is left out.", file=sys.stderr)
+            print(f"warning: {path}: {sample.name} is {sample.length} tokens long and its first label is at token "
+                  f"{sample.first_label}, beyond --model_max_length {max_length}: every label is cut off, so it is "
+                  "left out.", file=sys.stderr)
         if len(dataset.left_out) > LEFT_OUT_LINES:
             print(f"warning: {path}: {len(dataset.left_out) - LEFT_OUT_LINES} more samples like these are left out "
                   f"({len(dataset.left_out)} of {len(samples)} in all).", file=sys.stderr)
     if not len(dataset):
         earliest = min(sample.first_label for sample in dataset.left_out)
         raise DataError(
-            f"{flag} {path}: every sample's first reply starts beyond --model_max_length {max_length} (the earliest "
-            f"at token {earliest}), so nothing is left to learn from; raise --model_max_length above {earliest}."
+            f"{flag} {path}: every sample's first label is beyond --model_max_length {max_length} (the earliest at "
+            f"token {earliest}), so nothing is left to learn from; raise --model_max_length above {earliest}."
         )
     return dataset
 
@@ -200,7 +242,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
           lora_args: LoraArguments) -> None:
     logging.basicConfig(level=logging.INFO if training_args.process_index == 0 else logging.WARNING)
     check_output_dir(training_args)
-    folder = resolve_checkpoint(model_args.model_name_or_path)
+    folder = checkpoint_folder(model_args.model_name_or_path, training_args.cache_dir)
     use_lora = training_args.use_lora or lora_args.q_lora
     chat = is_chat_checkpoint(folder)
 
@@ -210,11 +252,11 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     main_process = training_args.process_index == 0
     train_dataset = conversation_dataset(
         load_samples(data_args.data_path), tokenizer, "--data_path", data_args.data_path, max_length,
-        data_args.lazy_preprocess, report=main_process,
+        data_args.lazy_preprocess, report=main_process, label_mask=data_args.label_mask,
     )
     eval_dataset = conversation_dataset(
         load_samples(data_args.eval_data_path), tokenizer, "--eval_data_path", data_args.eval_data_path, max_length,
-        data_args.lazy_preprocess, report=main_process,
+        data_args.lazy_preprocess, report=main_process, label_mask=data_args.label_mask,
     ) if data_args.eval_data_path else None
 
     if trains_on_cpu(training_args):

@@ -1,14 +1,20 @@
-"""Fine-tuning data: conversation files in, ChatML token ids with an assistant-only label mask out.
+"""Fine-tuning data: conversation files in, ChatML token ids and their labels out.
 
 The file format is the one of the original fine-tuning script: a JSON list (or JSON Lines, one sample per line) of
 
     {"id": "identity_0", "system": "optional system prompt",
      "conversations": [{"from": "user", "value": "你好"}, {"from": "assistant", "value": "我是通义千问..."}]}
 
-Each sample becomes the ids `model.chat()` would feed for the same conversation (built by the same turn encoder as
-`make_context`, so a fine-tuned model is trained on exactly the prompts it later sees), and labels that are -100
-everywhere except on each assistant reply and the `<|im_end|>` that closes it: the model learns to answer and to stop,
-not to write the user's turns or the role headers.
+(`system` is ours: the original script gave every sample the default system prompt.) Each sample becomes the ids
+`model.chat()` would feed for the same conversation, every turn followed by its newline (built by the same turn
+encoder as `make_context`, so a fine-tuned model is trained on exactly the prompts it later sees). Labels are -100
+where nothing is learned; which tokens are learned is the label mask's choice (`LABEL_MASKS`):
+
+- "original" (the default), as the original script's `preprocess`: each assistant reply, and the `<|im_start|>`,
+  `<|im_end|>` and closing newline of every turn, system and user turns included. Role names, the newline after them
+  and the system and user text are masked.
+- "assistant_only": each assistant reply and the `<|im_end|>` that closes it, nothing else: the model learns to answer
+  and to stop, not to write turn markers.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -25,6 +31,9 @@ from .qwen_generation_utils import DEFAULT_SYSTEM_PROMPT, _encode_text, _turn
 
 IGNORE_INDEX = -100
 ROLES = ("user", "assistant")
+LabelMask = Literal["original", "assistant_only"]
+LABEL_MASKS: tuple[str, ...] = get_args(LabelMask)
+DEFAULT_LABEL_MASK: LabelMask = "original"
 
 
 class DataError(ValueError):
@@ -101,30 +110,41 @@ def check_sample(sample: Any, index: int) -> None:
         raise DataError(f"{name} has no assistant turn, so there is nothing to learn from it.")
 
 
-def _encoded_pieces(tokenizer: Any, sample: dict[str, Any]) -> Iterator[tuple[list[int], list[int]]]:
-    """(ids, labels) of a checked sample, piece by piece in order: the system turn, then each turn after a newline."""
+def _turn_labels(ids: list[int], role: str, header: int, newline: int, label_mask: LabelMask) -> list[int]:
+    """Labels of one turn's ids: `<|im_start|>role\\n` (`header` tokens), the content, `<|im_end|>`, the newline."""
+    end = len(ids) - newline - 1  # where <|im_end|> is
+    reply = ids[header:end] if role == "assistant" else [IGNORE_INDEX] * (end - header)
+    if label_mask == "original":
+        return [ids[0]] + [IGNORE_INDEX] * (header - 1) + reply + ids[end:]
+    if label_mask == "assistant_only":
+        closing = [ids[end]] if role == "assistant" else [IGNORE_INDEX]
+        return [IGNORE_INDEX] * header + reply + closing + [IGNORE_INDEX] * newline
+    raise ValueError(f"Unknown label mask {label_mask!r}; use one of {', '.join(LABEL_MASKS)}.")
+
+
+def _encoded_pieces(
+    tokenizer: Any, sample: dict[str, Any], label_mask: LabelMask
+) -> Iterator[tuple[list[int], list[int]]]:
+    """(ids, labels) of a checked sample, turn by turn in order, the system turn first; each ends with a newline."""
     newline = _encode_text(tokenizer, "\n")
     turns = [("system", sample.get("system", DEFAULT_SYSTEM_PROMPT))]
     turns += [(turn["from"], turn["value"]) for turn in sample["conversations"]]
-    for position, (role, content) in enumerate(turns):
-        if position:
-            yield newline, [IGNORE_INDEX] * len(newline)
+    for role, content in turns:
         _, ids = _turn(tokenizer, role, content)
-        if role == "assistant":
-            header = 1 + len(_encode_text(tokenizer, role)) + len(newline)  # <|im_start|>assistant\n
-            yield ids, [IGNORE_INDEX] * header + ids[header:]
-        else:
-            yield ids, [IGNORE_INDEX] * len(ids)
+        ids += newline
+        header = 1 + len(_encode_text(tokenizer, role)) + len(newline)  # <|im_start|>role\n
+        yield ids, _turn_labels(ids, role, header, len(newline), label_mask)
 
 
-def tokenize_sample(tokenizer: Any, sample: dict[str, Any], max_length: int | None = None) -> TokenizedSample:
-    """ChatML ids of one checked sample and its labels (-100 except assistant replies and their `<|im_end|>`).
+def tokenize_sample(tokenizer: Any, sample: dict[str, Any], max_length: int | None = None,
+                    label_mask: LabelMask = DEFAULT_LABEL_MASK) -> TokenizedSample:
+    """ChatML ids of one checked sample and its labels (-100 where `label_mask` learns nothing, see the module doc).
 
     Longer samples are cut at `max_length` tokens.
     """
     input_ids: list[int] = []
     labels: list[int] = []
-    for ids, piece_labels in _encoded_pieces(tokenizer, sample):
+    for ids, piece_labels in _encoded_pieces(tokenizer, sample, label_mask):
         input_ids += ids
         labels += piece_labels
     if max_length is not None:
@@ -132,16 +152,18 @@ def tokenize_sample(tokenizer: Any, sample: dict[str, Any], max_length: int | No
     return TokenizedSample(input_ids, labels)
 
 
-def first_label_position(tokenizer: Any, sample: dict[str, Any]) -> int:
-    """Where the first labelled token (the start of the first reply) of a checked sample is, in tokens.
+def first_label_position(tokenizer: Any, sample: dict[str, Any], label_mask: LabelMask = DEFAULT_LABEL_MASK) -> int:
+    """Where the first token the model learns to predict is in a checked sample, in tokens.
 
-    A sample cut at a length at or below this has every label masked: nothing in it is learned. Only the pieces up to
-    that reply are tokenized, so checking a big file costs little more than its prompts.
+    That is the first label past position 0: the label of the very first token (the original mask keeps its
+    `<|im_start|>`) is never a target, as no token comes before it. A sample cut at a length at or below this
+    position has nothing left to learn. Only the turns up to that label are tokenized, so checking a big file costs
+    little more than its prompts under the assistant-only mask, and one turn under the original one.
     """
     position = 0
-    for ids, labels in _encoded_pieces(tokenizer, sample):
+    for ids, labels in _encoded_pieces(tokenizer, sample, label_mask):
         for offset, label in enumerate(labels):
-            if label != IGNORE_INDEX:
+            if label != IGNORE_INDEX and position + offset > 0:
                 return position + offset
         position += len(ids)
     raise DataError("The sample has no assistant turn, so there is nothing to learn from it.")
@@ -149,43 +171,49 @@ def first_label_position(tokenizer: Any, sample: dict[str, Any]) -> int:
 
 @dataclass(frozen=True)
 class LeftOutSample:
-    """A sample whose every label lies beyond the length samples are cut at."""
+    """A sample whose every target (every label past its first token) lies beyond the length samples are cut at."""
 
     index: int
     name: str
     length: int  # tokens of the whole sample
-    first_label: int  # where its first reply starts
+    first_label: int  # where its first target is (`first_label_position`)
 
 
 class ConversationDataset(torch.utils.data.Dataset):
     """Samples tokenized up front, or (`lazy=True`) each time one is read, for files too big to tokenize at once.
 
-    Samples whose first reply starts at or beyond `max_length` are left out and listed in `left_out`: cut there, all
-    their labels would be masked, and a step of such samples has a loss of 0 and no gradient, yet counts as a step,
-    drags the logged loss down and still moves the weights (the optimizer's momentum and weight decay).
+    `label_mask` chooses the tokens learned (see the module doc). Samples whose first target (`first_label_position`)
+    is at or beyond `max_length` are left out and listed in `left_out`: cut there, all their labels would be masked,
+    and a step of such samples has a loss of 0 and no gradient, yet counts as a step, drags the logged loss down and
+    still moves the weights (the optimizer's momentum and weight decay). Under the original mask that takes a
+    `max_length` shorter than the system turn; under the assistant-only one, a prompt that fills `max_length`.
     """
 
-    def __init__(self, samples: Sequence[dict[str, Any]], tokenizer: Any, max_length: int, lazy: bool = False) -> None:
+    def __init__(self, samples: Sequence[dict[str, Any]], tokenizer: Any, max_length: int, lazy: bool = False,
+                 label_mask: LabelMask = DEFAULT_LABEL_MASK) -> None:
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.lazy = lazy
+        self.label_mask = label_mask
         self.samples: list[dict[str, Any]] = []
         self.left_out: list[LeftOutSample] = []
         for index, sample in enumerate(samples):
-            first_label = first_label_position(tokenizer, sample)
+            first_label = first_label_position(tokenizer, sample, label_mask)
             if first_label < max_length:
                 self.samples.append(sample)
             else:
-                length = len(tokenize_sample(tokenizer, sample).input_ids)
+                length = len(tokenize_sample(tokenizer, sample, label_mask=label_mask).input_ids)
                 self.left_out.append(LeftOutSample(index, sample_name(sample, index), length, first_label))
-        self._tokenized = None if lazy else [tokenize_sample(tokenizer, s, max_length) for s in self.samples]
+        self._tokenized = None if lazy else [
+            tokenize_sample(tokenizer, s, max_length, label_mask) for s in self.samples
+        ]
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict[str, list[int]]:
         item = self._tokenized[index] if self._tokenized is not None else tokenize_sample(
-            self.tokenizer, self.samples[index], self.max_length
+            self.tokenizer, self.samples[index], self.max_length, self.label_mask
         )
         return {"input_ids": item.input_ids, "labels": item.labels}
 
@@ -210,6 +238,7 @@ class PadToLongest:
 
 
 __all__ = [
-    "IGNORE_INDEX", "ConversationDataset", "DataError", "LeftOutSample", "PadToLongest", "TokenizedSample",
+    "DEFAULT_LABEL_MASK", "IGNORE_INDEX", "LABEL_MASKS", "ConversationDataset", "DataError", "LabelMask",
+    "LeftOutSample", "PadToLongest", "TokenizedSample",
     "check_sample", "first_label_position", "load_samples", "tokenize_sample",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -362,12 +363,11 @@ def test_a_run_where_every_sample_is_cut_to_no_label_refuses_to_start(tmp_path, 
                                                                        finetune_main, tokenizer):
     from qwen.sft import first_label_position, load_samples
 
-    first_reply = first_label_position(tokenizer, load_samples(data_file)[0])
-    message = finetune_main(tiny_chat_dir, data_file, tmp_path / "out", "--model_max_length", str(first_reply))
+    first = first_label_position(tokenizer, load_samples(data_file)[0])  # the system turn's <|im_end|>
+    message = finetune_main(tiny_chat_dir, data_file, tmp_path / "out", "--model_max_length", str(first))
     assert message == (
-        f"error: --data_path {data_file}: every sample's first reply starts beyond --model_max_length {first_reply} "
-        f"(the earliest at token {first_reply}), so nothing is left to learn from; raise --model_max_length above "
-        f"{first_reply}."
+        f"error: --data_path {data_file}: every sample's first label is beyond --model_max_length {first} (the "
+        f"earliest at token {first}), so nothing is left to learn from; raise --model_max_length above {first}."
     )
     assert not (tmp_path / "out").exists()
 
@@ -377,10 +377,11 @@ LONG_PROMPT = {"id": "long", "conversations": [{"from": "user", "value": "word "
 
 
 def long_prompt_tokens(tokenizer) -> tuple[int, int]:
-    """(length, first labelled position) of LONG_PROMPT, whose reply starts beyond 64 tokens."""
+    """(length, first labelled position) of LONG_PROMPT under the assistant-only mask: its reply starts beyond 64
+    tokens. (Under the original mask its system turn's markers are labelled, and it is never left out at 64.)"""
     from qwen.sft import IGNORE_INDEX, tokenize_sample
 
-    labels = tokenize_sample(tokenizer, LONG_PROMPT).labels
+    labels = tokenize_sample(tokenizer, LONG_PROMPT, label_mask="assistant_only").labels
     first = next(position for position, label in enumerate(labels) if label != IGNORE_INDEX)
     assert 64 < first < len(labels)
     return len(labels), first
@@ -394,13 +395,14 @@ def test_samples_cut_to_no_label_are_reported_one_line_each_up_to_a_cap(monkeypa
     length, first = long_prompt_tokens(tokenizer)
     short = {"id": "short", "conversations": [{"from": "user", "value": "hi"}, {"from": "assistant", "value": "ok"}]}
     samples = [long_prompt] * 13 + [short]
-    dataset = script.conversation_dataset(samples, tokenizer, "--data_path", "data.json", 64, lazy=True, report=True)
-    assert len(dataset) == 1 and dataset[0]["input_ids"] == script.ConversationDataset([short], tokenizer, 64)[0][
-        "input_ids"]
+    dataset = script.conversation_dataset(samples, tokenizer, "--data_path", "data.json", 64, lazy=True, report=True,
+                                          label_mask="assistant_only")
+    assert len(dataset) == 1 and dataset[0] == script.ConversationDataset([short], tokenizer, 64,
+                                                                          label_mask="assistant_only")[0]
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == script.LEFT_OUT_LINES + 1
-    assert lines[0] == (f"warning: data.json: sample 'long' (#0) is {length} tokens long and its first reply starts "
-                        f"at token {first}, beyond --model_max_length 64: every label is cut off, so it is left out.")
+    assert lines[0] == (f"warning: data.json: sample 'long' (#0) is {length} tokens long and its first label is at "
+                        f"token {first}, beyond --model_max_length 64: every label is cut off, so it is left out.")
     assert lines[9].startswith(f"warning: data.json: sample 'long' (#9) is {length} tokens long")
     assert lines[-1] == "warning: data.json: 3 more samples like these are left out (13 of 14 in all)."
 
@@ -415,10 +417,11 @@ def test_a_sample_cut_to_no_label_is_reported_and_left_out_of_the_steps(tmp_path
     ]
     data.write_text("".join(json.dumps(sample) + "\n" for sample in samples))
     result = finetune(tiny_chat_dir, data, tmp_path / "out", "--model_max_length", "64", "--max_steps", "2",
-                      "--learning_rate", "1e-3", "--logging_steps", "1", "--save_strategy", "no")
+                      "--learning_rate", "1e-3", "--logging_steps", "1", "--save_strategy", "no",
+                      "--label_mask", "assistant_only")
     length, first = long_prompt_tokens(tokenizer)
     reports = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
-    assert reports == [f"warning: {data}: sample 'long' (#1) is {length} tokens long and its first reply starts at "
+    assert reports == [f"warning: {data}: sample 'long' (#1) is {length} tokens long and its first label is at "
                        f"token {first}, beyond --model_max_length 64: every label is cut off, so it is left out."]
     losses = logged_losses(tmp_path / "out")
     assert len(losses) == 2 and all(loss > 1 for loss in losses)  # both steps trained on the labelled sample
@@ -465,3 +468,83 @@ def test_a_gpu_launcher_trains_on_the_cpu_in_bf16_when_there_is_no_gpu(tmp_path,
     assert (output / "adapter_config.json").is_file()
     losses = logged_losses(output)
     assert len(losses) == 1 and losses[0] == losses[0]
+
+
+def test_every_flag_of_the_original_script_is_accepted_with_its_meaning(monkeypatch):
+    """The fields of the original finetune.py's argument classes and the flags its launch scripts pass, spelled as
+    there; the ones transformers has since renamed land on the new names."""
+    monkeypatch.syspath_prepend(str(REPO))
+    import finetune as script
+
+    model, data, training, lora = script.parse_args([
+        "--data_path", "train.json", "--eval_data_path", "eval.json", "--lazy_preprocess", "True",
+        "--output_dir", "out", "--use_cpu", "--cache_dir", "hub-cache", "--optim", "adamw_torch",
+        "--model_max_length", "512", "--use_lora", "True", "--lora_r", "8", "--lora_alpha", "32",
+        "--lora_dropout", "0.1", "--lora_target_modules", "c_attn", "w2", "--lora_weight_path", "adapter",
+        "--lora_bias", "all", "--q_lora", "False",
+        "--bf16", "True", "--num_train_epochs", "3", "--per_device_train_batch_size", "2",
+        "--per_device_eval_batch_size", "1", "--gradient_accumulation_steps", "8", "--evaluation_strategy", "steps",
+        "--save_strategy", "steps", "--save_steps", "1000", "--save_total_limit", "10", "--learning_rate", "3e-4",
+        "--weight_decay", "0.1", "--adam_beta2", "0.95", "--warmup_ratio", "0.01", "--lr_scheduler_type", "cosine",
+        "--logging_steps", "1", "--report_to", "none", "--gradient_checkpointing", "True",
+    ])
+    assert model.model_name_or_path == "Qwen/Qwen-7B"  # the original's default
+    assert (data.data_path, data.eval_data_path, data.lazy_preprocess) == ("train.json", "eval.json", True)
+    assert data.label_mask == "original"
+    assert (training.cache_dir, training.optim, training.model_max_length, training.use_lora) == (
+        "hub-cache", "adamw_torch", 512, True)
+    assert (lora.lora_r, lora.lora_alpha, lora.lora_dropout, lora.lora_target_modules, lora.lora_weight_path,
+            lora.lora_bias, lora.q_lora) == (8, 32, 0.1, ["c_attn", "w2"], "adapter", "all", False)
+    assert (training.eval_strategy, training.warmup_steps) == ("steps", 0.01)
+    assert (training.num_train_epochs, training.gradient_accumulation_steps, training.save_total_limit,
+            training.adam_beta2, training.lr_scheduler_type, training.gradient_checkpointing) == (
+        3, 8, 10, 0.95, "cosine", True)
+
+    def parse(*extra: str):
+        return script.parse_args(["--data_path", "d", "--output_dir", "out", "--use_cpu", *extra])
+
+    assert parse("--label_mask", "assistant_only")[1].label_mask == "assistant_only"
+    assert parse("--evaluation_strategy", "epoch", "--eval_strategy", "epoch")[2].eval_strategy == "epoch"
+    with pytest.raises(script.UsageError, match="Give --evaluation_strategy or --eval_strategy, not both."):
+        parse("--evaluation_strategy", "steps", "--eval_strategy", "epoch")
+
+
+# finetune.main once for each command line of a JSON list (argv[1]), in one process: the error line of each run.
+RUN_EACH = """
+import json, sys
+import finetune
+
+for argv in json.loads(sys.argv[1]):
+    try:
+        finetune.main(argv)
+    except SystemExit as stop:
+        print(stop.code)
+"""
+
+
+def test_a_hub_id_is_found_in_cache_dir_as_the_original_scripts_cache_dir_said(tmp_path, tiny_chat_dir):
+    """--cache_dir is where hub downloads are kept (the original passed it to from_pretrained). Offline, a hub id
+    resolves to its snapshot there, in the hub's cache layout, and not without the flag."""
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo_cache = tmp_path / "hub-cache" / "models--Qwen--Qwen-7B-Chat"
+    shutil.copytree(tiny_chat_dir, repo_cache / "snapshots" / revision)
+    (repo_cache / "refs").mkdir()
+    (repo_cache / "refs" / "main").write_text(revision)
+    missing = tmp_path / "missing.json"
+    common = ["--model_name_or_path", "Qwen/Qwen-7B-Chat", "--data_path", str(missing), "--output_dir",
+              str(tmp_path / "out"), "--use_cpu"]
+    runs = [common + ["--cache_dir", str(tmp_path / "hub-cache")], common,
+            common + ["--cache_dir", str(tmp_path / "empty-cache")]]
+    result = subprocess.run(
+        [sys.executable, "-c", RUN_EACH, json.dumps(runs)], cwd=REPO, capture_output=True, text=True, timeout=600,
+        # The default cache is an empty folder, so that a real download there cannot make the second run pass.
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "default-cache")},
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    found, without, elsewhere = result.stdout.strip().splitlines()[-3:]
+    # The checkpoint was found and its tokenizer loaded: the run went on to read the data.
+    assert found == f"error: Data file {str(missing)!r} does not exist."
+    assert without.startswith("error: 'Qwen/Qwen-7B-Chat' is not a local folder, and it could not be fetched from "
+                              "the Hugging Face hub ("), without
+    assert elsewhere.startswith("error: 'Qwen/Qwen-7B-Chat' is not a local folder, and it could not be fetched from "
+                                f"the Hugging Face hub into --cache_dir {tmp_path / 'empty-cache'} ("), elsewhere

@@ -1,8 +1,10 @@
-"""Fine-tuning data: the file formats, the ChatML ids chat() would feed, the assistant-only label mask, bad samples."""
+"""Fine-tuning data: the file formats, the ChatML ids chat() would feed, the two label masks (the original script's,
+pinned against its output, and assistant-only), bad samples."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,17 +21,52 @@ SAMPLE = {
         {"from": "assistant", "value": "4"},
     ],
 }
+# input_ids and labels of the original finetune.py's preprocess() (see "how_made" in the file).
+ORIGINAL = json.loads((Path(__file__).parent / "fixtures" / "original_sft_labels.json").read_text(encoding="utf-8"))
 
 
-def test_ids_are_the_chat_prompt_and_labels_cover_only_replies(tokenizer):
-    item = tokenize_sample(tokenizer, SAMPLE)
-    messages = [{"role": t["from"], "content": t["value"]} for t in SAMPLE["conversations"]]
-    assert item.input_ids == chatml_ids_for_messages(tokenizer, messages, add_generation_prompt=False)[1]
-    # The second turn's prompt is exactly what chat() builds with the first turn as history.
-    _, prompt = make_context(tokenizer, " 2+2? ", history=[("你好", "我是通义千问，一个语言模型。")],
-                             system="You are a helpful assistant.")
-    assert item.input_ids[: len(prompt)] == prompt
+def original_cases() -> list[dict]:
+    return ORIGINAL["samples"]
 
+
+def fixture_sample(case: dict) -> dict:
+    return {"conversations": case["conversations"], **({"system": case["system"]} if "system" in case else {})}
+
+
+def test_ids_are_the_chat_prompt_with_each_turn_closed_by_a_newline(tokenizer):
+    newline = tokenizer.encode("\n")
+    for label_mask in ("original", "assistant_only"):
+        item = tokenize_sample(tokenizer, SAMPLE, label_mask=label_mask)
+        messages = [{"role": t["from"], "content": t["value"]} for t in SAMPLE["conversations"]]
+        assert item.input_ids == chatml_ids_for_messages(tokenizer, messages, add_generation_prompt=False)[1] + newline
+        # The second turn's prompt is exactly what chat() builds with the first turn as history.
+        _, prompt = make_context(tokenizer, " 2+2? ", history=[("你好", "我是通义千问，一个语言模型。")],
+                                 system="You are a helpful assistant.")
+        assert item.input_ids[: len(prompt)] == prompt
+
+
+@pytest.mark.parametrize("case", original_cases(), ids=lambda case: case["name"])
+def test_default_labels_are_the_original_scripts(tokenizer, case):
+    """Over the real tokens, ids and labels equal the original's; it only pads further (to max_len, ours per batch)."""
+    item = tokenize_sample(tokenizer, fixture_sample(case), max_length=case["max_len"])
+    length = len(item.input_ids)
+    assert item.input_ids == case["input_ids"][:length]
+    assert item.labels == case["labels"][:length]
+    assert set(case["input_ids"][length:]) <= {tokenizer.eod_id} and set(case["labels"][length:]) <= {IGNORE_INDEX}
+    assert ConversationDataset([fixture_sample(case)], tokenizer, case["max_len"])[0] == {
+        "input_ids": item.input_ids, "labels": item.labels}
+
+
+def test_the_original_mask_learns_every_turn_marker_and_the_replies(tokenizer):
+    case = original_cases()[0]  # a system prompt, a question, a reply
+    item = tokenize_sample(tokenizer, fixture_sample(case))
+    learned = tokenizer.decode([label for label in item.labels if label != IGNORE_INDEX])
+    assert learned == ("<|im_start|><|im_end|>\n" * 2 + "<|im_start|>I plan trips. Where would you like to go?"
+                       "<|im_end|>\n")
+
+
+def test_the_assistant_only_mask_covers_only_replies_and_their_im_end(tokenizer):
+    item = tokenize_sample(tokenizer, SAMPLE, label_mask="assistant_only")
     # Token by token: labelled positions are the two replies, each with its <|im_end|>, and nothing else.
     im_end = tokenizer.im_end_id
     labelled = [(i, t) for i, t in enumerate(item.labels) if t != IGNORE_INDEX]
@@ -48,8 +85,28 @@ def test_ids_are_the_chat_prompt_and_labels_cover_only_replies(tokenizer):
     for begin, end in spans:
         assert tokenizer.decode(item.input_ids[begin - 3 : begin]) == "<|im_start|>assistant\n"
         assert item.input_ids[end - 1] == im_end
-    assert tokenizer.decode(item.input_ids[spans[0][1]:spans[0][1] + 1]) == "\n"  # the newline after: unlabelled
-    assert spans[1][1] == len(item.input_ids)  # the conversation ends with the last reply's <|im_end|>
+        assert tokenizer.decode(item.input_ids[end : end + 1]) == "\n"  # the newline after: unlabelled
+    assert spans[1][1] == len(item.input_ids) - 1  # the conversation ends with the last reply's <|im_end|>, "\n"
+
+
+def test_a_batch_has_the_loss_of_the_original_scripts_batch(tokenizer, tiny_chat_model):
+    """Padding to the batch's longest sample instead of to max_len changes nothing the loss sees."""
+    cases = [case for case in original_cases() if case["max_len"] == 96]
+    dataset = ConversationDataset([fixture_sample(case) for case in cases], tokenizer, max_length=96)
+    ours = PadToLongest(pad_token_id=tokenizer.eod_id)([dataset[i] for i in range(len(cases))])
+    input_ids = torch.tensor([case["input_ids"] for case in cases])
+    theirs = {"input_ids": input_ids, "labels": torch.tensor([case["labels"] for case in cases]),
+              "attention_mask": input_ids.ne(tokenizer.eod_id).long()}  # as the original builds it
+    assert ours["input_ids"].shape[1] < theirs["input_ids"].shape[1]
+    with torch.no_grad():
+        our_loss = tiny_chat_model(**ours).loss
+        their_loss = tiny_chat_model(**theirs).loss
+        assistant_only = ConversationDataset([fixture_sample(case) for case in cases], tokenizer, 96,
+                                             label_mask="assistant_only")
+        other_loss = tiny_chat_model(**PadToLongest(tokenizer.eod_id)([assistant_only[0], assistant_only[1]])).loss
+    # Equal but for the order of float sums over a (batch x length) of another width.
+    torch.testing.assert_close(our_loss, their_loss, rtol=1e-6, atol=0)
+    assert abs(other_loss - their_loss) > 1e-3  # the masks really differ in what the loss covers
 
 
 def test_system_field_and_truncation(tokenizer):
@@ -69,11 +126,14 @@ def test_json_list_and_json_lines_read_the_same(tmp_path, tokenizer):
     assert load_samples(tmp_path / "data.json") == load_samples(tmp_path / "data.jsonl") == [SAMPLE, second]
 
 
-def test_lazy_and_eager_datasets_agree_and_batches_pad_to_the_longest(tokenizer):
+@pytest.mark.parametrize("label_mask", ["original", "assistant_only"])
+def test_lazy_and_eager_datasets_agree_and_batches_pad_to_the_longest(tokenizer, label_mask):
     samples = [SAMPLE, {"conversations": [{"from": "user", "value": "a"}, {"from": "assistant", "value": "b"}]}]
-    eager = ConversationDataset(samples, tokenizer, max_length=512)
-    lazy = ConversationDataset(samples, tokenizer, max_length=512, lazy=True)
+    eager = ConversationDataset(samples, tokenizer, max_length=512, label_mask=label_mask)
+    lazy = ConversationDataset(samples, tokenizer, max_length=512, lazy=True, label_mask=label_mask)
     assert [eager[i] for i in range(2)] == [lazy[i] for i in range(2)]
+    assert [eager[i]["labels"] for i in range(2)] == [tokenize_sample(tokenizer, s, label_mask=label_mask).labels
+                                                      for s in samples]
     batch = PadToLongest(pad_token_id=tokenizer.eod_id)([eager[0], eager[1]])
     longest = len(eager[0]["input_ids"])
     assert batch["input_ids"].shape == (2, longest)  # padded to this batch, not to max_length
@@ -125,19 +185,41 @@ def test_a_file_that_is_not_utf8_is_named_with_its_line(tmp_path):
     assert load_samples(tmp_path / "bom.json") == [sample]
 
 
-def test_samples_whose_reply_starts_beyond_max_length_are_left_out_lazily_or_not(tokenizer):
+LONG_PROMPT = {"id": "long", "conversations": [{"from": "user", "value": "word " * 50},
+                                               {"from": "assistant", "value": "ok"}]}
+
+
+def test_under_the_assistant_only_mask_a_sample_whose_reply_starts_beyond_max_length_is_left_out(tokenizer):
     from qwen.sft import first_label_position
 
-    long_prompt = {"id": "long", "conversations": [{"from": "user", "value": "word " * 50},
-                                                    {"from": "assistant", "value": "ok"}]}
-    first = first_label_position(tokenizer, long_prompt)
-    full = tokenize_sample(tokenizer, long_prompt)
+    first = first_label_position(tokenizer, LONG_PROMPT, "assistant_only")
+    full = tokenize_sample(tokenizer, LONG_PROMPT, label_mask="assistant_only")
     assert full.labels[first] != IGNORE_INDEX and set(full.labels[:first]) == {IGNORE_INDEX}
+    assert tokenizer.decode(full.input_ids[first - 3 : first]) == "<|im_start|>assistant\n"  # the reply's start
     for lazy in (False, True):
-        dataset = ConversationDataset([SAMPLE, long_prompt], tokenizer, max_length=first, lazy=lazy)
-        assert len(dataset) == 1 and dataset[0]["input_ids"] == tokenize_sample(tokenizer, SAMPLE, first).input_ids
+        dataset = ConversationDataset([SAMPLE, LONG_PROMPT], tokenizer, max_length=first, lazy=lazy,
+                                      label_mask="assistant_only")
+        assert len(dataset) == 1 and dataset[0] == ConversationDataset([SAMPLE], tokenizer, first, lazy=lazy,
+                                                                       label_mask="assistant_only")[0]
         assert [(s.index, s.name, s.length, s.first_label) for s in dataset.left_out] == [
             (1, "sample 'long' (#1)", len(full.input_ids), first)
         ]
-        kept = ConversationDataset([long_prompt], tokenizer, max_length=first + 1, lazy=lazy)
+        kept = ConversationDataset([LONG_PROMPT], tokenizer, max_length=first + 1, lazy=lazy,
+                                   label_mask="assistant_only")
         assert len(kept) == 1 and not kept.left_out and kept[0]["labels"][-1] != IGNORE_INDEX
+
+
+def test_under_the_original_mask_a_cut_reply_still_trains_the_turn_markers_as_the_original_did(tokenizer):
+    """The original script trained on every sample; under its mask only one cut inside its system turn has nothing
+    left to learn (and is left out)."""
+    from qwen.sft import first_label_position
+
+    reply_start = first_label_position(tokenizer, LONG_PROMPT, "assistant_only")
+    first = first_label_position(tokenizer, LONG_PROMPT)
+    assert tokenizer.decode(tokenize_sample(tokenizer, LONG_PROMPT).input_ids[first]) == "<|im_end|>"  # the system's
+    for lazy in (False, True):
+        cut_reply = ConversationDataset([LONG_PROMPT], tokenizer, max_length=reply_start, lazy=lazy)
+        assert len(cut_reply) == 1 and not cut_reply.left_out
+        cut_system = ConversationDataset([SAMPLE, LONG_PROMPT], tokenizer, max_length=first, lazy=lazy)
+        assert len(cut_system) == 0 and [s.first_label for s in cut_system.left_out] == [first, first]
+        assert len(ConversationDataset([LONG_PROMPT], tokenizer, max_length=first + 1, lazy=lazy)) == 1
