@@ -131,6 +131,41 @@ def test_the_released_private_decoders_keep_their_keyword_arguments(tokenizer, t
         _decode_default(tokens, [], ["<|endoftext|>"], tokenizer, len(story))  # keyword-only, as released
 
 
+@torch.no_grad()
+def test_the_original_readme_batch_example_gives_each_chat_reply(tiny_chat_dir):
+    """The original README's batch inference, step by step: make_context's text for each query, a left-padded batch
+    through the tokenizer, generate() without an attention mask, then decode_tokens per row with the released
+    keywords. Each reply is the one chat() gives for that query alone."""
+    from transformers import GenerationConfig
+
+    from qwen import QWenLMHeadModel, QWenTokenizer
+
+    tokenizer = QWenTokenizer.from_pretrained(tiny_chat_dir, pad_token="<|extra_0|>", eos_token="<|endoftext|>",
+                                              padding_side="left")
+    # The README also passed pad_token_id=... to from_pretrained; transformers 5 hands that keyword to the model's
+    # constructor (its configs no longer declare pad_token_id), so it is left out here: generate() reads the
+    # generation config's pad_token_id, set below as in the README.
+    model = QWenLMHeadModel.from_pretrained(tiny_chat_dir).eval()
+    model.generation_config = GenerationConfig.from_pretrained(tiny_chat_dir, pad_token_id=tokenizer.pad_token_id)
+    greedy = dict(do_sample=False, top_p=None, top_k=None, repetition_penalty=1.0, max_new_tokens=6)
+    queries = ["我想听你说爱我。", "今天我想吃点啥，甜甜的，推荐下", "Hi"]
+    batch_raw_text = [make_context(tokenizer, query, system="You are a helpful assistant.",
+                                   max_window_size=model.generation_config.max_window_size,
+                                   chat_format=model.generation_config.chat_format)[0] for query in queries]
+    batch_input_ids = torch.LongTensor(tokenizer(batch_raw_text, padding="longest")["input_ids"])
+    batch_out_ids = model.generate(batch_input_ids, return_dict_in_generate=False,
+                                   generation_config=model.generation_config, **greedy)
+    padding_lens = [batch_input_ids[i].eq(tokenizer.pad_token_id).sum().item() for i in range(len(queries))]
+    assert padding_lens[2] > 0
+    batch_response = [
+        decode_tokens(batch_out_ids[i][padding_lens[i]:], tokenizer, raw_text_len=len(batch_raw_text[i]),
+                      context_length=(batch_input_ids[i].size(0) - padding_lens[i]), chat_format="chatml",
+                      verbose=False, errors="replace")
+        for i in range(len(queries))
+    ]
+    assert batch_response == [model.chat(tokenizer, query, history=None, **greedy)[0] for query in queries]
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Stop words
 # --------------------------------------------------------------------------------------------------------------------
