@@ -212,7 +212,8 @@ def _decode_default(
     errors: str = "replace",
 ) -> str | tuple[str, str]:
     """The reply as text: `tokens` decoded, less the first `raw_text_len` characters, cut at the first of
-    `eod_words` (the end reason then names it, else "Gen length N"), then `stop_words` removed."""
+    `eod_words` (the end reason then names it, else "Gen length N"), then `stop_words` removed. (The released function
+    removed the stop words first; as it passed <|endoftext|> as both, it never cut there and kept the text after.)"""
     tokens = _token_list(tokens)
     text = tokenizer.decode(tokens, errors=errors)[raw_text_len:]
     end_reason = f"Gen length {len(tokens)}"
@@ -240,7 +241,8 @@ def decode_tokens(
     The reply ends before the first token of `reply_end_ids(chat_format)`. The released callers pass
     `raw_text_len=len(prompt_text)` too; see `_decode_chatml` for what it changes. With `return_end_reason`, returns
     (reply, end reason) with the released end reasons: "Gen '<|im_end|>'", "Gen '<|endoftext|>'", ... or
-    "Gen length N". `verbose` prints the generated text, the end reason and the reply.
+    "Gen length N". `verbose` prints the generated text, the end reason and the reply. Each of `stop_words` (text) is
+    removed from the reply.
     """
     if context_length is None:
         raise TypeError("decode_tokens() needs context_length: how many ids at the start of `tokens` are the prompt.")
