@@ -1,7 +1,8 @@
-"""GSM8K, 0-shot, for chat models: the question is the chat turn; the number after "The answer is" (else the last
-number) of the greedy reply must equal the reference answer.
+"""GSM8K, 0-shot, for chat models: the question is the chat turn (with --use-fewshot, after the exemplars of
+eval/gsm8k_prompt.txt); the number after "The answer is" (else the last number) of the greedy reply must equal the
+reference answer.
 
-    python eval/evaluate_chat_gsm8k.py -c Qwen/Qwen-7B-Chat -d data/gsm8k"""
+    python eval/evaluate_chat_gsm8k.py -c Qwen/Qwen-7B-Chat -d data/gsm8k [--use-fewshot]"""
 
 import sys
 

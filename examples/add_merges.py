@@ -5,7 +5,13 @@
 
 `words.txt` holds one word per line, UTF-8; only the line break is removed, so a line " tokenizerish" adds the word
 with its leading space, which is how a word usually appears in running English text (`hello` and ` hello` are two
-different tokens). The tokenizer then loads the file next to the released vocabulary:
+different tokens). A line may also be `word<TAB>frequency`, the original repository's format: more frequent words get
+the lower new ids (a repeated word's frequencies add up; a line without a frequency counts once). The original's
+command line works too:
+
+    python examples/add_merges.py qwen.tiktoken qwen_extra.tiktoken words.tsv --start_id 151851
+
+The tokenizer then loads the file next to the released vocabulary:
 
     tokenizer = QWenTokenizer.from_pretrained("Qwen-7B-Chat", extra_vocab_file="qwen_extra.tiktoken")
 
@@ -122,22 +128,49 @@ def check_extended(vocab_file: str | os.PathLike, extra_file: str | os.PathLike,
 
 
 def read_words(path: Path) -> list[str]:
-    # Only the line break is removed: a leading space is part of the word.
-    return [line.rstrip("\r\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    """The words of a word list, most frequent first (file order among equals).
+
+    A line is a word, or `word<TAB>frequency`. Only the line break is removed: a leading space is part of the word.
+    """
+    frequencies: dict[str, int] = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        word, tab, count = line.rstrip("\r\n").rpartition("\t")
+        if not tab:
+            word, count = count, "1"
+        try:
+            frequency = int(count)
+        except ValueError:
+            raise MergeError(f"{path}, line {number}: the frequency after the tab must be a whole number, got "
+                             f"{count!r}.") from None
+        frequencies[word] = frequencies.get(word, 0) + frequency
+    return sorted(frequencies, key=lambda word: -frequencies[word])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("words", type=Path, help="UTF-8 file, one word per line")
-    parser.add_argument("-o", "--output", type=Path, default=Path("qwen_extra.tiktoken"))
+    parser.add_argument("paths", type=Path, nargs="+", metavar="WORDS",
+                        help="UTF-8 file, one word (or word<TAB>frequency) per line; or, as in the original script, "
+                             "three paths: the vocabulary, the output file and the word file")
+    parser.add_argument("-o", "--output", type=Path, default=None, help="default: qwen_extra.tiktoken")
     parser.add_argument("--vocab", type=Path, default=None,
                         help="the released qwen.tiktoken (default: the one `python -m qwen.vocab fetch` stored)")
     parser.add_argument("--extra", type=Path, default=None,
                         help="an extra vocab file to extend: its tokens are kept and the new ones come after them")
-    parser.add_argument("--start-rank", type=int, default=None,
+    parser.add_argument("--start-rank", "--start_id", type=int, default=None,
                         help="first id to give a new token (default: one past the highest id in use)")
     parser.add_argument("--skip-existing", action="store_true", help="ignore words that already are tokens")
     args = parser.parse_args(argv)
+    if len(args.paths) == 3:
+        if args.output is not None or args.vocab is not None:
+            parser.error("give the vocabulary and output either as the original's three paths or with --vocab and -o")
+        args.vocab, args.output, args.words = args.paths
+    elif len(args.paths) == 1:
+        args.words = args.paths[0]
+        args.output = args.output or Path("qwen_extra.tiktoken")
+    else:
+        parser.error(f"expected the word file (or vocabulary, output and word file), got {len(args.paths)} paths")
 
     try:
         if args.vocab is None:

@@ -21,15 +21,25 @@ In Python:
     reply, history = model.chat("你好", history=None)
     reply, history = model.chat("Give me a title for that story.", history=history)
     replies = model.chat_batch([("Hello", None), ("1+1=?", None)])  # one batched engine call
+
+Code written for the original repository's wrapper runs unchanged (`vLLMWrapper`, same arguments and defaults):
+
+    from vllm_wrapper import vLLMWrapper
+
+    model = vLLMWrapper("Qwen/Qwen-7B-Chat", tensor_parallel_size=1)
+    response, history = model.chat(query="你好", history=None)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
+
+from transformers import GenerationConfig
 
 # Run as `python examples/vllm_wrapper.py` from a clone: the qwen package sits one folder up.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -39,10 +49,20 @@ from qwen.qwen_generation_utils import (  # noqa: E402
     DEFAULT_SYSTEM_PROMPT,
     HistoryType,
     decode_tokens,
-    get_stop_words_ids,
     make_context,
+    reply_end_ids,
 )
 from qwen.tokenization_qwen import VOCAB_FILE_NAME, QWenTokenizer  # noqa: E402
+
+
+def local_folder(name: str | Path) -> Path:
+    """A checkpoint folder, or a hub id such as Qwen/Qwen-7B-Chat downloaded into the hub cache (as vLLM would)."""
+    path = Path(name).expanduser()
+    if path.exists() or not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", str(name)):
+        return path
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(name)))
 
 
 def read_checkpoint(folder: str | Path) -> tuple[str, dict[str, Any]]:
@@ -80,8 +100,7 @@ def chat_prompt_ids(tokenizer: QWenTokenizer, generation: dict[str, Any], query:
 
 def sampling_settings(generation: dict[str, Any], tokenizer: QWenTokenizer, **overrides: Any) -> dict[str, Any]:
     """Keyword arguments for `vllm.SamplingParams` from a generation config, then `overrides` (vLLM's names)."""
-    chat_format = generation.get("chat_format", "chatml")
-    stop_ids = [ids[0] for ids in get_stop_words_ids(chat_format, tokenizer)]
+    stop_ids = reply_end_ids(generation.get("chat_format", "chatml"), tokenizer)
     settings: dict[str, Any] = {
         # do_sample false in a generation config means greedy, which vLLM spells temperature 0.
         "temperature": generation.get("temperature", 1.0) if generation.get("do_sample", True) else 0.0,
@@ -90,7 +109,7 @@ def sampling_settings(generation: dict[str, Any], tokenizer: QWenTokenizer, **ov
         "top_k": generation.get("top_k") or -1,
         "repetition_penalty": generation.get("repetition_penalty", 1.0),
         "max_tokens": generation.get("max_new_tokens", 512),
-        "stop_token_ids": list(dict.fromkeys(stop_ids + [tokenizer.eod_id])),
+        "stop_token_ids": stop_ids,
     }
     settings.update(overrides)
     return settings
@@ -108,27 +127,26 @@ class QwenVLLM:
         folder: str | Path,
         tensor_parallel_size: int = 1,
         dtype: str = "auto",
+        trust_remote_code: bool | None = None,
         **engine_options: Any,
     ) -> None:
-        from vllm import LLM
-
-        self.folder = Path(folder)
+        self.folder = local_folder(folder)
         layout, self.generation = read_checkpoint(self.folder)
         self.chat_format = self.generation.get("chat_format", "chatml")
         self.tokenizer = prompt_tokenizer(self.folder)
+        LLM = _vllm().LLM
         self.llm = LLM(
             model=str(self.folder),
-            # Only original folders need their code: vLLM has no built-in config class for model_type "qwen".
-            trust_remote_code=layout == "qwen",
+            # Only original folders need their code (vLLM has no built-in config class for model_type "qwen"), so
+            # by default a converted one runs without remote code.
+            trust_remote_code=layout == "qwen" if trust_remote_code is None else trust_remote_code,
             tensor_parallel_size=tensor_parallel_size,
             dtype=dtype,
             **engine_options,
         )
 
     def sampling_params(self, **overrides: Any) -> Any:
-        from vllm import SamplingParams
-
-        return SamplingParams(**sampling_settings(self.generation, self.tokenizer, **overrides))
+        return _vllm().SamplingParams(**sampling_settings(self.generation, self.tokenizer, **overrides))
 
     def generate_ids(self, prompts: list[list[int]], **sampling: Any) -> list[list[int]]:
         """Generated token ids for each prompt (token ids), in one batched engine call."""
@@ -142,7 +160,7 @@ class QwenVLLM:
         prompts = [chat_prompt_ids(self.tokenizer, self.generation, query, history, system)
                    for query, history in conversations]
         generated = self.generate_ids(prompts, **sampling)
-        return [decode_tokens(prompt + ids, self.tokenizer, len(prompt), chat_format=self.chat_format)
+        return [decode_tokens(prompt + ids, self.tokenizer, context_length=len(prompt), chat_format=self.chat_format)
                 for prompt, ids in zip(prompts, generated)]
 
     def chat(self, query: str, history: HistoryType | None = None, system: str = DEFAULT_SYSTEM_PROMPT,
@@ -150,6 +168,95 @@ class QwenVLLM:
         """One reply and the history including it, like the released `model.chat(tokenizer, query, history)`."""
         response = self.chat_batch([(query, history)], system=system, **sampling)[0]
         return response, [*(history or []), (query, response)]
+
+
+def _vllm() -> Any:
+    """The vllm package, or an ImportError that says how to get it."""
+    try:
+        import vllm
+    except ImportError as error:
+        raise ImportError(f"vLLM is not installed ({error}); on a CUDA machine: pip install vllm.") from None
+    return vllm
+
+
+VLLM_WRAPPER_DTYPES = ("bfloat16", "float16", "float32")
+GENERATION_KEYS = ("chat_format", "max_window_size", "do_sample", "temperature", "top_p", "top_k",
+                   "repetition_penalty", "max_new_tokens")
+
+
+class vLLMWrapper:  # noqa: N801 - the original repository's name, kept so its code runs unchanged
+    """The original repository's wrapper: `vLLMWrapper(model_dir, ...)` and `chat(query, history, ...)`, with the
+    same arguments and defaults, on `QwenVLLM` (prompts and stops exactly as `model.chat()` makes them).
+
+    `model_dir` is a local folder, original or converted. `generation_config` (a transformers GenerationConfig, read
+    from the folder) decides sampling as in `chat()`, `do_sample=False` meaning greedy; other keyword arguments go to
+    `vllm.LLM` (`quantization`, `max_model_len`, `enforce_eager`, ...).
+    """
+
+    def __init__(
+        self,
+        model_dir: str,
+        trust_remote_code: bool = True,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.98,
+        dtype: str = "bfloat16",
+        **kwargs: Any,
+    ) -> None:
+        if dtype not in VLLM_WRAPPER_DTYPES:
+            raise ValueError(f"dtype {dtype!r} is not supported: use one of {', '.join(VLLM_WRAPPER_DTYPES)}.")
+        _vllm()  # before reading the folder: without vLLM nothing here can run
+        self.engine = QwenVLLM(model_dir, tensor_parallel_size=tensor_parallel_size, dtype=dtype,
+                               trust_remote_code=trust_remote_code, gpu_memory_utilization=gpu_memory_utilization,
+                               **kwargs)
+        self.tokenizer = self.engine.tokenizer
+        self.model = self.engine.llm
+        self.generation_config = GenerationConfig(**self.engine.generation)
+        self.stop_words_ids = reply_end_ids(self.engine.chat_format, self.tokenizer)
+
+    def chat(
+        self,
+        query: str,
+        history: HistoryType | None = None,
+        tokenizer: Any = None,
+        system: str = DEFAULT_SYSTEM_PROMPT,
+        generation_config: GenerationConfig | None = None,
+        **kwargs: Any,
+    ) -> tuple[str, HistoryType]:
+        """(reply, history + [(query, reply)]); the caller's history is not changed.
+
+        As in the original: `max_window_size=` overrides the generation config's, and `stop_words_ids=` adds stop
+        tokens (single-token sequences: vLLM stops on token ids); `tokenizer` replaces the wrapper's for this turn.
+        """
+        options = dict(kwargs)
+        max_window_size = options.pop("max_window_size", None)
+        extra_stops = options.pop("stop_words_ids", None) or []
+        if options:
+            raise TypeError(f"vLLMWrapper.chat() got unexpected keyword arguments: {', '.join(sorted(options))}.")
+        if any(len(ids) != 1 for ids in extra_stops):
+            raise ValueError(f"stop_words_ids must be single-token sequences for vLLM, got {extra_stops!r}.")
+        tokenizer = self.tokenizer if tokenizer is None else tokenizer
+        generation = generation_settings(generation_config if generation_config is not None
+                                         else self.generation_config)
+        if generation.get("chat_format", "chatml") != "chatml":
+            raise ValueError("vLLMWrapper.chat() needs a chat model: this generation config has chat_format "
+                             f"{generation['chat_format']!r} (a base model). Use a -Chat checkpoint.")
+        if max_window_size is not None:
+            generation["max_window_size"] = max_window_size
+        prompt = chat_prompt_ids(tokenizer, generation, query, history, system)
+        stop_ids = list(dict.fromkeys(reply_end_ids("chatml", tokenizer) + [ids[0] for ids in extra_stops]))
+        params = _vllm().SamplingParams(**sampling_settings(generation, tokenizer, stop_token_ids=stop_ids))
+        generated = list(self.model.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
+                         .outputs[0].token_ids)
+        if generated and generated[-1] in stop_ids:  # vLLM ends the ids with the stop token it stopped on
+            generated.pop()
+        response = decode_tokens(prompt + generated, tokenizer, context_length=len(prompt))
+        return response, [*(history or []), (query, response)]
+
+
+def generation_settings(config: GenerationConfig) -> dict[str, Any]:
+    """The generation-config fields the wrapper reads, from a transformers GenerationConfig."""
+    values = config.to_dict()
+    return {key: values[key] for key in GENERATION_KEYS if values.get(key) is not None}
 
 
 def main(argv: list[str] | None = None) -> None:

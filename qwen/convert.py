@@ -53,7 +53,7 @@ from typing import Any
 import torch
 
 from .configuration_qwen import QWenConfig
-from .qwen_generation_utils import get_stop_words_ids
+from .qwen_generation_utils import reply_end_ids
 from .tokenization_qwen import (
     CHATML_TEMPLATE,
     ENDOFTEXT,
@@ -225,9 +225,8 @@ def qwen2_config_json(config: QWenConfig, dtype: torch.dtype, chat: bool) -> dic
 def qwen2_generation_config(source: dict[str, Any]) -> dict[str, Any]:
     """generation_config.json for the converted checkpoint from the released one (chat_format decides the stops)."""
     chat_format = source.get("chat_format", "raw")
-    # The ids that end a reply in chat()/the server (get_stop_words_ids), then <|endoftext|>, which ends documents.
-    stop_ids = [ids[0] for ids in get_stop_words_ids(chat_format, _SpecialIds)] + [ENDOFTEXT_ID]
-    eos = list(dict.fromkeys(stop_ids))
+    # The ids that end a reply (<|endoftext|>, which ends documents, among them).
+    eos = reply_end_ids(chat_format, _SpecialIds)
     out: dict[str, Any] = {"bos_token_id": ENDOFTEXT_ID, "eos_token_id": eos if len(eos) > 1 else eos[0],
                            "pad_token_id": source.get("pad_token_id", ENDOFTEXT_ID)}
     out.update({key: source[key] for key in _SAMPLING_KEYS + _QWEN_PROMPT_KEYS if key in source})
@@ -236,7 +235,7 @@ def qwen2_generation_config(source: dict[str, Any]) -> dict[str, Any]:
 
 
 class _SpecialIds:
-    """The three ids `get_stop_words_ids` reads from a tokenizer, without building one."""
+    """The three ids `reply_end_ids` reads from a tokenizer, without building one."""
 
     eod_id, im_start_id, im_end_id = ENDOFTEXT_ID, IM_START_ID, IM_END_ID
 

@@ -36,6 +36,8 @@ from evalkit.inference import next_token_logprobs  # noqa: E402
 from evalkit.prompts import mmlu_base_prompt  # noqa: E402
 from evalkit.results import ResultsMismatchError, ResultStore, accuracy_summary  # noqa: E402
 
+import evalkit.tasks as tasks  # noqa: E402
+
 LETTERS = {"A", "B", "C", "D"}
 
 
@@ -339,6 +341,118 @@ def test_tool_use_scores_of_a_model_trained_to_call_the_tool(tool_chat_dir, tmp_
     positive = [json.loads(line) for line in (out / "items" / "positive.jsonl").read_text().splitlines()]
     assert [(p["tool"], p["reference_tool"], p["selected"]) for p in positive] == [
         ("get_weather", "get_weather", True), ("get_weather", "get_time", False)]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The original scripts' spellings and defaults
+# --------------------------------------------------------------------------------------------------------------------
+
+# script -> (its parser, an original command line's arguments, the values they must give)
+ORIGINAL_COMMAND_LINES = {
+    "evaluate_mmlu.py": (lambda: tasks.choice_base_parser(tasks.MMLU), [
+        "-d", "data/mmlu/data/", "-s", "7", "--debug", "--batch-size", "2", "--max-seq-len", "2048"],
+        {"checkpoint_path": "Qwen/Qwen-7B", "data_dir": "data/mmlu/data/", "seed": 7, "debug": True, "batch_size": 2,
+         "max_seq_len": 2048}),
+    "evaluate_ceval.py": (lambda: tasks.choice_base_parser(tasks.CEVAL), ["--eval_data_path", "data/ceval/"],
+                          {"checkpoint_path": "Qwen/Qwen-7B", "data_dir": "data/ceval/", "seed": 1234,
+                           "debug": False}),
+    "evaluate_cmmlu.py": (lambda: tasks.choice_base_parser(tasks.CMMLU), ["-d", "data/cmmlu/", "--seed", "3"],
+                          {"checkpoint_path": "Qwen/Qwen-7B", "data_dir": "data/cmmlu/", "seed": 3}),
+    "evaluate_chat_mmlu.py": (lambda: tasks.choice_chat_parser(tasks.MMLU), [
+        "--eval_data_path", "data/mmlu/data/", "--debug", "--overwrite"],
+        {"checkpoint_path": "Qwen/Qwen-7B-Chat", "data_dir": "data/mmlu/data/", "debug": True, "overwrite": True}),
+    "evaluate_chat_ceval.py": (lambda: tasks.choice_chat_parser(tasks.CEVAL), ["-d", "data/ceval/", "-s", "5"],
+                               {"checkpoint_path": "Qwen/Qwen-7B-Chat", "data_dir": "data/ceval/", "seed": 5}),
+    "evaluate_gsm8k.py": (lambda: tasks.gsm8k_parser(chat=False), ["-f", "gsm8k", "-o", "gsm8k_res.jsonl"],
+                          {"checkpoint_path": "Qwen/Qwen-7B", "data_dir": "gsm8k", "output_dir": "eval_results/gsm8k",
+                           "sample_output_file": "gsm8k_res.jsonl"}),
+    "evaluate_chat_gsm8k.py": (lambda: tasks.gsm8k_parser(chat=True), [
+        "--sample-input-file", "gsm8k", "--sample-output-file", "res.jsonl", "--use-fewshot"],
+        {"checkpoint_path": "Qwen/Qwen-7B-Chat", "data_dir": "gsm8k", "sample_output_file": "res.jsonl",
+         "use_fewshot": True}),
+    "evaluate_humaneval.py": (lambda: tasks.humaneval_parser(chat=False), [
+        "-f", "HumanEval.jsonl", "-o", "HumanEval_res.jsonl"],
+        {"checkpoint_path": "Qwen/Qwen-7B", "data_dir": "HumanEval.jsonl", "output_dir": "eval_results/humaneval",
+         "sample_output_file": "HumanEval_res.jsonl"}),
+    "evaluate_chat_humaneval.py": (lambda: tasks.humaneval_parser(chat=True), [
+        "-f", "HumanEval.jsonl", "-o", "HumanEval_res_chat.jsonl"],
+        {"checkpoint_path": "Qwen/Qwen-7B-Chat", "sample_output_file": "HumanEval_res_chat.jsonl"}),
+    "evaluate_plugin.py": (tasks.tool_use_parser, [
+        "-s", "9", "--eval-react-positive", "--eval-react-positive-filename", "p.jsonl",
+        "--eval-react-negative-filename", "n.jsonl"],
+        {"checkpoint_path": "Qwen/Qwen-7B-Chat", "data_dir": str(EVAL / "data"), "seed": 9,
+         "eval_react_positive": True, "eval_react_negative": False, "positive_file": "p.jsonl",
+         "negative_file": "n.jsonl"}),
+}
+
+
+@pytest.mark.parametrize("script", list(ORIGINAL_COMMAND_LINES))
+def test_original_command_lines_parse_to_their_meaning(script, monkeypatch, capsys):
+    make_parser, arguments, expected = ORIGINAL_COMMAND_LINES[script]
+    parsed = vars(make_parser().parse_args(arguments))
+    assert {key: parsed[key] for key in expected} == expected
+    # The script file itself offers each original spelling used above.
+    assert run_script(script, ["--help"], monkeypatch) == 0
+    usage = capsys.readouterr().out
+    for option in (argument for argument in arguments if argument.startswith("-")):
+        assert option in usage, (script, option)
+    assert "-s SEED, --seed SEED" in usage and "--debug" in usage and "-c CHECKPOINT_PATH" in usage
+
+
+def test_original_spellings_run_chat_gsm8k_few_shot_with_a_sample_file(checkpoints, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the results folder is the default one, under the working directory
+    arguments = ["-c", str(checkpoints["chat"]), "-f", str(DATA / "gsm8k" / "test.jsonl"), "-o", "gsm8k_res.jsonl",
+                 "--use-fewshot", "--debug", "-s", "1", "--max-new-tokens", "8", "--batch-size", "3"]
+    assert run_script("evaluate_chat_gsm8k.py", arguments, monkeypatch) == 0
+    printed = capsys.readouterr()
+    out = tmp_path / "eval_results" / "chat_gsm8k"
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert results["mode"] == "chat, few-shot (gsm8k_prompt.txt), greedy" and results["overall"]["total"] == 4
+    assert json.loads((out / "run.json").read_text(encoding="utf-8"))["use_fewshot"] is True
+    # The original's -o file: each problem with its completion and whether it was right.
+    items = {item["id"]: item for item in map(json.loads, (out / "items" / "gsm8k.jsonl").read_text().splitlines())}
+    samples = [json.loads(line) for line in (tmp_path / "gsm8k_res.jsonl").read_text(encoding="utf-8").splitlines()]
+    problems = read_gsm8k(DATA / "gsm8k")
+    assert [(s["question"], s["answer"]) for s in samples] == [(p.question, p.solution) for p in problems]
+    assert [(s["completion"], s["acc"]) for s in samples] == [(items[i]["completion"], items[i]["correct"])
+                                                              for i in range(4)]
+    # --debug shows each prompt: the exemplars of eval/gsm8k_prompt.txt, then the question, in the user turn.
+    assert printed.err.count("--- prompt ---") == 4
+    first_exemplar = (EVAL / "gsm8k_prompt.txt").read_text(encoding="utf-8").splitlines()[0]
+    assert f"<|im_start|>user\n{first_exemplar}" in printed.err
+    assert f"Question: {problems[0].question}\nLet's think step by step<|im_end|>" in printed.err
+
+
+def test_original_spellings_run_humaneval_with_the_harness_file(checkpoints, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    arguments = ["-c", str(checkpoints["base"]), "-f", str(DATA / "humaneval" / "HumanEval.jsonl"),
+                 "-o", "HumanEval_res.jsonl", "--max-new-tokens", "8", "--batch-size", "3"]
+    assert run_script("evaluate_humaneval.py", arguments, monkeypatch) == 0
+    out = tmp_path / "eval_results" / "humaneval"
+    # What `evaluate_functional_correctness HumanEval_res.jsonl` reads: task_id and completion per line.
+    assert (tmp_path / "HumanEval_res.jsonl").read_text(encoding="utf-8") == (out / "samples.jsonl").read_text(
+        encoding="utf-8")
+
+
+def test_original_spellings_choose_tool_use_groups(checkpoints, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    arguments = ["-c", str(checkpoints["chat"]), "-d", str(DATA / "plugin"), "-o", str(out), "--max-new-tokens", "8",
+                 "--eval-react-negative"]
+    assert run_script("evaluate_plugin.py", arguments, monkeypatch) == 0
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert results["negative_samples"] == 1 and "positive_samples" not in results
+    assert [path.name for path in (out / "items").iterdir()] == ["negative.jsonl"]
+    with pytest.raises(SystemExit, match=r"^error: --eval-hfagent .* is not available"):
+        monkeypatch.setattr(sys, "argv", ["evaluate_plugin.py", *arguments, "--eval-hfagent"])
+        runpy.run_path(str(EVAL / "evaluate_plugin.py"), run_name="__main__")
+
+
+def test_debug_prints_base_prompts_and_answers(checkpoints, tmp_path, monkeypatch, capsys):
+    arguments = ["-c", str(checkpoints["base"]), "--eval_data_path", str(DATA / "ceval"), "-o", str(tmp_path / "out"),
+                 "--debug", "--subjects", "logic"]
+    assert run_script("evaluate_ceval.py", arguments, monkeypatch) == 0
+    printed = capsys.readouterr().err
+    assert printed.count("--- prompt ---") == 2 and printed.count('"logprobs"') == 2 and "答案：" in printed
 
 
 # One script in the default run (a chat model, generation, the sandbox); all of them with -m slow.

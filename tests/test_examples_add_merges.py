@@ -108,3 +108,34 @@ def test_command_line_reports_errors(tmp_path: Path, vocab_file: Path, capsys) -
     assert not output.exists()
     assert add_merges.main([str(tmp_path / "missing.txt"), "--vocab", str(vocab_file)]) == 1
     assert "missing.txt" in capsys.readouterr().err
+
+
+def test_the_original_word_frequency_format_and_command_line(tmp_path: Path, vocab_file: Path) -> None:
+    # The original script's input: word<TAB>frequency; its command line: vocabulary, output, words, --start_id.
+    words = tmp_path / "words.tsv"
+    words.write_text("tokenizerish\t10\nQwenLM\t3\n通义千问大模型\t1\nQwenLM\t8\n", encoding="utf-8")
+    assert add_merges.read_words(words) == ["QwenLM", "tokenizerish", "通义千问大模型"]  # 11, 10, 1
+    output = tmp_path / "qwen_extra.tiktoken"
+    assert add_merges.main([str(vocab_file), str(output), str(words), "--start_id", "151851"]) == 0
+    new = QWenTokenizer(vocab_file, extra_vocab_file=output)
+    ids = [new.encode(word) for word in ("QwenLM", "tokenizerish", "通义千问大模型")]
+    assert all(len(word_ids) == 1 for word_ids in ids), ids
+    assert min(new.extra_vocab.values()) == 151851
+    assert ids[0][0] < ids[1][0] < ids[2][0]  # the more frequent word has the lower new id
+    # Our one-word-per-line lines mix in (each counts once) and keep their leading space.
+    mixed = tmp_path / "mixed.txt"
+    mixed.write_text(" tokenizerish\nQwenLM\t2\n", encoding="utf-8")
+    assert add_merges.read_words(mixed) == ["QwenLM", " tokenizerish"]
+
+
+def test_word_list_and_command_line_errors(tmp_path: Path, vocab_file: Path, capsys) -> None:
+    words = tmp_path / "words.tsv"
+    words.write_text("QwenLM\t3\ntokenizerish\tmany\n", encoding="utf-8")
+    assert add_merges.main([str(words), "--vocab", str(vocab_file), "-o", str(tmp_path / "out.tiktoken")]) == 1
+    assert "line 2: the frequency after the tab must be a whole number, got 'many'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        add_merges.main([str(vocab_file), str(words)])
+    assert exit_.value.code == 2 and "got 2 paths" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        add_merges.main([str(vocab_file), str(tmp_path / "out.tiktoken"), str(words), "-o", str(tmp_path / "x")])
+    assert "either as the original's three paths or with --vocab and -o" in capsys.readouterr().err

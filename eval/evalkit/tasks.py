@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tqdm import tqdm
+from transformers import set_seed
 
 from qwen.engine import SamplingParams, chat_stop_token_ids
 from qwen.loading import add_model_arguments, load_from_args
@@ -112,12 +113,49 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _parser(description: str | None, output_name: str, data_help: str, generates: bool) -> argparse.ArgumentParser:
+# The original scripts' default checkpoints (-c): base models for the few-shot scripts, chat models for the others.
+BASE_CHECKPOINT = "Qwen/Qwen-7B"
+CHAT_CHECKPOINT = "Qwen/Qwen-7B-Chat"
+DEFAULT_SEED = 1234  # the original scripts' -s default
+# The original's spellings of -d: --eval_data_path in the multiple-choice scripts, -f/--sample-input-file (a file) in
+# the GSM8K and HumanEval ones.
+CHOICE_DATA_ALIASES = ("--eval_data_path",)
+FILE_DATA_ALIASES = ("-f", "--sample-input-file")
+
+
+class _OutputDirOrSampleFile(argparse.Action):
+    """`-o`: the results folder, or, for a name ending in .jsonl, the original scripts' sample output file."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        setattr(namespace, "sample_output_file" if str(values).endswith(".jsonl") else self.dest, values)
+
+
+def _parser(description: str | None, output_name: str, data_help: str, generates: bool, chat: bool,
+            data_aliases: Sequence[str] = (), data_default: str | None = None, sample_file: str | None = None
+            ) -> argparse.ArgumentParser:
+    """The options every script shares, with the original scripts' spellings and defaults where ours had none.
+
+    `sample_file` (what the original wrote to -o) adds `--sample-output-file`, which -o FILE.jsonl also sets.
+    """
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_arguments(parser)
-    parser.add_argument("-d", "--data-dir", required=True, help=data_help)
-    parser.add_argument("-o", "--output-dir", default=str(Path("eval_results") / output_name),
-                        help=f"folder for the results; a rerun resumes there (default eval_results/{output_name})")
+    add_model_arguments(parser, default_checkpoint=CHAT_CHECKPOINT if chat else BASE_CHECKPOINT)
+    default_note = "" if data_default is None else f" (default {data_default})"
+    parser.add_argument("-d", "--data-dir", *data_aliases, required=data_default is None, default=data_default,
+                        help=data_help + default_note)
+    output_help = f"folder for the results; a rerun resumes there (default eval_results/{output_name})"
+    if sample_file is None:
+        parser.add_argument("-o", "--output-dir", default=str(Path("eval_results") / output_name), help=output_help)
+    else:
+        parser.add_argument("-o", "--output-dir", default=str(Path("eval_results") / output_name),
+                            action=_OutputDirOrSampleFile, help=output_help + "; a name ending in .jsonl is the "
+                            "--sample-output-file, as in the original script")
+        parser.add_argument("--sample-output-file",
+                            help=f"also write {sample_file} to this file (JSON lines), as the original script did")
+    parser.add_argument("-s", "--seed", type=int, default=DEFAULT_SEED,
+                        help=f"seed of the random number generators (default {DEFAULT_SEED}, as the original "
+                             "scripts); decoding here is greedy, so the answers do not depend on it")
+    parser.add_argument("--debug", action="store_true", help="print each prompt and the model's answer to stderr")
     parser.add_argument("--batch-size", type=_positive_int, default=8,
                         help="prompts run together in one forward pass (default 8)")
     parser.add_argument("--limit", type=_positive_int,
@@ -133,6 +171,27 @@ def _parser(description: str | None, output_name: str, data_help: str, generates
 def _add_subjects_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--subjects", type=lambda text: [name for name in text.split(",") if name],
                         help="comma-separated subjects to evaluate (default: every subject in the data folder)")
+
+
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    args = parser.parse_args(argv)
+    set_seed(args.seed)
+    return args
+
+
+def _debug(args: argparse.Namespace, tokenizer: Any, prompt_ids: Sequence[int], record: Mapping[str, Any]) -> None:
+    """With --debug: the prompt as the model saw it and the saved record, on stderr."""
+    if args.debug:
+        print(f"\n--- prompt ---\n{tokenizer.decode(list(prompt_ids))}\n--- answer ---\n"
+              f"{json.dumps(record, ensure_ascii=False)}", file=sys.stderr)
+
+
+def _write_sample_file(path: str | None, records: Iterator[dict[str, Any]]) -> None:
+    """The original script's -o file: one JSON object per line."""
+    if path is not None:
+        Path(path).write_text("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records),
+                              encoding="utf-8")
+        print(f"samples: {path}")
 
 
 @contextmanager
@@ -261,18 +320,22 @@ def _single_token(tokenizer: Any, text: str) -> int:
     return ids[0]
 
 
-def run_choice_base(benchmark: ChoiceBenchmark, argv: Sequence[str] | None = None, description: str | None = None
-                    ) -> int:
-    """Few-shot multiple choice for base models: the letter with the highest next-token log-probability wins."""
+def choice_base_parser(benchmark: ChoiceBenchmark, description: str | None = None) -> argparse.ArgumentParser:
     parser = _parser(description, benchmark.key, f"{benchmark.layout.name} data folder: "
-                     f"{benchmark.layout.describe()}", generates=False)
+                     f"{benchmark.layout.describe()}", generates=False, chat=False, data_aliases=CHOICE_DATA_ALIASES)
     _add_subjects_argument(parser)
     parser.add_argument("--shots", type=_non_negative_int, default=5,
                         help="solved examples from the dev split before each question (default 5)")
     parser.add_argument("--max-seq-len", type=_positive_int,
                         help="longest prompt in tokens; a longer one loses its start, as in the published runs "
                              "(default: the model's seq_length)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run_choice_base(benchmark: ChoiceBenchmark, argv: Sequence[str] | None = None, description: str | None = None
+                    ) -> int:
+    """Few-shot multiple choice for base models: the letter with the highest next-token log-probability wins."""
+    args = _parse(choice_base_parser(benchmark, description), argv)
     with _user_errors():
         subjects = read_choice_subjects(args.data_dir, benchmark.layout, args.subjects, args.limit)
         for subject in subjects:
@@ -298,11 +361,13 @@ def run_choice_base(benchmark: ChoiceBenchmark, argv: Sequence[str] | None = Non
                                                         args.batch_size):
                 subject, index, question = jobs[job]
                 prediction = CHOICES[scores.index(max(scores))]
-                store.append(subject.name, {
+                record = {
                     "id": index, "answer": question.answer, "prediction": prediction,
                     "correct": prediction == question.answer, "logprobs": dict(zip(CHOICES, scores, strict=True)),
                     "truncated": truncated[job],
-                })
+                }
+                store.append(subject.name, record)
+                _debug(args, tokenizer, prompt_ids[job], record)
                 bar.update(1)
         records = _records(store, subjects)
         summary = accuracy_summary(records, benchmark.average, benchmark.categories)
@@ -314,15 +379,19 @@ def run_choice_base(benchmark: ChoiceBenchmark, argv: Sequence[str] | None = Non
     return 0
 
 
+def choice_chat_parser(benchmark: ChoiceBenchmark, description: str | None = None) -> argparse.ArgumentParser:
+    parser = _parser(description, f"chat_{benchmark.key}", f"{benchmark.layout.name} data folder: "
+                     f"{benchmark.layout.describe()}", generates=True, chat=True, data_aliases=CHOICE_DATA_ALIASES)
+    _add_subjects_argument(parser)
+    return parser
+
+
 def run_choice_chat(benchmark: ChoiceBenchmark, argv: Sequence[str] | None = None, description: str | None = None
                     ) -> int:
     """Zero-shot multiple choice for chat models: a greedy reply, and the letter it picks (scoring.extract_choice)."""
     if benchmark.chat_prompt is None:
         raise ValueError(f"{benchmark.title} has no chat prompt")
-    parser = _parser(description, f"chat_{benchmark.key}", f"{benchmark.layout.name} data folder: "
-                     f"{benchmark.layout.describe()}", generates=True)
-    _add_subjects_argument(parser)
-    args = parser.parse_args(argv)
+    args = _parse(choice_chat_parser(benchmark, description), argv)
     with _user_errors():
         subjects = read_choice_subjects(args.data_dir, benchmark.layout, args.subjects, args.limit)
         model, tokenizer = _load(args)
@@ -342,10 +411,12 @@ def run_choice_chat(benchmark: ChoiceBenchmark, argv: Sequence[str] | None = Non
                 subject, index, question = jobs[job]
                 response = text.strip()
                 prediction, rule = extract_choice(response, question.options)
-                store.append(subject.name, {
+                record = {
                     "id": index, "answer": question.answer, "prediction": prediction, "rule": rule,
                     "correct": prediction == question.answer, "response": response,
-                })
+                }
+                store.append(subject.name, record)
+                _debug(args, tokenizer, prompt_ids[job], record)
                 bar.update(1)
 
             generate(engine, prompt_ids, params, save)
@@ -361,19 +432,30 @@ def run_choice_chat(benchmark: ChoiceBenchmark, argv: Sequence[str] | None = Non
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def run_gsm8k(chat: bool, argv: Sequence[str] | None = None, description: str | None = None) -> int:
-    """GSM8K: base models continue the few-shot exemplars, chat models answer the bare question; the answer is the
-    number `scoring.extract_math_answer` reads from the solution, compared exactly with the reference."""
+def gsm8k_parser(chat: bool, description: str | None = None) -> argparse.ArgumentParser:
     parser = _parser(description, "chat_gsm8k" if chat else "gsm8k",
-                     "folder holding GSM8K's test.jsonl (or the file itself)", generates=True)
-    if not chat:
-        parser.add_argument("--prompt-file", default=str(DEFAULT_GSM8K_PROMPT),
-                            help="the few-shot exemplars put before each question (default eval/gsm8k_prompt.txt)")
-    args = parser.parse_args(argv)
+                     "folder holding GSM8K's test.jsonl (or the file itself)", generates=True, chat=chat,
+                     data_aliases=FILE_DATA_ALIASES, sample_file="each problem with its completion and acc")
+    parser.add_argument("--prompt-file", default=str(DEFAULT_GSM8K_PROMPT),
+                        help="the few-shot exemplars put before each question (default eval/gsm8k_prompt.txt)"
+                             + ("; chat models get them with --use-fewshot" if chat else ""))
+    if chat:
+        parser.add_argument("--use-fewshot", action="store_true",
+                            help="put the few-shot exemplars before the question in the user turn (default: the "
+                                 "bare question, zero-shot)")
+    return parser
+
+
+def run_gsm8k(chat: bool, argv: Sequence[str] | None = None, description: str | None = None) -> int:
+    """GSM8K: base models continue the few-shot exemplars, chat models answer the bare question (or, with
+    --use-fewshot, the exemplars and the question); the answer is the number `scoring.extract_math_answer` reads from
+    the solution, compared exactly with the reference."""
+    args = _parse(gsm8k_parser(chat, description), argv)
+    few_shot = not chat or args.use_fewshot
     with _user_errors():
         problems = read_gsm8k(args.data_dir, args.limit)
         exemplars = ""
-        if not chat:
+        if few_shot:
             prompt_file = Path(args.prompt_file)
             if not prompt_file.is_file():
                 raise DataLayoutError(f"Few-shot prompt file {str(prompt_file)!r} does not exist.")
@@ -382,7 +464,9 @@ def run_gsm8k(chat: bool, argv: Sequence[str] | None = None, description: str | 
         params = _generation_params(model, tokenizer, args.max_new_tokens, chat, "evaluate_gsm8k.py",
                                     prompts.GSM8K_STOPS)
         settings: dict[str, Any] = {"max_new_tokens": params.max_new_tokens}
-        if not chat:
+        if chat and few_shot:
+            settings["use_fewshot"] = True
+        if few_shot:
             settings["prompt_sha256"] = hashlib.sha256(exemplars.encode("utf-8")).hexdigest()
         output_dir = Path(args.output_dir)
         store = ResultStore(output_dir, _manifest("gsm8k", "chat" if chat else "base", args, model, **settings),
@@ -395,29 +479,39 @@ def run_gsm8k(chat: bool, argv: Sequence[str] | None = None, description: str | 
             prompt_ids = []
             for index in todo:
                 question = problems[index].question
-                ids = (_chat_prompt_ids(tokenizer, model, question) if chat
-                       else _encode(tokenizer, prompts.gsm8k_base_prompt(exemplars, question)))
+                if chat:
+                    # With --use-fewshot, the user turn is the base prompt: the exemplars, then the question.
+                    query = prompts.gsm8k_base_prompt(exemplars, question).rstrip("\n") if few_shot else question
+                    ids = _chat_prompt_ids(tokenizer, model, query)
+                else:
+                    ids = _encode(tokenizer, prompts.gsm8k_base_prompt(exemplars, question))
                 prompt_ids.append(fit_prompt(ids, room)[0])
 
             def save(job: int, text: str, finish_reason: str) -> None:
                 index = todo[job]
                 completion = text.strip() if chat else truncate_at_stops(text, params.stop_strings)
                 predicted = extract_math_answer(completion)
-                store.append("gsm8k", {
+                record = {
                     "id": index, "answer": format_number(problems[index].answer),
                     "prediction": format_number(predicted), "correct": predicted == problems[index].answer,
                     "completion": completion,
-                })
+                }
+                store.append("gsm8k", record)
+                _debug(args, tokenizer, prompt_ids[job], record)
                 bar.update(1)
 
             generate(engine, prompt_ids, params, save)
         saved = store.load("gsm8k")
         summary = accuracy_summary({"gsm8k": [saved[str(i)] for i in range(len(problems)) if str(i) in saved]},
                                    "micro")
-        mode = "chat, 0-shot, greedy" if chat else f"base, few-shot ({Path(args.prompt_file).name}), greedy"
+        _write_sample_file(args.sample_output_file, (
+            {"question": problem.question, "answer": problem.solution, "completion": saved[str(i)]["completion"],
+             "acc": saved[str(i)]["correct"]} for i, problem in enumerate(problems) if str(i) in saved))
+        shots = f"few-shot ({Path(args.prompt_file).name})"
+        mode = (f"chat, {shots if few_shot else '0-shot'}, greedy" if chat else f"base, {shots}, greedy")
         results = {"benchmark": "GSM8K", "mode": mode, "checkpoint": _checkpoint_name(args.checkpoint_path),
                    **summary}
-        _finish(output_dir, "GSM8K" + (", chat 0-shot" if chat else ", few-shot"), results)
+        _finish(output_dir, "GSM8K" + (", chat" if chat else "") + (" few-shot" if few_shot else " 0-shot"), results)
     return 0
 
 
@@ -426,10 +520,11 @@ def run_gsm8k(chat: bool, argv: Sequence[str] | None = None, description: str | 
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def run_humaneval(chat: bool, argv: Sequence[str] | None = None, description: str | None = None) -> int:
-    """HumanEval pass@1 with greedy decoding: each completion runs against the task's tests in the sandbox."""
+def humaneval_parser(chat: bool, description: str | None = None) -> argparse.ArgumentParser:
     parser = _parser(description, "chat_humaneval" if chat else "humaneval",
-                     "folder holding HumanEval.jsonl or HumanEval.jsonl.gz (or the file itself)", generates=True)
+                     "folder holding HumanEval.jsonl or HumanEval.jsonl.gz (or the file itself)", generates=True,
+                     chat=chat, data_aliases=FILE_DATA_ALIASES,
+                     sample_file="the completions in the format of the human-eval harness")
     parser.add_argument("--timeout", type=_positive_float, default=5.0,
                         help="seconds each program may run (default 5)")
     parser.add_argument("--memory-mb", type=_positive_int, default=1024,
@@ -444,7 +539,12 @@ def run_humaneval(chat: bool, argv: Sequence[str] | None = None, description: st
         parser.add_argument("--stop", choices=sorted(COMPLETION_STOPS), default="qwen",
                             help="where a completion ends: 'qwen' (the published runs: at the first blank line or "
                                  "'def ') or 'codex' (the HumanEval paper's stop sequences)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run_humaneval(chat: bool, argv: Sequence[str] | None = None, description: str | None = None) -> int:
+    """HumanEval pass@1 with greedy decoding: each completion runs against the task's tests in the sandbox."""
+    args = _parse(humaneval_parser(chat, description), argv)
     sandbox = Sandbox(timeout=args.timeout, memory_mb=args.memory_mb, allow_unisolated=args.allow_unsafe_execution)
     with _user_errors():
         tasks = read_humaneval(args.data_dir, args.limit)
@@ -482,6 +582,7 @@ def run_humaneval(chat: bool, argv: Sequence[str] | None = None, description: st
                 else:
                     record["completion"] = truncate_at_stops(text, params.stop_strings)
                 store.append("humaneval", record)
+                _debug(args, tokenizer, prompt_ids[job], record)
                 bar.update(1)
 
             generate(engine, prompt_ids, params, save)
@@ -491,6 +592,9 @@ def run_humaneval(chat: bool, argv: Sequence[str] | None = None, description: st
         samples.write_text("".join(
             json.dumps({"task_id": task.task_id, "completion": saved[task.task_id]["completion"]},
                                      ensure_ascii=False) + "\n" for task in tasks), encoding="utf-8")
+        _write_sample_file(args.sample_output_file, (
+            {"task_id": task.task_id, **{key: saved[task.task_id][key] for key in ("completion", "response")
+                                         if key in saved[task.task_id]}} for task in tasks))
         programs = [humaneval_program(task.prompt, saved[task.task_id]["completion"], task.test, task.entry_point)
                     for task in tasks]
         with _progress(len(programs), "running tests", "program") as bar:
@@ -519,19 +623,38 @@ POSITIVE_FILE = "exam_plugin_v20231206_react_positive.jsonl"
 NEGATIVE_FILE = "exam_plugin_v20231206_react_negative.jsonl"
 
 
+def tool_use_parser(description: str | None = None) -> argparse.ArgumentParser:
+    # The original script read its files from eval/data.
+    parser = _parser(description, "plugin", f"folder holding {POSITIVE_FILE} and {NEGATIVE_FILE}", generates=True,
+                     chat=True, data_default=str(EVAL_DIR / "data"))
+    parser.add_argument("--positive-file", "--eval-react-positive-filename", default=POSITIVE_FILE,
+                        help=f"file of samples that need a tool, in the data folder (default {POSITIVE_FILE})")
+    parser.add_argument("--negative-file", "--eval-react-negative-filename", default=NEGATIVE_FILE,
+                        help=f"file of samples that need no tool, in the data folder (default {NEGATIVE_FILE})")
+    parser.add_argument("--eval-react-positive", action="store_true",
+                        help="evaluate the positive samples (without this and --eval-react-negative: both files)")
+    parser.add_argument("--eval-react-negative", action="store_true",
+                        help="evaluate the negative samples (without this and --eval-react-positive: both files)")
+    parser.add_argument("--eval-hfagent", action="store_true",
+                        help="the original script's transformers-agents benchmark: not available here")
+    return parser
+
+
 def run_tool_use(argv: Sequence[str] | None = None, description: str | None = None) -> int:
     """The ReAct tool-use evaluation: each prompt (tool list, ReAct instructions and question) is one user turn; the
     greedy reply, stopped at "Observation:", is read with the server's ReAct parser."""
-    parser = _parser(description, "plugin", f"folder holding {POSITIVE_FILE} and {NEGATIVE_FILE}", generates=True)
-    parser.add_argument("--positive-file", default=POSITIVE_FILE,
-                        help=f"file of samples that need a tool, in the data folder (default {POSITIVE_FILE})")
-    parser.add_argument("--negative-file", default=NEGATIVE_FILE,
-                        help=f"file of samples that need no tool, in the data folder (default {NEGATIVE_FILE})")
-    args = parser.parse_args(argv)
+    args = _parse(tool_use_parser(description), argv)
+    if args.eval_hfagent:
+        raise SystemExit("error: --eval-hfagent (the original script's Hugging Face agent benchmark) is not "
+                         "available: transformers no longer has the transformers.tools agents it ran on. Drop the "
+                         "flag to evaluate ReAct tool use.")
+    chosen = [group for group, wanted in (("positive", args.eval_react_positive),
+                                          ("negative", args.eval_react_negative)) if wanted]
+    files = {"positive": args.positive_file, "negative": args.negative_file}
     with _user_errors():
-        groups = {"positive": read_tool_use(args.data_dir, args.positive_file, args.limit),
-                  "negative": read_tool_use(args.data_dir, args.negative_file, args.limit)}
-        for number, sample in enumerate(groups["positive"], start=1):
+        groups = {group: read_tool_use(args.data_dir, files[group], args.limit)
+                  for group in chosen or ["positive", "negative"]}
+        for number, sample in enumerate(groups.get("positive", []), start=1):
             if tool_call_of(sample.reference) is None:
                 raise DataLayoutError(f"{args.positive_file}: sample {number}'s response calls no tool (no "
                                       "'Action:' and 'Action Input:' lines); every positive sample must.")
@@ -563,13 +686,14 @@ def run_tool_use(argv: Sequence[str] | None = None, description: str | None = No
                     called = tool_call_of(text)
                     record["tool"] = called[0] if called else None
                 store.append(group, record)
+                _debug(args, tokenizer, prompt_ids[job], record)
                 bar.update(1)
 
             generate(engine, prompt_ids, params, save)
         saved = {group: store.load(group) for group in groups}
         records = {group: [saved[group][str(i)] for i in range(len(samples)) if str(i) in saved[group]]
                    for group, samples in groups.items()}
-        scores = summarize_tool_use(records["positive"], records["negative"])
+        scores = summarize_tool_use(records.get("positive", []), records.get("negative", []))
         results = {"benchmark": "ReAct tool use", "mode": "chat, greedy, stop at 'Observation:'",
                    "checkpoint": _checkpoint_name(args.checkpoint_path), **scores}
         write_json(output_dir / "results.json", results)
