@@ -25,6 +25,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from .modeling_qwen import KV_PARAMS_BYTES, dequantize_kv, new_kv_cache, project, quantize_kv
+from .qwen_generation_utils import reply_end_ids
 
 logger = logging.getLogger(__name__)
 
@@ -121,8 +122,8 @@ class SamplingParams:
 
 
 def chat_stop_token_ids(tokenizer: Any) -> frozenset[int]:
-    """The ids that end a ChatML reply: `<|im_end|>`, and `<|im_start|>` / `<|endoftext|>` should the model skip it."""
-    return frozenset({tokenizer.eod_id, tokenizer.im_start_id, tokenizer.im_end_id})
+    """The ids that end a ChatML reply (`reply_end_ids`), as the set a request's stop ids are."""
+    return frozenset(reply_end_ids("chatml", tokenizer))
 
 
 @dataclass
