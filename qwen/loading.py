@@ -73,6 +73,8 @@ def check_checkpoint_folder(folder: str | Path) -> Path:
 
 
 DEMO_CHECKPOINT = "demo"
+# What `-c` means when it is not given, as in the original cli_demo.py, web_demo.py and openai_api.py.
+DEFAULT_CHAT_CHECKPOINT = "Qwen/Qwen-7B-Chat"
 DEMO_NOTICE = (
     "Using the demo checkpoint: a tiny model with RANDOM weights, so its replies are noise. It shows that everything "
     "runs; pass -c with a real Qwen checkpoint (a folder or a hub id such as Qwen/Qwen-7B-Chat) to chat for real."
@@ -177,11 +179,18 @@ def load_model_and_tokenizer(
     return model, tokenizer
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, default_checkpoint: str | None = None) -> None:
-    """The loading options every script shares: `-c`, `--cpu-only`, `--dtype`."""
+def add_model_arguments(parser: argparse.ArgumentParser, default_checkpoint: str | None = DEFAULT_CHAT_CHECKPOINT
+                        ) -> None:
+    """The loading options every script shares: `-c`, `--cpu-only`, `--dtype`.
+
+    `-c` defaults to `default_checkpoint`, the released chat model as in the original scripts; None makes it required.
+    """
+    checkpoint_help = "checkpoint folder, Hugging Face hub id, or 'demo' for a tiny random-weight model"
     parser.add_argument(
         "-c", "--checkpoint-path", default=default_checkpoint, required=default_checkpoint is None,
-        help="checkpoint folder, hub id (e.g. Qwen/Qwen-7B-Chat), or 'demo' for a tiny random-weight model",
+        # %(default)s rather than the value itself, so that ArgumentDefaultsHelpFormatter does not add it a second time
+        help=checkpoint_help + (" (default: %(default)s)" if default_checkpoint is not None
+                                else " (required; e.g. Qwen/Qwen-7B-Chat)"),
     )
     parser.add_argument("--cpu-only", action="store_true", help="run on the CPU even when a GPU is present")
     parser.add_argument(
@@ -207,6 +216,7 @@ def load_from_args(args: argparse.Namespace) -> tuple[QWenLMHeadModel, QWenToken
 
 
 __all__ = [
-    "DEMO_CHECKPOINT", "DEMO_NOTICE", "CheckpointError", "LoadError", "add_model_arguments", "check_checkpoint_folder",
-    "ensure_demo_checkpoint", "is_demo_checkpoint", "load_from_args", "load_model_and_tokenizer", "resolve_checkpoint",
+    "DEFAULT_CHAT_CHECKPOINT", "DEMO_CHECKPOINT", "DEMO_NOTICE", "CheckpointError", "LoadError", "add_model_arguments",
+    "check_checkpoint_folder", "ensure_demo_checkpoint", "is_demo_checkpoint", "load_from_args",
+    "load_model_and_tokenizer", "resolve_checkpoint",
 ]

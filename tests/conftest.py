@@ -12,7 +12,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 @pytest.fixture(scope="session")
 def vocab_file() -> Path:
-    """The released qwen.tiktoken, verified; `python -m qwen.vocab fetch` puts it in place (README, .ci/run)."""
+    """The released qwen.tiktoken, verified; fetched on first use (qwen.vocab.find_vocab) if no script has yet."""
     from qwen.vocab import find_vocab
 
     return find_vocab()

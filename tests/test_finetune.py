@@ -452,16 +452,67 @@ def test_an_output_dir_holding_a_model_is_not_overwritten_unless_asked(tmp_path,
                                                str(resumable), "--use_cpu"])[2])
 
 
-def test_a_gpu_launcher_trains_on_the_cpu_in_bf16_when_there_is_no_gpu(tmp_path, tiny_chat_dir, two_samples_file):
-    """The launchers pass --bf16 True, which transformers refuses without a GPU unless --use_cpu is set."""
-    output = tmp_path / "lora"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "",
-           # The launchers call `python` from PATH: make it this interpreter.
-           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+LAUNCHER_DEFAULT_MODELS = {
+    "finetune_ds.sh": "Qwen/Qwen-7B",
+    "finetune_lora_ds.sh": "Qwen/Qwen-7B",
+    "finetune_lora_single_gpu.sh": "Qwen/Qwen-7B",
+    "finetune_qlora_ds.sh": "Qwen/Qwen-7B-Chat-Int4",
+    "finetune_qlora_single_gpu.sh": "Qwen/Qwen-7B-Chat-Int4",
+}
+
+
+def launcher_env(**extra: str) -> dict[str, str]:
+    # The launchers call `python` (and `torchrun`) from PATH: make them this interpreter's.
+    return {**os.environ, "HF_HUB_OFFLINE": "1",
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]), **extra}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHER_DEFAULT_MODELS))
+def test_each_launcher_prints_its_usage_under_sh(launcher):
+    """The original README starts the launchers with `sh` (dash on Debian and Ubuntu), not only with bash."""
+    result = subprocess.run(["sh", f"finetune/{launcher}", "-h"], cwd=REPO, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert result.stdout.startswith(f"usage: sh finetune/{launcher} [-m MODEL] -d DATA")
+    assert f"(default: {LAUNCHER_DEFAULT_MODELS[launcher]})" in result.stdout
+    config = "ds_config_zero3.json" if launcher == "finetune_ds.sh" else "ds_config_zero2.json"
+    assert f"(default: {f'finetune/{config}' if '_ds' in launcher else 'none'})" in result.stdout
+
+
+def test_a_launcher_refuses_a_bad_command_line_in_one_line():
+    result = subprocess.run(["sh", "finetune/finetune_lora_ds.sh", "-m", "Qwen-7B", "--num_train_epochs", "1"],
+                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == ("finetune/finetune_lora_ds.sh: unknown option --num_train_epochs (finetune.py's own "
+                             "flags go after --); -h lists the options\n")
+    result = subprocess.run(["sh", "finetune/finetune_lora_ds.sh", "-m"], cwd=REPO, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2 and result.stderr.splitlines() == [
+        "finetune/finetune_lora_ds.sh: -m needs a value; -h lists the options"]
+
+
+def test_the_qlora_launcher_defaults_to_the_int4_chat_model_as_the_original(tmp_path, two_samples_file):
+    """Without -m, the Q-LoRA launchers train Qwen/Qwen-7B-Chat-Int4; offline and with an empty hub cache, the run
+    stops with one line naming it."""
+    env = launcher_env(CUDA_VISIBLE_DEVICES="", HF_HOME=str(tmp_path / "hf"))
+    result = subprocess.run(["sh", str(REPO / "finetune" / "finetune_qlora_single_gpu.sh"), "-d",
+                             str(two_samples_file), "-o", str(tmp_path / "out")],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-4000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "error: 'Qwen/Qwen-7B-Chat-Int4' is not a local folder, and it could not be fetched from the Hugging Face hub")
+
+
+def test_a_gpu_launcher_started_with_sh_trains_on_the_cpu_in_bf16_when_there_is_no_gpu(tmp_path, tiny_chat_dir,
+                                                                                        two_samples_file):
+    """`sh finetune/X.sh` as the original README runs it (/bin/sh is dash here, without bash's arrays or pipefail).
+    The launchers pass --bf16 True, which transformers refuses without a GPU unless --use_cpu is set. The output
+    folder's name has a space, which the launcher must pass on as one argument."""
+    output = tmp_path / "lora out"
     result = subprocess.run(
-        ["bash", str(REPO / "finetune" / "finetune_lora_single_gpu.sh"), "-m", str(tiny_chat_dir), "-d",
+        ["sh", str(REPO / "finetune" / "finetune_lora_single_gpu.sh"), "-m", str(tiny_chat_dir), "-d",
          str(two_samples_file), "-o", str(output), "--", "--max_steps", "1", "--lora_r", "8", "--save_strategy", "no"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env,
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, env=launcher_env(CUDA_VISIBLE_DEVICES=""),
     )
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-4000:]
     assert "No GPU found: training on the CPU (as with --use_cpu True)." in result.stderr.splitlines()

@@ -226,7 +226,9 @@ def test_scripts_and_remote_code_refuse_an_absurd_config_in_one_line(tmp_path, t
 
 def test_make_random_checks_the_vocabulary_before_writing_weights(tmp_path):
     folder = tmp_path / "random"
-    env = checkout_env(QWEN_VOCAB_FILE=str(tmp_path / "nowhere" / "qwen.tiktoken"))
+    # pip offline, so that the first-use fetch of the vocabulary fails (tests/test_vocab.py has it succeed).
+    env = checkout_env(QWEN_VOCAB_FILE=str(tmp_path / "nowhere" / "qwen.tiktoken"), PIP_NO_INDEX="1",
+                       PIP_FIND_LINKS=str(tmp_path))
     result = subprocess.run([sys.executable, "-m", "qwen.checkpoint", "make-random", str(folder)],
                             capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 1 and "Traceback" not in result.stderr

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from qwen import QWenLMHeadModel, QWenTokenizer
 from qwen.checkpoint import REMOTE_CODE_FILES, install_code, write_random_checkpoint
+from support import REPO, import_script
 
 PROMPT_IDS = torch.tensor([[151644, 8948, 198, 2610, 525, 264, 10950, 17847, 13, 151645, 198, 9707, 11, 1879, 0]])
 
@@ -258,3 +259,30 @@ def test_scripts_stop_with_one_line_for_a_bad_checkpoint(tmp_path):
     # The message is the last line: with the GPTQ extra installed, torchao logs at import that its CUDA kernels do not
     # load on a CPU build of torch, before the script has run.
     assert result.stderr.strip().splitlines()[-1].startswith("error: Checkpoint folder")
+
+
+CHAT_SCRIPTS = ("cli_demo.py", "web_demo.py", "openai_api.py")
+
+
+@pytest.mark.parametrize("name", CHAT_SCRIPTS)
+def test_chat_scripts_default_to_the_released_chat_model_as_the_originals_did(name, capsys):
+    """`python cli_demo.py` (web_demo.py, openai_api.py) without -c, as the original README runs them."""
+    script = import_script(REPO / name)
+    parse = script.parse_args if hasattr(script, "parse_args") else script.build_parser().parse_args
+    with pytest.raises(SystemExit) as stopped:
+        parse(["--help"])
+    assert stopped.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert help_text.count("(default: Qwen/Qwen-7B-Chat)") == 1, help_text
+    parsed = parse([])
+    args = parsed[0] if isinstance(parsed, tuple) else parsed  # openai_api.py's also returns the server settings
+    assert args.checkpoint_path == "Qwen/Qwen-7B-Chat"
+
+
+def test_without_c_and_offline_the_demo_names_the_default_model_in_one_line(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty-hub-cache")}
+    result = subprocess.run([sys.executable, str(REPO / "cli_demo.py"), "--query", "Hello"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and result.stdout == "" and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "error: 'Qwen/Qwen-7B-Chat' is not a local folder, and it could not be fetched from the Hugging Face hub")

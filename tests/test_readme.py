@@ -23,7 +23,8 @@ from support import free_port, stop, wait_until_healthy, wait_until_serving
 README = Path(__file__).resolve().parents[1] / "README.md"
 FENCE = re.compile(r"^```(\w+)\n(.*?)^```", re.MULTILINE | re.DOTALL)
 # Commands that set up the machine (already done for the test run) rather than use the repository.
-SET_UP = ("pip install", "python -m qwen.vocab fetch", "python -m pytest", "python bench/", "python -m pytest -m slow")
+SET_UP = ("pip install", "sudo apt-get", "python -m qwen.vocab fetch", "python -m pytest", "python bench/",
+          "python -m pytest -m slow")
 
 
 def readme_blocks() -> list[tuple[str, str]]:
