@@ -257,7 +257,7 @@ def plot_perplexity(lengths: Sequence[int], rows: Sequence[tuple[str, Sequence[f
 
 def _parser(description: str | None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_arguments(parser)
+    add_model_arguments(parser, default_checkpoint=None)  # the original had no such script, so no default to keep
     parser.add_argument("-d", "--data", nargs="+", required=True, metavar="PATH",
                         help="text files (one document each), .jsonl files (a \"text\" field per line), or folders "
                              "of them")
