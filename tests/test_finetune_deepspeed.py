@@ -100,7 +100,7 @@ def launch(mode: str, stage: int, ranks: int, base: Path, data: Path, output: Pa
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     command = [
-        "bash", str(REPO / "finetune" / LAUNCHERS[mode]), "-m", str(base), "-d", str(data), "-o", str(output),
+        "sh", str(REPO / "finetune" / LAUNCHERS[mode]), "-m", str(base), "-d", str(data), "-o", str(output),
         "--deepspeed", str(REPO / "finetune" / f"ds_config_zero{stage}.json"), "--", *COMMON_FLAGS, *MODE_FLAGS[mode],
         *flags,
     ]
