@@ -111,6 +111,9 @@ def _released_config_dict(config: QWenConfig, dtype: torch.dtype) -> dict[str, A
     data = config.to_dict()
     for key in ("dtype", "torch_dtype", "transformers_version", "_name_or_path", *_TRANSFORMERS_BOOKKEEPING):
         data.pop(key, None)
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):  # released files name them only when set
+        if data.get(key) is None:
+            data.pop(key, None)
     data["architectures"] = ["QWenLMHeadModel"]
     data["auto_map"] = dict(AUTO_MAP_CONFIG)
     data["tokenizer_type"] = "QWenTokenizer"

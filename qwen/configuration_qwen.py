@@ -99,6 +99,13 @@ class QWenConfig(PretrainedConfig):
     # `window_size` is one int for all layers or one int per layer; None means `seq_length`.
     use_window_attn: bool = False
     window_size: int | list[int] | None = None
+    # Declared, as transformers 4 declared them on every config, so that `from_pretrained(folder, pad_token_id=...)`
+    # (the original README's batch inference) sets them on the config instead of reaching the model's constructor.
+    # The Aug-2023 config.json sets bos and eos to <|endoftext|>. generate() takes its ids from generation_config.json;
+    # these only seed the generation config of a model that has none.
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
 
     def __post_init__(self, **kwargs) -> None:
         given_as = {}  # current name -> the Aug-2023 name the config used, for error messages

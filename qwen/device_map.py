@@ -86,10 +86,17 @@ def device_map_for_config(config: Any, num_gpus: int) -> dict[str, int]:
 
 
 def load_model_on_gpus(
-    checkpoint_path: str | Path, num_gpus: int = 2, dtype: torch.dtype | str | None = None
+    model_name_or_path: str | Path | None = None,
+    num_gpus: int = 2,
+    dtype: torch.dtype | str | None = None,
+    *,
+    checkpoint_path: str | Path | None = None,
 ) -> Any:
     """A checkpoint (folder, hub id or `demo`) loaded for inference across the first `num_gpus` CUDA GPUs, as the
     original README's `utils.load_model_on_gpus`; each weight is read straight onto its GPU.
+
+    `model_name_or_path` and `num_gpus` are the original's parameters, in its order; `checkpoint_path` is another
+    name for the first, the one this repository's earlier versions used.
 
     Raises `LoadError` when fewer CUDA GPUs are visible than asked (on a machine without one too: this function is
     for GPUs; on the CPU load with `QWenLMHeadModel.from_pretrained(folder)`). Without `dtype`, bf16 where the GPUs
@@ -98,6 +105,11 @@ def load_model_on_gpus(
     from .configuration_qwen import QWenConfig
     from .loading import LoadError, load_model_and_tokenizer, resolve_checkpoint
 
+    if (model_name_or_path is None) == (checkpoint_path is None):
+        raise TypeError("load_model_on_gpus() takes the checkpoint once: as model_name_or_path (first argument) or as "
+                        "checkpoint_path=, not both and not neither.")
+    if model_name_or_path is None:
+        model_name_or_path = checkpoint_path
     if isinstance(num_gpus, bool) or not isinstance(num_gpus, int) or num_gpus < 1:
         raise LoadError(f"num_gpus must be a whole number of at least 1, got {num_gpus!r}.")
     available = torch.cuda.device_count()
@@ -112,7 +124,7 @@ def load_model_on_gpus(
             f"{why}. Pass num_gpus={available} or fewer, check CUDA_VISIBLE_DEVICES"
             + ("" if available else ", or load on the CPU with QWenLMHeadModel.from_pretrained(folder)") + "."
         )
-    folder = resolve_checkpoint(checkpoint_path)
+    folder = resolve_checkpoint(model_name_or_path)
     device_map = device_map_for_config(QWenConfig.from_pretrained(folder), num_gpus)
     model, _ = load_model_and_tokenizer(folder, dtype=dtype, device_map=device_map)
     return model

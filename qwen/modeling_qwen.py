@@ -626,6 +626,10 @@ class QWenModel(QWenPreTrainedModel):
         )
 
 
+# `chat(stream=...)` was refused by the released model as well; any value, even None, is refused here.
+_NOT_GIVEN: Any = object()
+
+
 class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
     def __init__(self, config: QWenConfig) -> None:
         super().__init__(config)
@@ -753,13 +757,16 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         inputs: torch.Tensor | None = None,
         generation_config: GenerationConfig | None = None,
         logits_processor: LogitsProcessorList | None = None,
+        *args: Any,
         stop_words_ids: list[list[int]] | None = None,
         **kwargs: Any,
     ) -> Any:
-        """transformers' `generate`, plus the released `stop_words_ids` (argument or generation_config field).
+        """transformers' `generate`, plus the released `stop_words_ids` (keyword or generation_config field).
 
         When a generated sequence ends with one of the stop sequences, its next token is forced to `eos_token_id`,
-        as the released model does, so outputs are token-for-token those of the original code.
+        as the released model does, so outputs are token-for-token those of the original code. Positional arguments
+        after `logits_processor` (`stopping_criteria`, `prefix_allowed_tokens_fn`, ...) go to transformers' `generate`
+        in its order, which is also the released model's.
         """
         # Generation arguments given next to a config (as `chat(..., top_p=0.5)` does) override a copy of it.
         generation_config = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
@@ -773,7 +780,7 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
             processors = LogitsProcessorList(logits_processor or [])
             processors.append(StopWordsLogitsProcessor(stop_words_ids=stop_words_ids, eos_token_id=eos))
             logits_processor = processors
-        return super().generate(inputs, generation_config=generation_config, logits_processor=logits_processor, **kwargs)
+        return super().generate(inputs, generation_config, logits_processor, *args, **kwargs)
 
     def _chat_inputs(
         self,
@@ -813,14 +820,23 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         query: str,
         history: HistoryType | None = None,
         system: str = DEFAULT_SYSTEM_PROMPT,
-        generation_config: GenerationConfig | None = None,
+        stream: Any = _NOT_GIVEN,
         stop_words_ids: list[list[int]] | None = None,
+        generation_config: GenerationConfig | None = None,
+        *,
         append_history: bool = True,
         **kwargs: Any,
     ) -> tuple[str, HistoryType]:
-        """One chat turn: returns the reply and the history with (query, reply) appended."""
-        if "stream" in kwargs:
-            raise TypeError("chat(stream=True) was removed in the original too; use chat_stream(...) instead.")
+        """One chat turn: returns the reply and the history with (query, reply) appended.
+
+        The positional order is the released one, whose fifth parameter, `stream`, only existed to refuse streaming.
+        """
+        if stream is not _NOT_GIVEN:
+            raise TypeError(
+                "chat() does not stream (its 5th positional argument is `stream`, refused by the released model too): "
+                "use chat_stream(...) to stream, and pass append_history=, stop_words_ids= and generation_config= "
+                "by keyword."
+            )
         # A new list: the caller's history is left as it was, as in the released model.
         history = [] if history is None else list(history)
         generation_config, input_ids, stop_words_ids, logits_processor = self._chat_inputs(
@@ -844,9 +860,9 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         query: str,
         history: HistoryType | None = None,
         system: str = DEFAULT_SYSTEM_PROMPT,
-        generation_config: GenerationConfig | None = None,
         stop_words_ids: list[list[int]] | None = None,
         logits_processor: LogitsProcessorList | None = None,
+        generation_config: GenerationConfig | None = None,
         **kwargs: Any,
     ) -> Iterator[str]:
         """Yield the reply as it grows (each item is the whole reply so far), like the released `chat_stream`.

@@ -4,6 +4,7 @@ GPUs where there are at least two."""
 
 from __future__ import annotations
 
+import inspect
 import sys
 import warnings
 from collections import Counter
@@ -128,6 +129,24 @@ def test_more_gpus_than_visible_is_a_clear_error(tiny_chat_dir):
     if visible == 0:  # the documented behaviour on a CPU-only machine, num_gpus=1 included
         with pytest.raises(LoadError, match=r"needs 1 CUDA GPU, but no CUDA GPU is visible"):
             load_model_on_gpus(tiny_chat_dir, num_gpus=1)
+
+
+def test_the_original_parameters_are_accepted(tiny_chat_dir):
+    # The original utils.py: load_model_on_gpus(model_name_or_path, num_gpus=2). Each call below gets as far as
+    # counting GPUs (one more than visible), so the checkpoint argument was taken, on a machine with or without GPUs.
+    assert list(inspect.signature(load_model_on_gpus).parameters)[:2] == ["model_name_or_path", "num_gpus"]
+    too_many = torch.cuda.device_count() + 1
+    calls = [
+        dict(args=(tiny_chat_dir, too_many), kwargs={}),
+        dict(args=(), kwargs=dict(model_name_or_path=tiny_chat_dir, num_gpus=too_many)),
+        dict(args=(), kwargs=dict(checkpoint_path=tiny_chat_dir, num_gpus=too_many)),  # this repository's older name
+    ]
+    for call in calls:
+        with pytest.raises(LoadError, match=rf"num_gpus={too_many}\) needs {too_many} CUDA GPU"):
+            load_model_on_gpus(*call["args"], **call["kwargs"])
+    for args, kwargs in (((tiny_chat_dir,), dict(checkpoint_path=tiny_chat_dir)), ((), {})):
+        with pytest.raises(TypeError, match="model_name_or_path"):
+            load_model_on_gpus(*args, **kwargs)
 
 
 def _logits(model, ids: torch.Tensor) -> torch.Tensor:
