@@ -3,6 +3,9 @@
 The folder names the README uses for released checkpoints (`Qwen-7B-Chat`, `Qwen-7B`) are tiny random checkpoints
 in the released layout here; each Python block runs in a fresh interpreter so that blocks claiming not to need the
 `qwen` package really do not import it.
+
+README_CN.md, the Chinese README, carries a subset of README.md's blocks, byte for byte and in the same order. Its
+blocks are therefore run once, as README.md's, and a block that drifts from the English one fails the check below.
 """
 
 from __future__ import annotations
@@ -21,14 +24,48 @@ import torch
 from support import free_port, stop, wait_until_healthy, wait_until_serving
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+README_CN = README.with_name("README_CN.md")
 FENCE = re.compile(r"^```(\w+)\n(.*?)^```", re.MULTILINE | re.DOTALL)
 # Commands that set up the machine (already done for the test run) rather than use the repository.
 SET_UP = ("pip install", "sudo apt-get", "python -m qwen.vocab fetch", "python -m pytest", "python bench/",
           "python -m pytest -m slow")
 
 
+def code_blocks(path: Path) -> list[tuple[str, str]]:
+    """The (language, body) of every fenced block of a Markdown file, in order."""
+    text = path.read_text(encoding="utf-8")
+    blocks = FENCE.findall(text)
+    # A fence without a language, or an indented one, would be neither run nor compared.
+    fences = sum(1 for line in text.splitlines() if line.lstrip().startswith("```"))
+    assert fences == 2 * len(blocks), f"{path.name}: every code block must start at the line's beginning with ```LANG"
+    return blocks
+
+
 def readme_blocks() -> list[tuple[str, str]]:
-    return [(language, body) for language, body in FENCE.findall(README.read_text(encoding="utf-8"))]
+    """README.md's blocks, after checking that README_CN.md's are among them in the same order, so that running
+    these runs both files' code."""
+    english, chinese = code_blocks(README), code_blocks(README_CN)
+    position = 0
+    for number, block in enumerate(chinese, 1):
+        assert block in english, (
+            f"README_CN.md block {number} is not one of README.md's blocks (they must be byte-identical):\n"
+            f"```{block[0]}\n{block[1]}```")
+        following = [index for index, candidate in enumerate(english) if candidate == block and index >= position]
+        assert following, f"README_CN.md block {number} comes in a different order than in README.md:\n{block[1]}"
+        position = following[0] + 1
+    return english
+
+
+def test_readme_cn_blocks_are_the_english_ones_in_order() -> None:
+    readme_blocks()
+    assert code_blocks(README_CN)
+
+
+def test_the_two_readmes_link_to_each_other() -> None:
+    for path, other in ((README, README_CN), (README_CN, README)):
+        first_line = path.read_text(encoding="utf-8").splitlines()[0]
+        assert f"]({other.name})" in first_line, f"{path.name} must open with a link to {other.name}: {first_line!r}"
+        assert other.is_file()
 
 
 def run(command: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
