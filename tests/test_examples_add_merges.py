@@ -196,3 +196,21 @@ def test_word_list_and_command_line_errors(tmp_path: Path, vocab_file: Path, cap
     with pytest.raises(SystemExit):
         add_merges.main([str(vocab_file), str(tmp_path / "out.tiktoken"), str(words), "-o", str(tmp_path / "x")])
     assert "either as the original's three paths or with --vocab and -o" in capsys.readouterr().err
+
+
+def test_the_example_extra_vocabulary_is_what_add_merges_makes_of_the_example_words(
+    tmp_path: Path, vocab_file: Path, tokenizer: QWenTokenizer, capsys
+) -> None:
+    # examples/qwen_extra.tiktoken is generated, not written by hand: the committed file must be what the script
+    # writes from the committed word list today.
+    examples = REPO / "examples"
+    output = tmp_path / "qwen_extra.tiktoken"
+    assert add_merges.main([str(vocab_file), str(output), str(examples / "qwen_extra_vocab.txt")]) == 0
+    assert output.read_bytes() == (examples / "qwen_extra.tiktoken").read_bytes()
+    assert "'Qwen 7B' can never be one token" in capsys.readouterr().err  # the word the example shows left out
+
+    extended = QWenTokenizer(vocab_file, extra_vocab_file=examples / "qwen_extra.tiktoken")
+    words = [word for word in add_merges.read_words(examples / "qwen_extra_vocab.txt") if word != "Qwen 7B"]
+    assert " tokenizerish" in words  # the leading space is part of the word
+    for word in words:
+        assert len(tokenizer.encode(word)) > 1 and len(extended.encode(word)) == 1, word
