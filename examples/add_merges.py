@@ -231,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"warning: {reason}; left out.", file=sys.stderr)
         for step, (left, right, count) in enumerate(plan.merges, start=1):
             token = left + right
-            where = f"id {plan.added[token]}" if token in plan.added else f"already id {tokenizer.mergeable_ranks[token]}"
+            rank = plan.added.get(token)
+            where = f"id {rank}" if rank is not None else f"already id {tokenizer.mergeable_ranks[token]}"
             print(f"merge {step}: {_text(left)!r} + {_text(right)!r} -> {_text(token)!r} (frequency {count}, {where})")
         if not plan.added:
             print("Nothing to add: no word needs a new token.")
