@@ -59,6 +59,7 @@ from .tokenization_qwen import (
     ENDOFTEXT,
     IMEND,
     PAT_STR,
+    RELEASED_VOCAB_SIZE,
     SPECIAL_TOKENS,
     VOCAB_FILE_NAME,
     _read_tiktoken_file,
@@ -450,7 +451,10 @@ def inspect_source(src: str | os.PathLike) -> tuple[QWenConfig, dict[str, Any], 
 
     if not (src / VOCAB_FILE_NAME).is_file():
         raise ConvertError(f"{src} has no {VOCAB_FILE_NAME}; copy it from the released checkpoint.")
-    _read_tiktoken_file(src / VOCAB_FILE_NAME)  # checks the sha256 of the released file
+    # Refuses a damaged file; one that extends the released vocabulary loads, but its extra tokens are not converted.
+    if len(_read_tiktoken_file(src / VOCAB_FILE_NAME)) != RELEASED_VOCAB_SIZE:
+        raise ConvertError(f"{src / VOCAB_FILE_NAME} extends the released vocabulary; converting extra vocabularies "
+                           "is not supported.")
     tokenizer_config = (
         _read_json(src / "tokenizer_config.json") if (src / "tokenizer_config.json").is_file() else {}
     )

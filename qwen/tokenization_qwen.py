@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import json
 import logging
 import os
 import unicodedata
@@ -27,10 +28,12 @@ from transformers.tokenization_utils_base import PaddingStrategy, TruncationStra
 logger = logging.getLogger(__name__)
 
 VOCAB_FILE_NAME = "qwen.tiktoken"
-# Where `save_vocabulary` keeps tokens that came from an `extra_vocab_file`, so that `qwen.tiktoken` itself always
-# stays the released file and passes the integrity check when loaded back.
-EXTRA_VOCAB_FILE_NAME = "qwen_extra.tiktoken"
 QWEN_TIKTOKEN_SHA256 = "b2b1b8dfb5cc5f024bafc373121c6aba3f66f9a5a0269e243470a1de16a33186"
+# The released file: 151,643 `base64(token_bytes) rank` lines, ranks 0 to 151642 in order, 2,561,218 bytes. A file
+# that extends the vocabulary (the released tokenizer's save_pretrained wrote its extra tokens into qwen.tiktoken)
+# starts with exactly these bytes.
+RELEASED_VOCAB_SIZE = 151643
+RELEASED_VOCAB_BYTES = 2561218
 
 # The pre-tokenization regex of the released tokenizer, unchanged.
 PAT_STR = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
@@ -39,8 +42,10 @@ ENDOFTEXT = "<|endoftext|>"
 IMSTART = "<|im_start|>"
 IMEND = "<|im_end|>"
 EXTRA_SPECIAL_TOKENS = tuple(f"<|extra_{i}|>" for i in range(205))
-# Order matters: the ids are assigned in this order right after the last BPE rank.
 SPECIAL_TOKENS = (ENDOFTEXT, IMSTART, IMEND) + EXTRA_SPECIAL_TOKENS
+# The special tokens take ids 151643 to 151850 in the order above, whatever the vocabulary file holds (the released
+# tokenizer fixed them so, for vocabularies extended beyond the released file); added tokens start at 151851.
+SPECIAL_START_ID = RELEASED_VOCAB_SIZE
 
 FETCH_HINT = (
     "Fetch the released file once with `python -m qwen.vocab fetch` (from the qwen package) or copy qwen.tiktoken "
@@ -68,30 +73,54 @@ DisallowedSpecial = Literal["all"] | Collection[str]
 
 
 def _read_tiktoken_file(path: str | os.PathLike, missing_hint: str = FETCH_HINT) -> dict[bytes, int]:
-    """Parse a `base64(token_bytes) rank` file, checking the released file's sha256 when it is named `qwen.tiktoken`."""
+    """Parse a `base64(token_bytes) rank` file.
+
+    A file named `qwen.tiktoken` must hold the released vocabulary: either the released file itself or, as the
+    released tokenizer's `save_pretrained` wrote it after an `extra_vocab_file` was loaded, the released entries
+    followed by added ones (logged as a warning). A file that changes a released entry is refused. Files of other
+    names are custom or extra vocabularies the user chose on purpose and are not compared with the released one.
+    """
     path = os.fspath(path)
     try:
         with open(path, "rb") as handle:
             data = handle.read()
     except FileNotFoundError:
         raise FileNotFoundError(f"The vocabulary file {path} does not exist. {missing_hint}".rstrip()) from None
+    if os.path.basename(path) != VOCAB_FILE_NAME:
+        return _parse_tiktoken(path, data)
 
-    # Only the exact name is checked: other names are custom or extra vocabularies the user chose on purpose.
-    if os.path.basename(path) == VOCAB_FILE_NAME and hashlib.sha256(data).hexdigest() != QWEN_TIKTOKEN_SHA256:
-        raise ValueError(
-            f"{path} is damaged or is not the released Qwen vocabulary (its sha256 is not {QWEN_TIKTOKEN_SHA256}). "
-            f"Delete it and get it again. {FETCH_HINT}"
-        )
-
+    # Cheap and exact for the released file and for extensions written after it: compare the leading bytes.
+    released_bytes = (
+        len(data) >= RELEASED_VOCAB_BYTES
+        and hashlib.sha256(memoryview(data)[:RELEASED_VOCAB_BYTES]).hexdigest() == QWEN_TIKTOKEN_SHA256
+    )
+    not_released = f"{path} is damaged or is not the released Qwen vocabulary"
     try:
-        # Fast path for well-formed files; anything odd is re-read below to report the exact line.
-        lines = [line for line in data.splitlines() if line]
-        ranks = {binascii.a2b_base64(token, strict_mode=True): int(rank) for token, rank in map(bytes.split, lines)}
-        if len(ranks) == len(lines) and min(ranks.values(), default=0) >= 0:
-            return ranks
-    except (ValueError, TypeError):  # binascii.Error is a ValueError
-        pass
-    return _parse_tiktoken_lines(path, data)
+        ranks = _parse_tiktoken(path, data)
+    except _MalformedEntry as error:
+        where = f"line {error.line_number}: {error.reason}"
+        if released_bytes:  # the released entries are intact: the bad line is one of the tokens added after them
+            raise ValueError(f"{not_released} ({where}); its first {RELEASED_VOCAB_SIZE} lines are the released "
+                             "ones, so correct or remove that added line.") from None
+        raise ValueError(f"{not_released} ({where}). Delete it and get it again. {FETCH_HINT}") from None
+    added = {token: rank for token, rank in ranks.items() if rank >= RELEASED_VOCAB_SIZE}
+    intact = len(ranks) - len(added) == RELEASED_VOCAB_SIZE and (
+        released_bytes
+        # The same entries written another way (order, line ends): compare them in the released file's layout.
+        or hashlib.sha256(serialize_ranks({t: r for t, r in ranks.items() if r < RELEASED_VOCAB_SIZE})).hexdigest()
+        == QWEN_TIKTOKEN_SHA256
+    )
+    if not intact:
+        raise ValueError(
+            f"{not_released}: its entries for ids 0 to {RELEASED_VOCAB_SIZE - 1} are not the released ones. Delete it "
+            f"and get it again. {FETCH_HINT}"
+        )
+    if added:
+        logger.warning(
+            "%s extends the released Qwen vocabulary with %d tokens (ids %d to %d); the model needs trained embedding "
+            "rows for them.", path, len(added), min(added.values()), max(added.values()),
+        )
+    return ranks
 
 
 def serialize_ranks(ranks: Mapping[bytes, int]) -> bytes:
@@ -100,8 +129,30 @@ def serialize_ranks(ranks: Mapping[bytes, int]) -> bytes:
     return b"".join(base64.b64encode(token) + b" " + str(rank).encode("ascii") + b"\n" for token, rank in by_rank)
 
 
+def _parse_tiktoken(path: str, data: bytes) -> dict[bytes, int]:
+    try:
+        # Fast path for well-formed files; anything odd is re-read below to report the exact line.
+        lines = [line for line in data.splitlines() if line]
+        ranks = {binascii.a2b_base64(token, strict_mode=True): int(rank) for token, rank in map(bytes.split, lines)}
+        if len(ranks) == len(lines) == len(set(ranks.values())) and min(ranks.values(), default=0) >= 0:
+            return ranks
+    except (ValueError, TypeError):  # binascii.Error is a ValueError
+        pass
+    return _parse_tiktoken_lines(path, data)
+
+
+class _MalformedEntry(ValueError):
+    def __init__(self, path: str, line_number: int, line: bytes, reason: str) -> None:
+        self.line_number, self.reason = line_number, f"{reason} in {line[:80]!r}"
+        super().__init__(
+            f"{path}, line {line_number}: malformed vocabulary entry {line[:80]!r} ({reason}); each line must be "
+            "`base64(token_bytes) rank`."
+        )
+
+
 def _parse_tiktoken_lines(path: str, data: bytes) -> dict[bytes, int]:
     ranks: dict[bytes, int] = {}
+    owners: dict[int, bytes] = {}
     for line_number, line in enumerate(data.splitlines(), start=1):
         fields = line.split()
         if not fields:
@@ -115,12 +166,13 @@ def _parse_tiktoken_lines(path: str, data: bytes) -> dict[bytes, int]:
                 raise ValueError("the rank is negative")
             if token in ranks:
                 raise ValueError(f"the token {token!r} already appeared with rank {ranks[token]}")
+            if rank in owners:
+                # tiktoken would abort with a Rust panic, which no `except Exception` catches.
+                raise ValueError(f"the rank {rank} already belongs to the token {owners[rank]!r}")
         except ValueError as error:
-            raise ValueError(
-                f"{path}, line {line_number}: malformed vocabulary entry {line[:80]!r} ({error}); "
-                "each line must be `base64(token_bytes) rank`."
-            ) from None
+            raise _MalformedEntry(path, line_number, line, str(error)) from None
         ranks[token] = rank
+        owners[rank] = token
     return ranks
 
 
@@ -128,10 +180,11 @@ class QWenTokenizer(PreTrainedTokenizer):
     """Qwen (v1) tokenizer backed by tiktoken.
 
     Args:
-        vocab_file: the released `qwen.tiktoken`.
+        vocab_file: the released `qwen.tiktoken`, or one that extends it (the released entries, then added tokens).
         errors: how undecodable UTF-8 is handled when decoding (`"replace"`, `"ignore"`, `"strict"`).
-        extra_vocab_file: optional second file in the same format; its entries are added when neither the token nor
-            its rank is already used.
+        extra_vocab_file: optional second file in the same format, as written by `examples/add_merges.py`; each entry
+            keeps the id it has there and is added unless its token or its id is already taken (special tokens
+            included). `save_pretrained` writes the added tokens into the saved `qwen.tiktoken`.
         **kwargs: passed to `transformers.PreTrainedTokenizer` (`pad_token`, `padding_side`, `model_max_length`, ...).
             `pad_token` defaults to `<|endoftext|>`, since the released configs define none.
     """
@@ -152,12 +205,21 @@ class QWenTokenizer(PreTrainedTokenizer):
 
         self.errors = errors
         self.mergeable_ranks = _read_tiktoken_file(vocab_file)
-        first_special_id = len(self.mergeable_ranks)
-        self.special_tokens = {token: index for index, token in enumerate(SPECIAL_TOKENS, start=first_special_id)}
+        self.special_tokens = {token: index for index, token in enumerate(SPECIAL_TOKENS, start=SPECIAL_START_ID)}
+        special_names = {index: token for token, index in self.special_tokens.items()}
+        for token, rank in self.mergeable_ranks.items():
+            if rank in special_names:  # tiktoken would accept it and then decode that id as the wrong thing
+                raise ValueError(
+                    f"{vocab_file}: the token {token!r} has id {rank}, which is the id of the special token "
+                    f"{special_names[rank]}; added tokens take ids from {SPECIAL_START_ID + len(SPECIAL_TOKENS)} up."
+                )
 
-        self._extra_ranks: dict[bytes, int] = {}
+        # Tokens beyond the released vocabulary, from the vocabulary file itself or from the extra file.
+        self._extra_ranks = {token: rank for token, rank in self.mergeable_ranks.items() if rank >= SPECIAL_START_ID}
         if extra_vocab_file is not None:
-            self._extra_ranks = self._merge_extra_vocab(self._resolve_extra_vocab_file(extra_vocab_file, vocab_file))
+            self._extra_ranks.update(
+                self._merge_extra_vocab(self._resolve_extra_vocab_file(extra_vocab_file, vocab_file))
+            )
 
         self.tokenizer = tiktoken.Encoding(
             "Qwen", pat_str=PAT_STR, mergeable_ranks=self.mergeable_ranks, special_tokens=self.special_tokens
@@ -185,11 +247,10 @@ class QWenTokenizer(PreTrainedTokenizer):
             kwargs["chat_template"] = CHATML_TEMPLATE
         super().__init__(errors=errors, **kwargs)
 
-        # Saved configs name the extra file relative to the saved folder (see save_vocabulary), never an absolute path.
-        if self._extra_ranks:
-            self.init_kwargs["extra_vocab_file"] = EXTRA_VOCAB_FILE_NAME
-        else:
-            self.init_kwargs.pop("extra_vocab_file", None)
+        # save_vocabulary writes the extra tokens into qwen.tiktoken, so a saved config must not name the extra file
+        # again: the released tokenizer kept the path it was given there, and its saved folders failed to load
+        # wherever that path did not resolve.
+        self.init_kwargs.pop("extra_vocab_file", None)
 
     @staticmethod
     def _resolve_extra_vocab_file(extra_vocab_file: str | os.PathLike, vocab_file: str | os.PathLike) -> str:
@@ -205,6 +266,8 @@ class QWenTokenizer(PreTrainedTokenizer):
         used_ranks = set(self.mergeable_ranks.values()) | set(self.special_tokens.values())
         accepted: dict[bytes, int] = {}
         for token, rank in _read_tiktoken_file(extra_vocab_file, missing_hint="").items():
+            if self.mergeable_ranks.get(token) == rank:
+                continue  # already there with this id (the file was loaded before and saved into qwen.tiktoken)
             # Skipped as the released tokenizer did, so its extra files load the same; but said loudly, since ids
             # the user expected to exist are missing and their embeddings would be trained for nothing.
             if token in self.mergeable_ranks:
@@ -238,8 +301,28 @@ class QWenTokenizer(PreTrainedTokenizer):
     def _from_pretrained(cls, resolved_vocab_files, pretrained_model_name_or_path, *args, **kwargs):
         # transformers turns any OSError raised by __init__ into a generic "Unable to load vocabulary" message, which
         # would hide which file is missing and how to get it.
-        if resolved_vocab_files.get("vocab_file") is None and kwargs.get("vocab_file") is None:
+        vocab_file = kwargs.get("vocab_file") or resolved_vocab_files.get("vocab_file")
+        if vocab_file is None:
             raise FileNotFoundError(f"No {VOCAB_FILE_NAME} was found in {pretrained_model_name_or_path}. {FETCH_HINT}")
+        config_file = resolved_vocab_files.get("tokenizer_config_file")
+        if kwargs.get("extra_vocab_file") is not None:
+            extra = kwargs["extra_vocab_file"]
+            if not os.path.isfile(cls._resolve_extra_vocab_file(extra, vocab_file)):
+                raise FileNotFoundError(
+                    f"The extra vocabulary file {extra} does not exist (looked for it next to {vocab_file} and from "
+                    f"the working directory {os.getcwd()})."
+                )
+        elif "extra_vocab_file" not in kwargs and config_file is not None:
+            with open(config_file, encoding="utf-8") as handle:
+                saved_extra = json.load(handle).get("extra_vocab_file")
+            # Folders saved by the released tokenizer name the extra file they were built with (a path that only
+            # resolved where that run happened) although their qwen.tiktoken already holds its tokens.
+            if saved_extra and not os.path.isfile(cls._resolve_extra_vocab_file(saved_extra, vocab_file)):
+                logger.warning(
+                    "%s names extra_vocab_file %r, which does not exist; using only the tokens of %s (the released "
+                    "tokenizer saved the extra tokens there).", config_file, saved_extra, vocab_file,
+                )
+                kwargs["extra_vocab_file"] = None
         return super()._from_pretrained(resolved_vocab_files, pretrained_model_name_or_path, *args, **kwargs)
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -258,7 +341,8 @@ class QWenTokenizer(PreTrainedTokenizer):
 
     @property
     def extra_vocab(self) -> dict[bytes, int]:
-        """Token → id of what the `extra_vocab_file` added (entries it skipped are not here); empty without one."""
+        """Token → id of the tokens beyond the released vocabulary: those an extended `qwen.tiktoken` holds and those
+        an `extra_vocab_file` added (entries it skipped are not here). Empty for the released vocabulary."""
         return dict(self._extra_ranks)
 
     def get_vocab(self) -> dict[bytes | str, int]:
@@ -572,26 +656,9 @@ class QWenTokenizer(PreTrainedTokenizer):
     # Saving
 
     def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str, ...]:
-        """Write `qwen.tiktoken` (plus `qwen_extra.tiktoken` when an extra vocabulary is in use)."""
+        """Write `qwen.tiktoken` with every BPE token in id order: the released file's bytes, then any added tokens."""
         prefix = f"{filename_prefix}-" if filename_prefix else ""
-        extra_tokens = self._extra_ranks
-        base = {token: rank for token, rank in self.mergeable_ranks.items() if token not in extra_tokens}
-
         vocab_path = os.path.join(save_directory, prefix + VOCAB_FILE_NAME)
-        data = serialize_ranks(base)
-        if hashlib.sha256(data).hexdigest() != QWEN_TIKTOKEN_SHA256:
-            logger.warning(
-                "%s is not the released Qwen vocabulary; loading it back under that name fails the integrity check.",
-                vocab_path,
-            )
         with open(vocab_path, "wb") as handle:
-            handle.write(data)
-        saved = [vocab_path]
-
-        if extra_tokens:
-            extra_path = os.path.join(save_directory, prefix + EXTRA_VOCAB_FILE_NAME)
-            with open(extra_path, "wb") as handle:
-                handle.write(serialize_ranks(extra_tokens))
-            saved.append(extra_path)
-        return tuple(saved)
-
+            handle.write(serialize_ranks(self.mergeable_ranks))
+        return (vocab_path,)

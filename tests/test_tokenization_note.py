@@ -64,3 +64,13 @@ def test_embedding_rows_and_resizing_for_new_ids(tiny_chat_dir: Path, tokenizer:
     model.resize_token_embeddings(152000, mean_resizing=False)
     assert model.get_input_embeddings().weight.shape[0] == model.get_output_embeddings().weight.shape[0] == 152000
     assert model(torch.tensor([[151999]])).logits.shape == (1, 1, 152000)
+
+
+def test_the_example_extra_vocabulary_is_as_described(vocab_file: Path) -> None:
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    tokenizer = QWenTokenizer(vocab_file, extra_vocab_file=examples / "qwen_extra.tiktoken")
+    added = {token.decode("utf-8"): index for token, index in tokenizer.extra_vocab.items()}
+    assert sorted(added.values()) == list(range(151851, 151863))  # 12 new tokens, ids 151851 to 151862
+    assert {"千问", "通义"} <= added.keys()
+    lines = (examples / "qwen_extra_vocab.txt").read_text(encoding="utf-8").splitlines()
+    assert any(line.startswith(" tokenizerish\t") for line in lines)  # a word with its leading space

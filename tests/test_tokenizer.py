@@ -13,12 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qwen.tokenization_qwen import (
-    EXTRA_VOCAB_FILE_NAME,
-    QWEN_TIKTOKEN_SHA256,
-    VOCAB_FILE_NAME,
-    QWenTokenizer,
-)
+from qwen.tokenization_qwen import QWEN_TIKTOKEN_SHA256, VOCAB_FILE_NAME, QWenTokenizer
 
 SOURCE_FILE = Path(__file__).resolve().parents[1] / "qwen" / "tokenization_qwen.py"
 RELEASED_CONFIG_DIRS = sorted(
@@ -312,7 +307,7 @@ def test_save_and_load_round_trip(
     vocab_copy = tmp_path / "saved" / VOCAB_FILE_NAME
     assert str(vocab_copy) in saved
     assert _sha256(vocab_copy) == QWEN_TIKTOKEN_SHA256 == _sha256(vocab_file)
-    assert not (tmp_path / "saved" / EXTRA_VOCAB_FILE_NAME).exists()
+    assert not (tmp_path / "saved" / "qwen_extra.tiktoken").exists()
 
     config = json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())
     assert config["tokenizer_class"] == "QWenTokenizer"
@@ -433,6 +428,90 @@ def test_damaged_vocab_file(tmp_path: Path, vocab_file: Path) -> None:
         QWenTokenizer(truncated)
 
 
+# A token the released vocabulary lacks, as `base64(bytes) id` lines: b"tokenizerish" and b" tokenizerish".
+ADDED_LINES = b"dG9rZW5pemVyaXNo 151851\nIHRva2VuaXplcmlzaA== 151852\n"
+
+
+def test_extended_vocab_file_loads_with_a_warning(tmp_path: Path, vocab_file: Path, tok: QWenTokenizer, caplog) -> None:
+    """A qwen.tiktoken holding the released entries and then added ones, as the released save_pretrained wrote it."""
+    folder = _checkpoint_folder(tmp_path, vocab_file)
+    (folder / VOCAB_FILE_NAME).write_bytes(vocab_file.read_bytes() + ADDED_LINES)
+    with caplog.at_level("WARNING", logger="qwen.tokenization_qwen"):
+        extended = QWenTokenizer.from_pretrained(folder)
+    warnings = [record.getMessage() for record in caplog.records]
+    assert len(warnings) == 1 and "\n" not in warnings[0], warnings
+    assert "extends the released Qwen vocabulary with 2 tokens (ids 151851 to 151852)" in warnings[0]
+    assert extended.special_tokens == tok.special_tokens  # 151643 to 151850, not shifted by the added tokens
+    assert extended.encode("tokenizerish a tokenizerish<|im_end|>") == [151851, 264, 151852, 151645]
+    assert len(extended) == 151853 and extended.extra_vocab == {b"tokenizerish": 151851, b" tokenizerish": 151852}
+    assert extended.decode([151851, 151645, 151852], skip_special_tokens=True) == "tokenizerish tokenizerish"
+    assert extended.encode("Hello, world!") == [9707, 11, 1879, 0]
+
+    # The same entries in another order and with Windows line ends: still the released entries, so it loads too.
+    lines = (vocab_file.read_bytes() + ADDED_LINES).splitlines()
+    (folder / VOCAB_FILE_NAME).write_bytes(b"\r\n".join(lines[::-1]) + b"\r\n")
+    assert QWenTokenizer.from_pretrained(folder).encode("tokenizerish") == [151851]
+
+
+def test_converter_refuses_an_extended_vocabulary(tmp_path: Path, tiny_chat_dir: Path, capsys) -> None:
+    from qwen.convert import main as convert_main
+
+    source = tmp_path / "extended"
+    shutil.copytree(tiny_chat_dir, source)
+    with open(source / VOCAB_FILE_NAME, "ab") as handle:
+        handle.write(ADDED_LINES)
+    with pytest.raises(SystemExit) as exit_info:
+        convert_main([str(source), str(tmp_path / "converted")])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err == f"error: {source / VOCAB_FILE_NAME} extends the released vocabulary; converting extra " \
+        "vocabularies is not supported.\n"
+    assert not (tmp_path / "converted").exists()
+
+
+def test_vocab_file_that_changes_released_entries_is_refused(tmp_path: Path, vocab_file: Path) -> None:
+    released = vocab_file.read_bytes()
+    lines = released.splitlines(keepends=True)
+    path = tmp_path / VOCAB_FILE_NAME
+
+    def error_for(data: bytes) -> str:
+        path.write_bytes(data)
+        with pytest.raises(ValueError) as error:
+            QWenTokenizer(path)
+        assert "\n" not in str(error.value) and str(path) in str(error.value)
+        return str(error.value)
+
+    # Two released tokens trade ids: every line is well formed, the entries are not the released ones.
+    swapped = lines[:]
+    swapped[14990], swapped[14991] = (
+        swapped[14990].split()[0] + b" 14991\n", swapped[14991].split()[0] + b" 14990\n"
+    )
+    assert "entries for ids 0 to 151642 are not the released ones. Delete it" in error_for(b"".join(swapped))
+    # One released entry dropped, the added ones after it.
+    assert "entries for ids 0 to 151642 are not the released ones" in error_for(b"".join(lines[:-1]) + ADDED_LINES)
+    # Added lines that would give a released token a second id, or a released id a second token.
+    message = error_for(released + b"aGVsbG8= 151851\n")
+    assert "line 151644: the token b'hello' already appeared with rank 14990" in message
+    assert "correct or remove that added line" in message
+    assert "the rank 5 already belongs to the token b'&'" in error_for(released + b"dG9rZW5pemVyaXNo 5\n")
+    # An added token at a special token's id (tiktoken would decode that id as the token).
+    assert "the token b'tokenizerish' has id 151700, which is the id of the special token <|extra_54|>; added " \
+        "tokens take ids from 151851 up" in error_for(released + b"dG9rZW5pemVyaXNo 151700\n")
+
+
+def test_duplicate_ids_are_an_error_not_a_crash(tmp_path: Path, vocab_file: Path) -> None:
+    # tiktoken aborts with a Rust panic (a BaseException) on two tokens with one id.
+    custom = tmp_path / "custom.tiktoken"
+    custom.write_bytes(vocab_file.read_bytes() + b"dG9rZW5pemVyaXNo 151851\nIHRva2VuaXplcmlzaA== 151851\n")
+    with pytest.raises(ValueError, match=r"custom\.tiktoken, line 151645: malformed vocabulary entry .*the rank 151851 "
+                                         r"already belongs to the token b'tokenizerish'"):
+        QWenTokenizer(custom)
+    extra = tmp_path / "extra.tiktoken"
+    extra.write_bytes(ADDED_LINES.replace(b"151852", b"151851"))
+    with pytest.raises(ValueError, match=r"extra\.tiktoken, line 2: .*the rank 151851 already belongs"):
+        QWenTokenizer(vocab_file, extra_vocab_file=extra)
+
+
 def test_malformed_line_names_file_and_line(tmp_path: Path, vocab_file: Path) -> None:
     lines = vocab_file.read_bytes().splitlines(keepends=True)
     lines[2] = b"not-base64!! 2\n"
@@ -479,14 +558,46 @@ def test_extra_vocab_file(tmp_path: Path, vocab_file: Path, tok: QWenTokenizer) 
     assert extended.decode([151851, 151645], skip_special_tokens=True) == "tokenizerish"
     assert extended.encode("Hello, world!") == [9707, 11, 1879, 0]
 
-    # Saving keeps qwen.tiktoken the released file and the extra tokens beside it; both load back.
+    # Saving writes the added tokens into qwen.tiktoken after the released entries, as the released tokenizer did;
+    # the config no longer names the extra file, whose tokens the folder now holds.
     extended.save_pretrained(tmp_path / "saved")
-    assert _sha256(tmp_path / "saved" / VOCAB_FILE_NAME) == QWEN_TIKTOKEN_SHA256
-    assert (tmp_path / "saved" / EXTRA_VOCAB_FILE_NAME).read_bytes() == b"dG9rZW5pemVyaXNo 151851\n"
+    saved = (tmp_path / "saved" / VOCAB_FILE_NAME).read_bytes()
+    assert saved == vocab_file.read_bytes() + b"dG9rZW5pemVyaXNo 151851\n"
+    assert sorted(path.name for path in (tmp_path / "saved").glob("*.tiktoken")) == [VOCAB_FILE_NAME]
     config = json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())
-    assert config["extra_vocab_file"] == EXTRA_VOCAB_FILE_NAME
+    assert "extra_vocab_file" not in config
     reloaded = QWenTokenizer.from_pretrained(tmp_path / "saved")
     assert reloaded.encode("tokenizerish") == [151851] and len(reloaded) == 151852
+    assert reloaded.extra_vocab == extended.extra_vocab == {new_token: 151851}
+
+
+def test_folder_saved_by_the_released_tokenizer_loads(
+    tmp_path: Path, vocab_file: Path, released_dir: Path, caplog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the released save_pretrained left after `extra_vocab_file="qwen_extra.tiktoken"`: the extra tokens inside
+    qwen.tiktoken, and the config still naming the extra file, which is not in the folder."""
+    folder = _checkpoint_folder(tmp_path, vocab_file)
+    (folder / VOCAB_FILE_NAME).write_bytes(vocab_file.read_bytes() + ADDED_LINES)
+    config = json.loads((released_dir / "Qwen-72B" / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "extra_vocab_file": "qwen_extra.tiktoken"}))
+    monkeypatch.chdir(tmp_path)  # not where the file was: the released tokenizer failed here
+    with caplog.at_level("WARNING", logger="qwen.tokenization_qwen"):
+        loaded = QWenTokenizer.from_pretrained(folder)
+    assert loaded.encode("tokenizerish") == [151851] and len(loaded) == 151853
+    messages = [record.getMessage() for record in caplog.records]
+    assert any("names extra_vocab_file 'qwen_extra.tiktoken', which does not exist" in text for text in messages)
+
+    # Where the file does exist, its entries are already there with the same ids: nothing to skip, nothing to warn.
+    (tmp_path / "qwen_extra.tiktoken").write_bytes(ADDED_LINES)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="qwen.tokenization_qwen"):
+        again = QWenTokenizer.from_pretrained(folder)
+    assert again.extra_vocab == loaded.extra_vocab
+    assert [record.getMessage() for record in caplog.records if "skipping" in record.getMessage()] == []
+
+    # A caller who names a missing extra file gets the error, not a guess.
+    with pytest.raises(FileNotFoundError, match="missing.tiktoken does not exist"):
+        QWenTokenizer.from_pretrained(folder, extra_vocab_file="missing.tiktoken")
 
 
 def test_skipped_extra_vocab_entries_are_warned_about(tmp_path: Path, vocab_file: Path, caplog) -> None:
