@@ -29,7 +29,9 @@ from qwen import QWenLMHeadModel, QWenTokenizer
 from qwen.checkpoint import model_files_in
 from qwen.loading import LoadError, is_demo_checkpoint, resolve_checkpoint
 from qwen.lora import LoraSettings, copy_checkpoint_metadata, is_chat_checkpoint, prepare_lora_model
-from qwen.sft import DEFAULT_LABEL_MASK, ConversationDataset, DataError, LabelMask, PadToLongest, load_samples
+from qwen.sft import (
+    DEFAULT_LABEL_MASK, ConversationDataset, DataError, LabelMask, PadToLongest, load_samples, trained_turns,
+)
 
 logger = logging.getLogger("finetune")
 
@@ -219,9 +221,14 @@ LEFT_OUT_LINES = 10
 def conversation_dataset(samples: list[dict], tokenizer: QWenTokenizer, flag: str, path: str, max_length: int,
                          lazy: bool, report: bool, label_mask: LabelMask = DEFAULT_LABEL_MASK) -> ConversationDataset:
     """The dataset of one data file; samples cut down to no label at all are reported (on the main process) and
-    left out, and a file left with none stops the run."""
+    left out, and a file left with none stops the run. How many samples open with an assistant turn, which is not
+    trained on (`qwen.sft.trained_turns`), is said in one line."""
     dataset = ConversationDataset(samples, tokenizer, max_length, lazy=lazy, label_mask=label_mask)
     if report:
+        opening = sum(len(trained_turns(sample)) < len(sample["conversations"]) for sample in samples)
+        if opening:
+            print(f"note: {path}: {opening} of {len(samples)} samples open with an assistant turn; as in the original "
+                  "finetune.py, that turn is left out and training starts at the turn after it.", file=sys.stderr)
         for sample in dataset.left_out[:LEFT_OUT_LINES]:
             print(f"warning: {path}: {sample.name} is {sample.length} tokens long and its first label is at token "
                   f"{sample.first_label}, beyond --model_max_length {max_length}: every label is cut off, so it is "

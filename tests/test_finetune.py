@@ -509,6 +509,23 @@ def test_every_flag_of_the_original_script_is_accepted_with_its_meaning(monkeypa
         parse("--evaluation_strategy", "steps", "--eval_strategy", "epoch")
 
 
+def test_samples_opening_with_an_assistant_turn_are_counted_in_one_note(monkeypatch, capsys, tokenizer):
+    monkeypatch.syspath_prepend(str(REPO))
+    import finetune as script
+
+    greeting = {"conversations": [{"from": "assistant", "value": "Hello!"}, {"from": "user", "value": QUESTION},
+                                  {"from": "assistant", "value": ANSWER}]}
+    plain = {"conversations": greeting["conversations"][1:]}
+    dataset = script.conversation_dataset([greeting, plain, greeting], tokenizer, "--data_path", "data.json", 512,
+                                          lazy=False, report=True)
+    assert dataset[0] == dataset[1] == dataset[2]  # the greeting is not trained on
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "note: data.json: 2 of 3 samples open with an assistant turn; as in the original finetune.py, that turn is "
+        "left out and training starts at the turn after it."]
+    script.conversation_dataset([plain], tokenizer, "--data_path", "data.json", 512, lazy=False, report=True)
+    assert capsys.readouterr().err == ""
+
+
 # finetune.main once for each command line of a JSON list (argv[1]), in one process: the error line of each run.
 RUN_EACH = """
 import json, sys
