@@ -62,6 +62,8 @@ class UsageError(ValueError):
 @dataclass
 class TrainingArguments(transformers.TrainingArguments):
     model_max_length: int = field(default=8192, metadata={"help": "samples are cut to this many tokens"})
+    # The original script's default; transformers 5 would pick adamw_torch_fused.
+    optim: str = field(default="adamw_torch", metadata={"help": "the optimizer, one of transformers' OptimizerNames"})
     use_lora: bool = False
     cache_dir: str | None = field(
         default=None, metadata={"help": "where a hub id given as --model_name_or_path is downloaded to (default: the "

@@ -509,6 +509,22 @@ def test_every_flag_of_the_original_script_is_accepted_with_its_meaning(monkeypa
         parse("--evaluation_strategy", "steps", "--eval_strategy", "epoch")
 
 
+def test_the_optimizer_is_the_original_scripts_adamw_torch_unless_another_is_chosen(monkeypatch):
+    """The original set optim="adamw_torch"; transformers 5's own default is the fused AdamW."""
+    monkeypatch.syspath_prepend(str(REPO))
+    import finetune as script
+    from transformers import Trainer
+
+    def optimizer(*extra: str) -> tuple[type, dict]:
+        training = script.parse_args(["--data_path", "d", "--output_dir", "out", "--use_cpu", *extra])[2]
+        return Trainer.get_optimizer_cls_and_kwargs(training)
+
+    cls, kwargs = optimizer()
+    assert cls is torch.optim.AdamW and "fused" not in kwargs
+    assert optimizer("--optim", "adamw_torch_fused") == (torch.optim.AdamW, {**kwargs, "fused": True})
+    assert optimizer("--optim", "sgd")[0] is torch.optim.SGD
+
+
 def test_samples_opening_with_an_assistant_turn_are_counted_in_one_note(monkeypatch, capsys, tokenizer):
     monkeypatch.syspath_prepend(str(REPO))
     import finetune as script
