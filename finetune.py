@@ -119,7 +119,7 @@ class LoraArguments:
     lora_modules_to_save: list[str] | None = field(
         default=None,
         metadata={"help": "fully trained modules besides the adapter; default: wte lm_head for a base model (so "
-                          "that special tokens it never saw get embeddings), none for a chat model"},
+                          "that special tokens it never saw get embeddings), none for a chat model or under Q-LoRA"},
     )
 
 

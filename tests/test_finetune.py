@@ -294,6 +294,19 @@ def test_chat_model_lora_trains_only_the_adapters_by_default(tiny_chat_dir):
     assert trained and all("lora_A" in name or "lora_B" in name for name in trained)
 
 
+def test_qlora_on_a_base_model_trains_only_the_adapters_by_default_as_the_original(tiny_base_dir):
+    """The original's Q-LoRA never trained wte and lm_head in full, base model or not: they would take more memory
+    than the 4-bit model."""
+    pytest.importorskip("bitsandbytes")
+    from qwen.lora import LoraSettings, prepare_lora_model
+
+    model = prepare_lora_model(tiny_base_dir, LoraSettings(r=4, q_lora=True), chat=False)
+    trained = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    assert trained and all("lora_A" in name or "lora_B" in name for name in trained), sorted(trained)
+    chosen = prepare_lora_model(tiny_base_dir, LoraSettings(r=4, q_lora=True, modules_to_save=["lm_head"]), chat=False)
+    assert any("lm_head.modules_to_save" in name for name, p in chosen.named_parameters() if p.requires_grad)
+
+
 def test_fp16_lora_keeps_what_trains_in_fp32_and_the_frozen_base_in_fp16(tiny_base_dir):
     """fp16 training needs a GPU, but the precision split is decided at load time and checked here."""
     from qwen.lora import LoraSettings, prepare_lora_model
