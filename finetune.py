@@ -23,7 +23,8 @@ from pathlib import Path
 import qwen  # noqa: F401  # isort: skip
 import torch
 import transformers
-from transformers import HfArgumentParser, Trainer
+from transformers import HfArgumentParser, Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from qwen import QWenLMHeadModel, QWenTokenizer
 from qwen.checkpoint import model_files_in
@@ -247,6 +248,22 @@ def conversation_dataset(samples: list[dict], tokenizer: QWenTokenizer, flag: st
     return dataset
 
 
+class CheckpointMetadata(TrainerCallback):
+    """Give every checkpoint-N folder what the final folder gets from the base (`copy_checkpoint_metadata`): the
+    tokenizer files, and for full fine-tuning the generation config and model code. The original script handed its
+    Trainer the tokenizer, which saved it into each checkpoint, so that a checkpoint loaded on its own."""
+
+    def __init__(self, base: Path, full: bool) -> None:
+        self.base = base
+        self.full = full
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if state.is_world_process_zero and folder.is_dir():
+            copy_checkpoint_metadata(self.base, folder, full=self.full)
+        return control
+
+
 def train(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments,
           lora_args: LoraArguments) -> None:
     logging.basicConfig(level=logging.INFO if training_args.process_index == 0 else logging.WARNING)
@@ -295,6 +312,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         data_collator=PadToLongest(pad_token_id=tokenizer.eod_id),
+        callbacks=[CheckpointMetadata(folder, full=not use_lora)],
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_state()

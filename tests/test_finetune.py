@@ -202,6 +202,13 @@ def test_resuming_from_a_saved_checkpoint_ends_where_the_uninterrupted_run_ends(
     whole = tmp_path / "whole"
     finetune(tiny_chat_dir, two_samples_file, whole, *common, "--save_strategy", "steps", "--save_steps", "2")
     assert (whole / "checkpoint-2" / "optimizer.pt").is_file()
+    # As the original's (its Trainer held the tokenizer), a checkpoint folder loads and chats on its own.
+    from qwen.loading import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(whole / "checkpoint-2", cpu_only=True)
+    assert isinstance(model.chat(tokenizer, QUESTION, history=None, max_new_tokens=2, **GREEDY)[0], str)
+    assert (whole / "checkpoint-2" / "generation_config.json").read_bytes() == \
+        (tiny_chat_dir / "generation_config.json").read_bytes()
 
     resumed = tmp_path / "resumed"
     finetune(tiny_chat_dir, two_samples_file, resumed, *common, "--save_strategy", "no",
@@ -270,10 +277,14 @@ def test_gradient_checkpointing_recomputes_each_block_and_trains_the_same(tmp_pa
 
 def test_lora_on_a_base_model_also_trains_the_embeddings_and_output_layer(tmp_path, tiny_base_dir, data_file):
     from safetensors.torch import load_file
+    from transformers import AutoTokenizer
 
     adapter = tmp_path / "base-lora"
     finetune(tiny_base_dir, data_file, adapter, "--use_lora", "--max_steps", "2", "--learning_rate", "1e-2",
-             "--lora_r", "8", "--save_strategy", "no")
+             "--lora_r", "8", "--save_steps", "2")
+    # A checkpoint folder carries the tokenizer, as the original's did.
+    assert AutoTokenizer.from_pretrained(adapter / "checkpoint-2").encode(QUESTION) == \
+        AutoTokenizer.from_pretrained(tiny_base_dir).encode(QUESTION)
     # generation_config.json says chat_format "raw": a base model, which has never used <|im_start|> / <|im_end|>.
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert sorted(config["modules_to_save"]) == ["lm_head", "wte"]
