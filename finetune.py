@@ -302,6 +302,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     if use_lora:
         model = prepare_lora_model(folder, settings, dtype=weights_dtype(training_args, use_lora=True), chat=chat,
                                    gradient_checkpointing=training_args.gradient_checkpointing)
+        if main_process:
+            model.print_trainable_parameters()
     else:
         model = QWenLMHeadModel.from_pretrained(folder, dtype=weights_dtype(training_args, use_lora=False))
     model.config.use_cache = False

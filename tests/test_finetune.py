@@ -280,8 +280,10 @@ def test_lora_on_a_base_model_also_trains_the_embeddings_and_output_layer(tmp_pa
     from transformers import AutoTokenizer
 
     adapter = tmp_path / "base-lora"
-    finetune(tiny_base_dir, data_file, adapter, "--use_lora", "--max_steps", "2", "--learning_rate", "1e-2",
-             "--lora_r", "8", "--save_steps", "2")
+    result = finetune(tiny_base_dir, data_file, adapter, "--use_lora", "--max_steps", "2", "--learning_rate", "1e-2",
+                      "--lora_r", "8", "--save_steps", "2")
+    # What it trains is printed, as the original printed it (peft's print_trainable_parameters).
+    assert [line for line in result.stdout.splitlines() if line.startswith("trainable params: ")]
     # A checkpoint folder carries the tokenizer, as the original's did.
     assert AutoTokenizer.from_pretrained(adapter / "checkpoint-2").encode(QUESTION) == \
         AutoTokenizer.from_pretrained(tiny_base_dir).encode(QUESTION)
