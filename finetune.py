@@ -23,13 +23,16 @@ from pathlib import Path
 import qwen  # noqa: F401  # isort: skip
 import torch
 import transformers
-from transformers import HfArgumentParser, Trainer
+from transformers import HfArgumentParser, Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from qwen import QWenLMHeadModel, QWenTokenizer
 from qwen.checkpoint import model_files_in
 from qwen.loading import LoadError, is_demo_checkpoint, resolve_checkpoint
 from qwen.lora import LoraSettings, copy_checkpoint_metadata, is_chat_checkpoint, prepare_lora_model
-from qwen.sft import DEFAULT_LABEL_MASK, ConversationDataset, DataError, LabelMask, PadToLongest, load_samples
+from qwen.sft import (
+    DEFAULT_LABEL_MASK, ConversationDataset, DataError, LabelMask, PadToLongest, load_samples, trained_turns,
+)
 
 logger = logging.getLogger("finetune")
 
@@ -60,6 +63,8 @@ class UsageError(ValueError):
 @dataclass
 class TrainingArguments(transformers.TrainingArguments):
     model_max_length: int = field(default=8192, metadata={"help": "samples are cut to this many tokens"})
+    # The original script's default; transformers 5 would pick adamw_torch_fused.
+    optim: str = field(default="adamw_torch", metadata={"help": "the optimizer, one of transformers' OptimizerNames"})
     use_lora: bool = False
     cache_dir: str | None = field(
         default=None, metadata={"help": "where a hub id given as --model_name_or_path is downloaded to (default: the "
@@ -115,7 +120,7 @@ class LoraArguments:
     lora_modules_to_save: list[str] | None = field(
         default=None,
         metadata={"help": "fully trained modules besides the adapter; default: wte lm_head for a base model (so "
-                          "that special tokens it never saw get embeddings), none for a chat model"},
+                          "that special tokens it never saw get embeddings), none for a chat model or under Q-LoRA"},
     )
 
 
@@ -219,9 +224,14 @@ LEFT_OUT_LINES = 10
 def conversation_dataset(samples: list[dict], tokenizer: QWenTokenizer, flag: str, path: str, max_length: int,
                          lazy: bool, report: bool, label_mask: LabelMask = DEFAULT_LABEL_MASK) -> ConversationDataset:
     """The dataset of one data file; samples cut down to no label at all are reported (on the main process) and
-    left out, and a file left with none stops the run."""
+    left out, and a file left with none stops the run. How many samples open with an assistant turn, which is not
+    trained on (`qwen.sft.trained_turns`), is said in one line."""
     dataset = ConversationDataset(samples, tokenizer, max_length, lazy=lazy, label_mask=label_mask)
     if report:
+        opening = sum(len(trained_turns(sample)) < len(sample["conversations"]) for sample in samples)
+        if opening:
+            print(f"note: {path}: {opening} of {len(samples)} samples open with an assistant turn; as in the original "
+                  "finetune.py, that turn is left out and training starts at the turn after it.", file=sys.stderr)
         for sample in dataset.left_out[:LEFT_OUT_LINES]:
             print(f"warning: {path}: {sample.name} is {sample.length} tokens long and its first label is at token "
                   f"{sample.first_label}, beyond --model_max_length {max_length}: every label is cut off, so it is "
@@ -236,6 +246,22 @@ def conversation_dataset(samples: list[dict], tokenizer: QWenTokenizer, flag: st
             f"token {earliest}), so nothing is left to learn from; raise --model_max_length above {earliest}."
         )
     return dataset
+
+
+class CheckpointMetadata(TrainerCallback):
+    """Give every checkpoint-N folder what the final folder gets from the base (`copy_checkpoint_metadata`): the
+    tokenizer files, and for full fine-tuning the generation config and model code. The original script handed its
+    Trainer the tokenizer, which saved it into each checkpoint, so that a checkpoint loaded on its own."""
+
+    def __init__(self, base: Path, full: bool) -> None:
+        self.base = base
+        self.full = full
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if state.is_world_process_zero and folder.is_dir():
+            copy_checkpoint_metadata(self.base, folder, full=self.full)
+        return control
 
 
 def train(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments,
@@ -276,6 +302,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     if use_lora:
         model = prepare_lora_model(folder, settings, dtype=weights_dtype(training_args, use_lora=True), chat=chat,
                                    gradient_checkpointing=training_args.gradient_checkpointing)
+        if main_process:
+            model.print_trainable_parameters()
     else:
         model = QWenLMHeadModel.from_pretrained(folder, dtype=weights_dtype(training_args, use_lora=False))
     model.config.use_cache = False
@@ -286,6 +314,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         data_collator=PadToLongest(pad_token_id=tokenizer.eod_id),
+        callbacks=[CheckpointMetadata(folder, full=not use_lora)],
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_state()

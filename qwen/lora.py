@@ -33,7 +33,7 @@ class LoraSettings:
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: ["c_attn", "c_proj", "w1", "w2"])
     bias: str = "none"
-    modules_to_save: list[str] | None = None  # None: wte and lm_head for a base model, nothing for a chat model
+    modules_to_save: list[str] | None = None  # None: `default_modules_to_save`
     weight_path: str | None = None  # continue training this adapter
     q_lora: bool = False
 
@@ -46,9 +46,11 @@ def is_chat_checkpoint(folder: str | Path) -> bool:
     return json.loads(path.read_text(encoding="utf-8")).get("chat_format", "chatml") != "raw"
 
 
-def default_modules_to_save(chat: bool) -> list[str]:
+def default_modules_to_save(chat: bool, q_lora: bool = False) -> list[str]:
     # A base model has never seen <|im_start|> / <|im_end|> in use: their embedding and output rows must learn too.
-    return [] if chat else ["wte", "lm_head"]
+    # Not under Q-LoRA, as in the original script: its point is memory, and these two layers and their optimizer
+    # state would take more than the 4-bit model.
+    return [] if chat or q_lora else ["wte", "lm_head"]
 
 
 def prepare_lora_model(
@@ -87,7 +89,8 @@ def prepare_lora_model(
         model = PeftModel.from_pretrained(model, settings.weight_path, is_trainable=True)
     else:
         modules_to_save = (
-            settings.modules_to_save if settings.modules_to_save is not None else default_modules_to_save(chat)
+            settings.modules_to_save if settings.modules_to_save is not None
+            else default_modules_to_save(chat, settings.q_lora)
         )
         config = LoraConfig(
             r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,

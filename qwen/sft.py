@@ -5,7 +5,9 @@ The file format is the one of the original fine-tuning script: a JSON list (or J
     {"id": "identity_0", "system": "optional system prompt",
      "conversations": [{"from": "user", "value": "你好"}, {"from": "assistant", "value": "我是通义千问..."}]}
 
-(`system` is ours: the original script gave every sample the default system prompt.) Each sample becomes the ids
+(`system` is ours: the original script gave every sample the default system prompt.) A conversation that opens with
+an assistant turn (a greeting, in data converted from chat logs) loses that one turn, as in the original script: it is
+neither fed nor learned, and training starts at the turn after it (`trained_turns`). Each sample becomes the ids
 `model.chat()` would feed for the same conversation, every turn followed by its newline (built by the same turn
 encoder as `make_context`, so a fine-tuned model is trained on exactly the prompts it later sees). Labels are -100
 where nothing is learned; which tokens are learned is the label mask's choice (`LABEL_MASKS`):
@@ -106,8 +108,17 @@ def check_sample(sample: Any, index: int) -> None:
             raise DataError(f"{name}, turn {position}: unknown role {turn['from']!r}; use 'user' or 'assistant'.")
         if not isinstance(turn["value"], str):
             raise DataError(f"{name}, turn {position}: 'value' must be a string.")
-    if not any(turn["from"] == "assistant" for turn in turns):
-        raise DataError(f"{name} has no assistant turn, so there is nothing to learn from it.")
+    if not any(turn["from"] == "assistant" for turn in trained_turns(sample)):
+        where = " after its opening one, which is not trained on" if turns[0]["from"] == "assistant" else ""
+        raise DataError(f"{name} has no assistant turn{where}, so there is nothing to learn from it.")
+
+
+def trained_turns(sample: dict[str, Any]) -> list[dict[str, Any]]:
+    """The turns of a checked sample that are fed and learned: all but an opening assistant turn, which the original
+    script left out (a conversation is trained from the user's side on). Only that one turn goes: an assistant turn
+    right after it stays."""
+    turns = sample["conversations"]
+    return turns[1:] if turns[0]["from"] == "assistant" else turns
 
 
 def _turn_labels(ids: list[int], role: str, header: int, newline: int, label_mask: LabelMask) -> list[int]:
@@ -128,7 +139,7 @@ def _encoded_pieces(
     """(ids, labels) of a checked sample, turn by turn in order, the system turn first; each ends with a newline."""
     newline = _encode_text(tokenizer, "\n")
     turns = [("system", sample.get("system", DEFAULT_SYSTEM_PROMPT))]
-    turns += [(turn["from"], turn["value"]) for turn in sample["conversations"]]
+    turns += [(turn["from"], turn["value"]) for turn in trained_turns(sample)]
     for role, content in turns:
         _, ids = _turn(tokenizer, role, content)
         ids += newline
@@ -240,5 +251,5 @@ class PadToLongest:
 __all__ = [
     "DEFAULT_LABEL_MASK", "IGNORE_INDEX", "LABEL_MASKS", "ConversationDataset", "DataError", "LabelMask",
     "LeftOutSample", "PadToLongest", "TokenizedSample",
-    "check_sample", "first_label_position", "load_samples", "tokenize_sample",
+    "check_sample", "first_label_position", "load_samples", "tokenize_sample", "trained_turns",
 ]

@@ -202,6 +202,13 @@ def test_resuming_from_a_saved_checkpoint_ends_where_the_uninterrupted_run_ends(
     whole = tmp_path / "whole"
     finetune(tiny_chat_dir, two_samples_file, whole, *common, "--save_strategy", "steps", "--save_steps", "2")
     assert (whole / "checkpoint-2" / "optimizer.pt").is_file()
+    # As the original's (its Trainer held the tokenizer), a checkpoint folder loads and chats on its own.
+    from qwen.loading import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(whole / "checkpoint-2", cpu_only=True)
+    assert isinstance(model.chat(tokenizer, QUESTION, history=None, max_new_tokens=2, **GREEDY)[0], str)
+    assert (whole / "checkpoint-2" / "generation_config.json").read_bytes() == \
+        (tiny_chat_dir / "generation_config.json").read_bytes()
 
     resumed = tmp_path / "resumed"
     finetune(tiny_chat_dir, two_samples_file, resumed, *common, "--save_strategy", "no",
@@ -270,10 +277,16 @@ def test_gradient_checkpointing_recomputes_each_block_and_trains_the_same(tmp_pa
 
 def test_lora_on_a_base_model_also_trains_the_embeddings_and_output_layer(tmp_path, tiny_base_dir, data_file):
     from safetensors.torch import load_file
+    from transformers import AutoTokenizer
 
     adapter = tmp_path / "base-lora"
-    finetune(tiny_base_dir, data_file, adapter, "--use_lora", "--max_steps", "2", "--learning_rate", "1e-2",
-             "--lora_r", "8", "--save_strategy", "no")
+    result = finetune(tiny_base_dir, data_file, adapter, "--use_lora", "--max_steps", "2", "--learning_rate", "1e-2",
+                      "--lora_r", "8", "--save_steps", "2")
+    # What it trains is printed, as the original printed it (peft's print_trainable_parameters).
+    assert [line for line in result.stdout.splitlines() if line.startswith("trainable params: ")]
+    # A checkpoint folder carries the tokenizer, as the original's did.
+    assert AutoTokenizer.from_pretrained(adapter / "checkpoint-2").encode(QUESTION) == \
+        AutoTokenizer.from_pretrained(tiny_base_dir).encode(QUESTION)
     # generation_config.json says chat_format "raw": a base model, which has never used <|im_start|> / <|im_end|>.
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert sorted(config["modules_to_save"]) == ["lm_head", "wte"]
@@ -292,6 +305,19 @@ def test_chat_model_lora_trains_only_the_adapters_by_default(tiny_chat_dir):
     model = prepare_lora_model(tiny_chat_dir, LoraSettings(r=4), chat=True)
     trained = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
     assert trained and all("lora_A" in name or "lora_B" in name for name in trained)
+
+
+def test_qlora_on_a_base_model_trains_only_the_adapters_by_default_as_the_original(tiny_base_dir):
+    """The original's Q-LoRA never trained wte and lm_head in full, base model or not: they would take more memory
+    than the 4-bit model."""
+    pytest.importorskip("bitsandbytes")
+    from qwen.lora import LoraSettings, prepare_lora_model
+
+    model = prepare_lora_model(tiny_base_dir, LoraSettings(r=4, q_lora=True), chat=False)
+    trained = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    assert trained and all("lora_A" in name or "lora_B" in name for name in trained), sorted(trained)
+    chosen = prepare_lora_model(tiny_base_dir, LoraSettings(r=4, q_lora=True, modules_to_save=["lm_head"]), chat=False)
+    assert any("lm_head.modules_to_save" in name for name, p in chosen.named_parameters() if p.requires_grad)
 
 
 def test_fp16_lora_keeps_what_trains_in_fp32_and_the_frozen_base_in_fp16(tiny_base_dir):
@@ -558,6 +584,39 @@ def test_every_flag_of_the_original_script_is_accepted_with_its_meaning(monkeypa
     assert parse("--evaluation_strategy", "epoch", "--eval_strategy", "epoch")[2].eval_strategy == "epoch"
     with pytest.raises(script.UsageError, match="Give --evaluation_strategy or --eval_strategy, not both."):
         parse("--evaluation_strategy", "steps", "--eval_strategy", "epoch")
+
+
+def test_the_optimizer_is_the_original_scripts_adamw_torch_unless_another_is_chosen(monkeypatch):
+    """The original set optim="adamw_torch"; transformers 5's own default is the fused AdamW."""
+    monkeypatch.syspath_prepend(str(REPO))
+    import finetune as script
+    from transformers import Trainer
+
+    def optimizer(*extra: str) -> tuple[type, dict]:
+        training = script.parse_args(["--data_path", "d", "--output_dir", "out", "--use_cpu", *extra])[2]
+        return Trainer.get_optimizer_cls_and_kwargs(training)
+
+    cls, kwargs = optimizer()
+    assert cls is torch.optim.AdamW and "fused" not in kwargs
+    assert optimizer("--optim", "adamw_torch_fused") == (torch.optim.AdamW, {**kwargs, "fused": True})
+    assert optimizer("--optim", "sgd")[0] is torch.optim.SGD
+
+
+def test_samples_opening_with_an_assistant_turn_are_counted_in_one_note(monkeypatch, capsys, tokenizer):
+    monkeypatch.syspath_prepend(str(REPO))
+    import finetune as script
+
+    greeting = {"conversations": [{"from": "assistant", "value": "Hello!"}, {"from": "user", "value": QUESTION},
+                                  {"from": "assistant", "value": ANSWER}]}
+    plain = {"conversations": greeting["conversations"][1:]}
+    dataset = script.conversation_dataset([greeting, plain, greeting], tokenizer, "--data_path", "data.json", 512,
+                                          lazy=False, report=True)
+    assert dataset[0] == dataset[1] == dataset[2]  # the greeting is not trained on
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "note: data.json: 2 of 3 samples open with an assistant turn; as in the original finetune.py, that turn is "
+        "left out and training starts at the turn after it."]
+    script.conversation_dataset([plain], tokenizer, "--data_path", "data.json", 512, lazy=False, report=True)
+    assert capsys.readouterr().err == ""
 
 
 # finetune.main once for each command line of a JSON list (argv[1]), in one process: the error line of each run.

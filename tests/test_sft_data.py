@@ -1,5 +1,5 @@
 """Fine-tuning data: the file formats, the ChatML ids chat() would feed, the two label masks (the original script's,
-pinned against its output, and assistant-only), bad samples."""
+pinned against its output, and assistant-only), an opening assistant turn (left out, as there), bad samples."""
 
 from __future__ import annotations
 
@@ -10,7 +10,10 @@ import pytest
 import torch
 
 from qwen.qwen_generation_utils import chatml_ids_for_messages, make_context
-from qwen.sft import IGNORE_INDEX, ConversationDataset, DataError, PadToLongest, load_samples, tokenize_sample
+from qwen.sft import (
+    IGNORE_INDEX, ConversationDataset, DataError, PadToLongest, first_label_position, load_samples, tokenize_sample,
+    trained_turns,
+)
 
 SAMPLE = {
     "id": "identity_0",
@@ -109,6 +112,26 @@ def test_a_batch_has_the_loss_of_the_original_scripts_batch(tokenizer, tiny_chat
     assert abs(other_loss - their_loss) > 1e-3  # the masks really differ in what the loss covers
 
 
+def test_an_opening_assistant_turn_is_left_out_under_either_mask(tokenizer):
+    """The original dropped a conversation's first turn when it was the assistant's (only that one turn); the
+    fixture's cases with one and with two opening assistant turns pin its ids and labels under its mask. The ids are
+    the same under the assistant-only mask: it learns from the kept replies only."""
+    cases = {case["name"]: case for case in original_cases()}
+    for name in ("leading_assistant_greeting", "two_leading_assistant_turns"):
+        sample = fixture_sample(cases[name])
+        assert trained_turns(sample) == sample["conversations"][1:]
+        item = tokenize_sample(tokenizer, sample, label_mask="assistant_only")
+        assert item.input_ids == tokenize_sample(tokenizer, sample).input_ids
+        learned = tokenizer.decode([label for label in item.labels if label != IGNORE_INDEX])
+        replies = [turn["value"] for turn in trained_turns(sample) if turn["from"] == "assistant"]
+        assert learned == "".join(reply + "<|im_end|>" for reply in replies)
+        first = first_label_position(tokenizer, sample, "assistant_only")  # where the first kept reply starts
+        assert tokenizer.decode(item.input_ids[first - 3 : first]) == "<|im_start|>assistant\n"
+        assert tokenizer.decode(item.input_ids[first:]).startswith(replies[0])
+    assert "Hello!" not in tokenizer.decode(tokenize_sample(tokenizer, fixture_sample(
+        cases["two_leading_assistant_turns"])).input_ids)  # the first of the two went, the second stayed
+
+
 def test_system_field_and_truncation(tokenizer):
     item = tokenize_sample(tokenizer, {**SAMPLE, "system": "Answer in French."})
     assert tokenizer.decode(item.input_ids).startswith("<|im_start|>system\nAnswer in French.<|im_end|>\n")
@@ -153,6 +176,10 @@ def test_lazy_and_eager_datasets_agree_and_batches_pad_to_the_longest(tokenizer,
         ({"id": "a4", "conversations": [{"from": "user", "value": "hi"}]}, "sample 'a4' (#0) has no assistant turn"),
         ({"id": "a5", "conversations": [{"from": "user"}]}, "turn 0: each turn needs 'from' and 'value'"),
         ({"id": "a6", "conversations": [{"from": "assistant", "value": 3}]}, "'value' must be a string"),
+        # The opening assistant turn is left out (as the original did), which leaves no reply to learn.
+        ({"id": "a7", "conversations": [{"from": "assistant", "value": "Hello!"}, {"from": "user", "value": "Bye."}]},
+         "sample 'a7' (#0) has no assistant turn after its opening one, which is not trained on, so there is nothing "
+         "to learn from it."),
         ("just text", "sample #0 is a str"),
     ],
 )
