@@ -153,6 +153,49 @@ def test_batched_letter_scores_equal_one_prompt_at_a_time(tiny_base):
     torch.testing.assert_close(batched, reference, atol=1e-4, rtol=1e-4)
 
 
+def _letter_logprobs(model, ids: list[int], candidates: list[int]) -> list[float]:
+    """The plain model's next-token log-probabilities of `candidates` after `ids`, one unpadded prompt."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]), logits_to_keep=1).logits[0, -1].float()
+    return logits.log_softmax(-1)[candidates].tolist()
+
+
+def test_base_prompts_are_cut_where_the_original_scripts_cut_them(tiny_base, tiny_base_dir, tmp_path, monkeypatch):
+    # The original MMLU script cut a prompt longer than --max-seq-len (default 2048) to its last max_seq_len - 1
+    # tokens; its C-Eval and CMMLU scripts took the same flag and never cut. Batch size 8, ours, against the
+    # original's one prompt at a time: the letters are the plain model's on the prompt the original would feed.
+    model, tokenizer = tiny_base
+    for benchmark in (tasks.MMLU, tasks.CEVAL, tasks.CMMLU):
+        assert tasks.choice_base_parser(benchmark).parse_args(["-d", "x"]).max_seq_len == 2048
+    for benchmark, layout, prefix in ((tasks.MMLU, MMLU_LAYOUT, " "), (tasks.CEVAL, CEVAL_LAYOUT, "")):
+        subjects = read_choice_subjects(DATA / benchmark.key, layout)
+        full = {(s.name, i): tokenizer.encode(benchmark.base_prompt(s.name, s.dev[:5], q), allowed_special=set())
+                for s in subjects for i, q in enumerate(s.questions)}
+        lengths = sorted(map(len, full.values()))
+        limit = lengths[len(lengths) // 2]  # about half the prompts are longer
+        assert lengths[0] <= limit < lengths[-1]
+        out = tmp_path / benchmark.key
+        arguments = ["-c", str(tiny_base_dir), "-d", str(DATA / benchmark.key), "-o", str(out), "--batch-size", "8",
+                     "--max-seq-len", str(limit)]
+        assert run_script(f"evaluate_{benchmark.key}.py", arguments, monkeypatch) == 0
+        candidates = [tokenizer.encode(prefix + letter)[0] for letter in "ABCD"]
+        cut = 0
+        for (subject, index), ids in full.items():
+            record = next(r for r in map(json.loads, (out / "items" / f"{subject}.jsonl").read_text().splitlines())
+                          if r["id"] == index)
+            fed = ids[len(ids) - limit + 1:] if benchmark is tasks.MMLU and len(ids) > limit else ids
+            cut += fed is not ids
+            assert list(record["logprobs"].values()) == pytest.approx(_letter_logprobs(model, fed, candidates),
+                                                                      abs=1e-4)
+            assert record["prediction"] == "ABCD"[max(range(4), key=lambda k: list(record["logprobs"].values())[k])]
+            assert record.get("truncated", False) == (fed is not ids)
+        results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+        if benchmark is tasks.MMLU:
+            assert cut > 0 and results["truncated_prompts"] == cut
+        else:
+            assert cut == 0 and "truncated_prompts" not in results
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Result files
 # --------------------------------------------------------------------------------------------------------------------
@@ -261,6 +304,55 @@ def test_script_end_to_end(script, checkpoints, tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr()
     assert "results: " in printed.out and "%" in printed.out  # the table
     assert "%|" in printed.err  # the progress bar
+
+
+def _greedy_reply(model, tokenizer, prompt_ids: list[int], max_new_tokens: int, repetition_penalty: float) -> str:
+    """A chat reply decoded greedily by hand with the plain model: the argmax token after dividing (multiplying,
+    when negative) the logit of every token already in the sequence by `repetition_penalty`."""
+    ids, ends = list(prompt_ids), {tokenizer.im_end_id, tokenizer.im_start_id, tokenizer.eod_id}
+    for _ in range(max_new_tokens):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids]), logits_to_keep=1).logits[0, -1].float()
+        seen = torch.tensor(sorted(set(ids)))
+        logits[seen] = torch.where(logits[seen] < 0, logits[seen] * repetition_penalty,
+                                   logits[seen] / repetition_penalty)
+        token = int(logits.argmax())
+        if token in ends:
+            break
+        ids.append(token)
+    return tokenizer.decode(ids[len(prompt_ids):]).strip()
+
+
+def test_chat_replies_are_greedy_without_repetition_penalty(tiny_chat_dir, tiny_chat_model, tmp_path, monkeypatch):
+    # The original chat scripts set repetition_penalty = 1.0 whatever the checkpoint's generation_config.json says.
+    # This copy of the tiny chat checkpoint asks for 0.5 (seen tokens favoured), which changes its replies: the
+    # script's replies must be the plain greedy ones all the same.
+    import shutil
+
+    from qwen import QWenTokenizer
+    from qwen.qwen_generation_utils import make_context
+
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(tiny_chat_dir, checkpoint)
+    config_path = checkpoint / "generation_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config_path.write_text(json.dumps({**config, "repetition_penalty": 0.5}), encoding="utf-8")
+    tokenizer = QWenTokenizer.from_pretrained(checkpoint)
+    out = tmp_path / "out"
+    arguments = ["-c", str(checkpoint), "-d", str(DATA / "mmlu"), "-o", str(out), "--max-new-tokens", "12",
+                 "--limit", "1"]
+    assert run_script("evaluate_chat_mmlu.py", arguments, monkeypatch) == 0
+    assert json.loads((out / "run.json").read_text(encoding="utf-8"))["repetition_penalty"] == 1.0
+    penalized_differs = False
+    for subject in read_choice_subjects(DATA / "mmlu", MMLU_LAYOUT):
+        records = {r["id"]: r for r in map(json.loads, (out / "items" / f"{subject.name}.jsonl").read_text()
+                                           .splitlines())}
+        for index, question in enumerate(subject.questions[:1]):
+            query = tasks.MMLU.chat_prompt(question)
+            _, ids = make_context(tokenizer, query, history=[], system="You are a helpful assistant.")
+            assert records[index]["response"] == _greedy_reply(tiny_chat_model, tokenizer, ids, 12, 1.0)
+            penalized_differs |= records[index]["response"] != _greedy_reply(tiny_chat_model, tokenizer, ids, 12, 0.5)
+    assert penalized_differs
 
 
 def test_rerun_skips_finished_subjects_and_overwrite_recomputes(checkpoints, tmp_path, monkeypatch, capsys):

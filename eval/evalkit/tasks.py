@@ -40,7 +40,14 @@ from .data import (
     read_humaneval,
     read_tool_use,
 )
-from .inference import fit_prompt, generate, greedy_params, iter_next_token_logprobs, running_engine
+from .inference import (
+    cut_like_original_mmlu,
+    fit_prompt,
+    generate,
+    greedy_params,
+    iter_next_token_logprobs,
+    running_engine,
+)
 from .results import ResultsMismatchError, ResultStore, accuracy_summary, format_table, write_json
 from .sandbox import UNSAFE_FLAG, Sandbox, SandboxUnavailable, describe, require_isolation, run_many
 from .scoring import (
@@ -71,14 +78,17 @@ class ChoiceBenchmark:
     base_prompt: Callable[[str, Sequence[Question], Question], str]
     letter_prefix: str  # what precedes the letter in the scored next token: " A" after "Answer:", "A" after "答案："
     chat_prompt: Callable[[Question], str] | None
+    # Whether the base script cuts prompts longer than --max-seq-len: the original MMLU script did; its C-Eval and
+    # CMMLU scripts took the flag but never used it.
+    cuts_long_prompts: bool
 
 
 MMLU = ChoiceBenchmark("mmlu", "MMLU", MMLU_LAYOUT, "micro", MMLU_CATEGORIES, prompts.mmlu_base_prompt, " ",
-                       prompts.mmlu_chat_prompt)
+                       prompts.mmlu_chat_prompt, cuts_long_prompts=True)
 CEVAL = ChoiceBenchmark("ceval", "C-Eval (val)", CEVAL_LAYOUT, "macro", CEVAL_CATEGORIES, prompts.chinese_base_prompt,
-                        "", prompts.ceval_chat_prompt)
+                        "", prompts.ceval_chat_prompt, cuts_long_prompts=False)
 CMMLU = ChoiceBenchmark("cmmlu", "CMMLU", CMMLU_LAYOUT, "macro", CMMLU_CATEGORIES, prompts.chinese_base_prompt, "",
-                        None)
+                        None, cuts_long_prompts=False)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -117,6 +127,10 @@ def _positive_float(text: str) -> float:
 BASE_CHECKPOINT = "Qwen/Qwen-7B"
 CHAT_CHECKPOINT = "Qwen/Qwen-7B-Chat"
 DEFAULT_SEED = 1234  # the original scripts' -s default
+ORIGINAL_MAX_SEQ_LEN = 2048  # the original multiple-choice scripts' --max-seq-len default
+# The original chat scripts (MMLU, C-Eval, GSM8K, HumanEval) decode greedily with the repetition penalty turned off,
+# whatever the checkpoint's generation_config.json says; its base and tool-use scripts keep the checkpoint's.
+CHAT_REPETITION_PENALTY = 1.0
 # The original's spellings of -d: --eval_data_path in the multiple-choice scripts, -f/--sample-input-file (a file) in
 # the GSM8K and HumanEval ones.
 CHOICE_DATA_ALIASES = ("--eval_data_path",)
@@ -208,8 +222,9 @@ def _user_errors() -> Iterator[None]:
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     model, tokenizer = load_from_args(args)
-    # Every prompt is cut to fit the model by fit_prompt; the tokenizer's own "longer than the maximum length,
-    # indexing errors" warning (it knows only tokenizer_config's model_max_length) would only mislead.
+    # Prompts are cut where the original scripts cut them, and generation prompts to the engine's context; the
+    # tokenizer's own "longer than the maximum length, indexing errors" warning (it knows only tokenizer_config's
+    # model_max_length) would only mislead.
     tokenizer.model_max_length = sys.maxsize
     return model, tokenizer
 
@@ -250,10 +265,11 @@ def _generation_params(model: Any, tokenizer: Any, max_new_tokens: int | None, c
                        base_stops: Sequence[str]) -> SamplingParams:
     """Greedy settings for a script that has a chat and a base variant: the model kind is checked against the
     variant, and a reply ends where that kind's does (a chat turn's end, or <|endoftext|> and the benchmark's
-    stop strings)."""
+    stop strings). Chat replies are decoded without repetition penalty, base ones with the checkpoint's."""
     if chat:
         _require_chat_model(model, base_script)
-        return greedy_params(model.generation_config, max_new_tokens, chat_stop_token_ids(tokenizer))
+        return greedy_params(model.generation_config, max_new_tokens, chat_stop_token_ids(tokenizer),
+                             repetition_penalty=CHAT_REPETITION_PENALTY)
     _note_if_chat_model(model)
     return greedy_params(model.generation_config, max_new_tokens, frozenset({tokenizer.eod_id}), base_stops)
 
@@ -326,9 +342,14 @@ def choice_base_parser(benchmark: ChoiceBenchmark, description: str | None = Non
     _add_subjects_argument(parser)
     parser.add_argument("--shots", type=_non_negative_int, default=5,
                         help="solved examples from the dev split before each question (default 5)")
-    parser.add_argument("--max-seq-len", type=_positive_int,
-                        help="longest prompt in tokens; a longer one loses its start, as in the published runs "
-                             "(default: the model's seq_length)")
+    if benchmark.cuts_long_prompts:
+        parser.add_argument("--max-seq-len", type=_int_at_least(2), default=ORIGINAL_MAX_SEQ_LEN,
+                            help="a prompt longer than this many tokens loses its beginning and keeps its last "
+                                 f"MAX_SEQ_LEN - 1 tokens, as in the original script (default {ORIGINAL_MAX_SEQ_LEN})")
+    else:
+        parser.add_argument("--max-seq-len", type=_positive_int, default=ORIGINAL_MAX_SEQ_LEN,
+                            help="accepted for the original script's command lines, which took it but never used "
+                                 "it: prompts are not cut")
     return parser
 
 
@@ -344,16 +365,19 @@ def run_choice_base(benchmark: ChoiceBenchmark, argv: Sequence[str] | None = Non
                                       f"{args.shots} needs that many.")
         model, tokenizer = _load(args)
         _note_if_chat_model(model)
-        max_length = args.max_seq_len or model.config.seq_length
         output_dir = Path(args.output_dir)
-        store = ResultStore(output_dir, _manifest(benchmark.key, "base", args, model, shots=args.shots,
-                                                  max_seq_len=max_length), args.overwrite)
+        settings: dict[str, Any] = {"shots": args.shots}
+        if benchmark.cuts_long_prompts:
+            settings["max_seq_len"] = args.max_seq_len
+        store = ResultStore(output_dir, _manifest(benchmark.key, "base", args, model, **settings), args.overwrite)
         candidates = [_single_token(tokenizer, benchmark.letter_prefix + letter) for letter in CHOICES]
         jobs = _pending(store, subjects)
         prompt_ids, truncated = [], []
         for subject, _, question in jobs:
-            text = benchmark.base_prompt(subject.name, subject.dev[:args.shots], question)
-            ids, cut = fit_prompt(_encode(tokenizer, text), max_length)
+            ids = _encode(tokenizer, benchmark.base_prompt(subject.name, subject.dev[:args.shots], question))
+            cut = False
+            if benchmark.cuts_long_prompts:
+                ids, cut = cut_like_original_mmlu(ids, args.max_seq_len)
             prompt_ids.append(ids)
             truncated.append(cut)
         with _progress(len(jobs), f"{benchmark.title} {args.shots}-shot", "question") as bar:
@@ -364,17 +388,20 @@ def run_choice_base(benchmark: ChoiceBenchmark, argv: Sequence[str] | None = Non
                 record = {
                     "id": index, "answer": question.answer, "prediction": prediction,
                     "correct": prediction == question.answer, "logprobs": dict(zip(CHOICES, scores, strict=True)),
-                    "truncated": truncated[job],
                 }
+                if benchmark.cuts_long_prompts:
+                    record["truncated"] = truncated[job]
                 store.append(subject.name, record)
                 _debug(args, tokenizer, prompt_ids[job], record)
                 bar.update(1)
         records = _records(store, subjects)
         summary = accuracy_summary(records, benchmark.average, benchmark.categories)
-        results = {"benchmark": benchmark.title, "mode": f"base, {args.shots}-shot, next-token letter scores",
-                   "checkpoint": _checkpoint_name(args.checkpoint_path),
-                   "truncated_prompts": sum(bool(r.get("truncated")) for items in records.values() for r in items),
-                   **summary}
+        results: dict[str, Any] = {"benchmark": benchmark.title,
+                                   "mode": f"base, {args.shots}-shot, next-token letter scores",
+                                   "checkpoint": _checkpoint_name(args.checkpoint_path)}
+        if benchmark.cuts_long_prompts:
+            results["truncated_prompts"] = sum(bool(r.get("truncated")) for items in records.values() for r in items)
+        results.update(summary)
         _finish(output_dir, f"{benchmark.title}, {args.shots}-shot", results)
     return 0
 
@@ -396,9 +423,11 @@ def run_choice_chat(benchmark: ChoiceBenchmark, argv: Sequence[str] | None = Non
         subjects = read_choice_subjects(args.data_dir, benchmark.layout, args.subjects, args.limit)
         model, tokenizer = _load(args)
         _require_chat_model(model, f"evaluate_{benchmark.key}.py")
-        params = greedy_params(model.generation_config, args.max_new_tokens, chat_stop_token_ids(tokenizer))
+        params = greedy_params(model.generation_config, args.max_new_tokens, chat_stop_token_ids(tokenizer),
+                               repetition_penalty=CHAT_REPETITION_PENALTY)
         output_dir = Path(args.output_dir)
-        manifest = _manifest(benchmark.key, "chat", args, model, max_new_tokens=params.max_new_tokens)
+        manifest = _manifest(benchmark.key, "chat", args, model, max_new_tokens=params.max_new_tokens,
+                             repetition_penalty=params.repetition_penalty)
         store = ResultStore(output_dir, manifest, args.overwrite)
         jobs = _pending(store, subjects)
         with running_engine(model, tokenizer, args.batch_size) as engine, \
@@ -463,7 +492,8 @@ def run_gsm8k(chat: bool, argv: Sequence[str] | None = None, description: str | 
         model, tokenizer = _load(args)
         params = _generation_params(model, tokenizer, args.max_new_tokens, chat, "evaluate_gsm8k.py",
                                     prompts.GSM8K_STOPS)
-        settings: dict[str, Any] = {"max_new_tokens": params.max_new_tokens}
+        settings: dict[str, Any] = {"max_new_tokens": params.max_new_tokens,
+                                    "repetition_penalty": params.repetition_penalty}
         if chat and few_shot:
             settings["use_fewshot"] = True
         if few_shot:
@@ -556,7 +586,8 @@ def run_humaneval(chat: bool, argv: Sequence[str] | None = None, description: st
         model, tokenizer = _load(args)
         params = _generation_params(model, tokenizer, args.max_new_tokens, chat, "evaluate_humaneval.py",
                                     () if chat else COMPLETION_STOPS[args.stop])
-        settings: dict[str, Any] = {"max_new_tokens": params.max_new_tokens}
+        settings: dict[str, Any] = {"max_new_tokens": params.max_new_tokens,
+                                    "repetition_penalty": params.repetition_penalty}
         if not chat:
             settings["stop"] = args.stop
         output_dir = Path(args.output_dir)
@@ -663,7 +694,8 @@ def run_tool_use(argv: Sequence[str] | None = None, description: str | None = No
         params = greedy_params(model.generation_config, args.max_new_tokens, chat_stop_token_ids(tokenizer),
                                REACT_STOP_WORDS)
         output_dir = Path(args.output_dir)
-        manifest = _manifest("plugin", "chat", args, model, max_new_tokens=params.max_new_tokens)
+        manifest = _manifest("plugin", "chat", args, model, max_new_tokens=params.max_new_tokens,
+                             repetition_penalty=params.repetition_penalty)
         store = ResultStore(output_dir, manifest, args.overwrite)
 
         def tokenize(text: str) -> list[int]:
