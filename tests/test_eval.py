@@ -142,7 +142,7 @@ def test_batched_letter_scores_equal_one_prompt_at_a_time(tiny_base):
                for s in subjects for q in s.questions for shots in (0, 5)]
     assert min(map(len, prompts)) < 100 and max(map(len, prompts)) > model.config.seq_length
     candidates = [tokenizer.encode(f" {letter}")[0] for letter in "ABCD"]
-    batched = torch.tensor(next_token_logprobs(model, prompts, candidates, tokenizer.eod_id, batch_size=4))
+    batched = torch.tensor(next_token_logprobs(model, prompts, candidates, tokenizer.eod_id, batch_size=8))
     alone = torch.tensor(next_token_logprobs(model, prompts, candidates, tokenizer.eod_id, batch_size=1))
     torch.testing.assert_close(batched, alone, atol=1e-4, rtol=1e-4)
     assert batched.argmax(-1).tolist() == alone.argmax(-1).tolist()
@@ -537,6 +537,44 @@ def test_original_spellings_choose_tool_use_groups(checkpoints, tmp_path, monkey
     with pytest.raises(SystemExit, match=r"^error: --eval-hfagent .* is not available"):
         monkeypatch.setattr(sys, "argv", ["evaluate_plugin.py", *arguments, "--eval-hfagent"])
         runpy.run_path(str(EVAL / "evaluate_plugin.py"), run_name="__main__")
+
+
+def test_chat_humaneval_asks_with_the_original_prompt(checkpoints, tmp_path, monkeypatch, capsys):
+    # The original's current chat prompt (HumanEvalPack's): the signature in an instruction, the docstring's lines
+    # stripped, then the task's prompt, as one user turn after the default system prompt.
+    arguments = _arguments("evaluate_chat_humaneval.py", checkpoints, tmp_path / "out")
+    assert run_script("evaluate_chat_humaneval.py", [*arguments, "--debug", "--limit", "1"], monkeypatch) == 0
+    task = read_humaneval(DATA / "humaneval")[0]
+    assert task.prompt.startswith("from typing import List\n\n\ndef running_max(numbers: List[int]) -> List[int]:")
+    user_turn = ("Write a Python function `running_max(numbers: List[int]) -> List[int]` to solve the following "
+                 "problem:\nReturn the running maximum of a list: element i is the largest of numbers[:i + 1].\n"
+                 ">>> running_max([1, 3, 2, 5])\n[1, 3, 3, 5]\n\n" + task.prompt)
+    expected = (f"<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{user_turn}"
+                "<|im_end|>\n<|im_start|>assistant\n")
+    assert f"--- prompt ---\n{expected}\n--- answer ---" in capsys.readouterr().err
+
+
+def test_chat_humaneval_keeps_the_helpers_the_original_dropped():
+    # A right answer whose function calls a helper defined above it. The original kept only the lines after
+    # `def running_max` (checked with its extract_code), and that program fails on the missing helper; the whole
+    # fenced block is kept here, and passes. A wrong answer in the same shape still fails.
+    from evalkit.sandbox import Sandbox, run_many
+    from evalkit.scoring import chat_code_completion, humaneval_program
+
+    task = read_humaneval(DATA / "humaneval")[0]
+    body = ("    result, best = [], None\n    for number in numbers:\n        best = _larger(best, number)\n"
+            "        result.append(best)\n    return result")
+    reply = ("Here is the function:\n```python\ndef _larger(a, b):\n    return b if a is None else max(a, b)\n\n"
+             f"def running_max(numbers):\n{body}\n```\nIt keeps the largest number so far.")
+    original = body  # what the original's extraction returns for this reply
+    ours = chat_code_completion(reply, task.entry_point)
+    assert ours.startswith("\ndef _larger(a, b):") and ours.endswith(f"{body}\n")
+    wrong = chat_code_completion(reply.replace("max(a, b)", "min(a, b)"), task.entry_point)
+    programs = [humaneval_program(task.prompt, completion, task.test, task.entry_point)
+                for completion in (original, ours, wrong)]
+    results = run_many(programs, Sandbox(), workers=2)
+    assert [r.status for r in results] == ["failed", "passed", "failed"], results
+    assert "NameError: name '_larger' is not defined" in results[0].detail
 
 
 def test_debug_prints_base_prompts_and_answers(checkpoints, tmp_path, monkeypatch, capsys):

@@ -136,12 +136,31 @@ def test_chat_code_is_taken_from_the_fenced_block_that_defines_the_function():
     assert "not this" not in completion and "This works" not in completion
 
 
-def test_chat_code_without_a_definition_is_indented_as_the_body():
+# Replies without a fenced block that defines the function, read as the original script's extract_code reads them
+# (each expected value was checked against that function, run outside this repository).
+@pytest.mark.parametrize("reply, completion", [
+    # The body of `def double`, up to the first line that is not indented, blank lines inside kept.
+    ("Sure:\ndef double(x):\n    y = x * 2\n\n    return y\nThis doubles x.", "    y = x * 2\n\n    return y"),
+    ("Sure! Here it is:\ndef double(x):\n    return x * 2", "    return x * 2"),
+    ("def double(x) -> int:\n\treturn x*2\n\n\nprint(double(2))", "\treturn x*2"),
+    # A misnamed function, fenced or not: its body serves under the prompt's signature.
+    ("def twice(x):\n    return x * 2\n", "    return x * 2"),
+    ("```python\ndef twice(x):\n    return x * 2\n```", "    return x * 2"),
+    # Any "def" counts, even inside a word, as in the original.
+    ("We define it as follows:\n    return x * 2\nDone.", "    return x * 2"),
+    # No def at all: the whole reply is the body, indented by four more spaces.
+    ("return x * 2", "    return x * 2"),
+    ("x = 1\n\ny = 2", "    x = 1\n\n    y = 2"),
+    ("    return x * 2", "        return x * 2"),
+])
+def test_chat_code_without_a_fenced_definition_is_read_as_the_original_read_it(reply, completion):
+    assert chat_code_completion(reply, "double") == completion
+
+
+def test_fenced_code_without_a_definition_is_the_body_without_its_fences():
+    # The original indented the whole reply, fences included, which cannot run; the fenced code is the body here.
     assert chat_code_completion("```\nreturn x * 2\n```", "double") == "    return x * 2\n"
-    assert chat_code_completion("    return x * 2", "double") == "    return x * 2\n"
-    # Unfenced code after prose starts at its first code line.
-    assert chat_code_completion("Sure! Here it is:\ndef double(x):\n    return x * 2", "double") == (
-        "\ndef double(x):\n    return x * 2\n")
+    assert chat_code_completion("Try:\n```python\n    return x * 2\n```", "double") == "    return x * 2\n"
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -3,11 +3,11 @@ the scores depend on them; only their assembly is ours."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from .data import CHOICES, Question
 
-HUMANEVAL_CHAT_INSTRUCTION = "Help me fill the following code.\n"
 GSM8K_QUESTION = "\nQuestion: {question}\nLet's think step by step\n"
 # Where a base model's GSM8K solution ends: it starts the next exemplar (a blank line, then "Question:").
 GSM8K_STOPS = ("\n\n", "Question:")
@@ -49,3 +49,24 @@ def ceval_chat_prompt(question: Question) -> str:
 def gsm8k_base_prompt(exemplars: str, question: str) -> str:
     """The few-shot exemplars (eval/gsm8k_prompt.txt), then the question in the same layout."""
     return exemplars + GSM8K_QUESTION.format(question=question)
+
+
+# The chat HumanEval prompt of the original script, after HumanEvalPack (Muennighoff et al., 2023): the signature in
+# an instruction, the docstring's lines stripped of their indentation, then the whole HumanEval prompt.
+_DOCSTRING = re.compile(r"(?:\"\"\"|''')(.*?)(?:\"\"\"|''')", re.S)
+
+
+def humaneval_chat_prompt(prompt: str, entry_point: str) -> str | None:
+    """What a chat model is asked for a HumanEval task; None when `prompt` has no one-line `def <entry_point>(...):`
+    or no docstring.
+
+    The signature is the text from the function's name to the colon ending its `def` line; the problem is the first
+    docstring of the prompt (as in the original, that of a helper function when the prompt defines one first).
+    """
+    signature = re.search(rf"def\s+({re.escape(entry_point)}.*?):\s*\n", prompt)
+    docstring = _DOCSTRING.search(prompt)
+    if signature is None or docstring is None:
+        return None
+    problem = "\n".join(line.strip() for line in docstring.group(1).split("\n"))
+    return (f"Write a Python function `{signature.group(1)}` to solve the following problem:\n{problem}\n"
+            f"{prompt}")

@@ -150,32 +150,53 @@ def truncate_at_stops(text: str, stops: Sequence[str]) -> str:
 
 
 _FENCE = re.compile(r"```[^\n`]*\n(.*?)(?:```|\Z)", re.S)
-_CODE_START = re.compile(r"^(?:import |from |def |class |@)", re.M)
+# Where the original script's body of a function ends: at the first line break after which (past any empty lines)
+# the text is not indented by two spaces or a tab.
+_BODY_END = re.compile(r"\n(?!\n*(?:  |\t))")
+
+
+def _body_after(header: re.Pattern[str], text: str) -> str | None:
+    """The original script's reading of a function body: the text after the first `header` (a `def` up to the first
+    colon that ends a line, across lines if need be) until the body ends (`_BODY_END`); None without such a header."""
+    match = header.search(text)
+    if match is None:
+        return None
+    end = _BODY_END.search(text, match.end())
+    return text[match.end():end.start() if end else len(text)]
+
+
+def _indented(code: str) -> str:
+    """`code` as a function body: each line that is not blank gets four more spaces (what `textwrap.indent` does)."""
+    return "".join(("    " + line) if line.strip() else line for line in code.splitlines(keepends=True))
 
 
 def chat_code_completion(reply: str, entry_point: str) -> str:
-    """What to append to a HumanEval prompt to run a chat model's answer.
+    """What to append to a HumanEval prompt to run a chat model's answer, read as the original script read it except
+    for fenced code.
 
-    The code is the first fenced block that defines `entry_point` (else the first fenced block, else the reply from
-    its first line starting with import/from/def/class/@, else the whole reply). Code that defines the function is
-    appended after the prompt whole: it replaces the prompt's stub and keeps the imports and helpers the model wrote.
-    Code that does not is taken as the function's body and indented under the prompt's signature if it is not yet.
+    A fenced block that defines `entry_point` is appended whole after the prompt: it replaces the prompt's stub and
+    keeps the imports and helpers the model wrote above the function, which the original dropped (it kept only the
+    lines after the `def`). Otherwise, as the original: the body of the first `def <entry_point>` in the reply, else
+    the body of the first `def` at all (a misnamed function's body serves under the prompt's signature), up to the
+    first line that is not indented; a reply with neither is taken as the body and indented by four spaces, except
+    that of a fenced reply only the code inside the fences is (the original indented the fences and any prose too,
+    which cannot run).
     """
-    defines = re.compile(rf"^\s*def\s+{re.escape(entry_point)}\s*\(", re.M)
+    name = re.escape(entry_point)
+    defines = re.compile(rf"^\s*def\s+{name}\s*\(", re.M)
     blocks = _FENCE.findall(reply)
+    block = next((block for block in blocks if defines.search(block)), None)
+    if block is not None:
+        return "\n" + block.strip("\n") + "\n"
+    for header in (re.compile(rf"def\s+{name}.*?:\n", re.S), re.compile(r"def.*?:\n", re.S)):
+        body = _body_after(header, reply)
+        if body is not None:
+            return body
     if blocks:
-        code = next((block for block in blocks if defines.search(block)), blocks[0])
-    else:
-        start = _CODE_START.search(reply)
-        code = reply[start.start():] if start else reply
-    code = code.strip("\n")
-    if defines.search(code):
-        return "\n" + code + "\n"
-    lines = code.split("\n")
-    first = next((line for line in lines if line.strip()), "")
-    if first and not first[0].isspace():
-        lines = [("    " + line) if line.strip() else line for line in lines]
-    return "\n".join(lines) + "\n"
+        code = blocks[0].strip("\n")
+        first = next((line for line in code.split("\n") if line.strip()), "")
+        return (code if first[:1].isspace() else _indented(code)) + "\n"
+    return _indented(reply)
 
 
 def humaneval_program(prompt: str, completion: str, test: str, entry_point: str) -> str:

@@ -578,6 +578,13 @@ def run_humaneval(chat: bool, argv: Sequence[str] | None = None, description: st
     sandbox = Sandbox(timeout=args.timeout, memory_mb=args.memory_mb, allow_unisolated=args.allow_unsafe_execution)
     with _user_errors():
         tasks = read_humaneval(args.data_dir, args.limit)
+        queries: dict[str, str] = {}  # the chat model's user turn of each task
+        for task in tasks if chat else []:
+            query = prompts.humaneval_chat_prompt(task.prompt, task.entry_point)
+            if query is None:
+                raise DataLayoutError(f"HumanEval task {task.task_id}: its prompt has no one-line 'def "
+                                      f"{task.entry_point}(...):' or no docstring, which the chat prompt quotes.")
+            queries[task.task_id] = query
         isolation = require_isolation(sandbox)  # before the model loads: a refusal costs a second, not a run
         if isolation.bwrap is None:
             print(f"WARNING: model-written programs will run WITHOUT isolation ({UNSAFE_FLAG}): "
@@ -599,7 +606,7 @@ def run_humaneval(chat: bool, argv: Sequence[str] | None = None, description: st
                 _progress(len(todo), "HumanEval chat" if chat else "HumanEval", "task") as bar:
             room = _generation_room(engine, params.max_new_tokens)
             prompt_ids = [
-                fit_prompt(_chat_prompt_ids(tokenizer, model, prompts.HUMANEVAL_CHAT_INSTRUCTION + task.prompt)
+                fit_prompt(_chat_prompt_ids(tokenizer, model, queries[task.task_id])
                            if chat else _encode(tokenizer, task.prompt), room)[0]
                 for task in todo
             ]
