@@ -7,6 +7,7 @@ the publishers distribute. The scripts run the way a user runs them: as files, w
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import runpy
@@ -39,6 +40,8 @@ from evalkit.results import ResultsMismatchError, ResultStore, accuracy_summary 
 import evalkit.tasks as tasks  # noqa: E402
 
 LETTERS = {"A", "B", "C", "D"}
+# Few-shot GSM8K exemplars written for these tests (the original's are GSM8K train problems, not shipped here).
+EXEMPLARS = DATA / "gsm8k" / "exemplars.txt"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -119,6 +122,108 @@ def test_layout_errors_name_the_expected_layout(tmp_path):
     (tmp_path / "HumanEval.jsonl").write_text('{"task_id": "x", "prompt": "p"}\n', encoding="utf-8")
     with pytest.raises(DataLayoutError, match=r"HumanEval.jsonl:1 has no text field 'canonical_solution'"):
         read_humaneval(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# GSM8K's few-shot exemplars, rebuilt from the train split
+# --------------------------------------------------------------------------------------------------------------------
+
+TRAIN_RECORDS = [  # GSM8K-style training problems written for these tests, with calculator annotations
+    {"question": "Ava has 3 bags of 5 marbles. How many marbles does she have?",
+     "answer": "She has 3 * 5 = <<3*5=15>>15 marbles.\n#### 15"},
+    {"question": "A bus seats 40. 12 seats are empty. How many people ride?",
+     "answer": "40 - 12 = <<40-12=28>>28 people ride.\nSo the bus carries 28.\n#### 28"},
+    {"question": "Leo reads 9 pages a day. How many pages does he read in 4 days?",
+     "answer": "9 * 4 = <<9*4=36>>36\n#### 36"},
+]
+# What the original scripts' exemplar layout makes of the first two, written out by hand.
+EXPECTED_EXEMPLARS = (
+    "Question: Ava has 3 bags of 5 marbles. How many marbles does she have?\nLet's think step by step\n"
+    "She has 3 * 5 = 15 marbles.\nThe answer is 15\n\n"
+    "Question: A bus seats 40. 12 seats are empty. How many people ride?\nLet's think step by step\n"
+    "40 - 12 = 28 people ride.\nSo the bus carries 28.\nThe answer is 28\n")
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
+    return path
+
+
+def test_gsm8k_exemplars_are_rebuilt_from_train_problems_named_by_line_and_digest(tmp_path):
+    from evalkit.prompts import GSM8K_BASE_EXEMPLARS, GSM8K_CHAT_EXEMPLARS, gsm8k_exemplar, gsm8k_exemplars
+
+    # The original's eight (base) and four (chat --use-fewshot): distinct lines of the official train.jsonl (7,473
+    # problems) and a SHA-256 each.
+    for picks, count in ((GSM8K_BASE_EXEMPLARS, 8), (GSM8K_CHAT_EXEMPLARS, 4)):
+        assert len(picks) == count and len({line for line, _ in picks}) == count
+        assert all(0 <= line < 7473 and len(digest) == 64 and int(digest, 16) >= 0 for line, digest in picks)
+    digests = [hashlib.sha256(gsm8k_exemplar(r["question"], r["answer"]).encode()).hexdigest() for r in TRAIN_RECORDS]
+    picks = [(1, digests[1]), (0, digests[0])]
+    assert gsm8k_exemplars(TRAIN_RECORDS, [(0, digests[0]), (1, digests[1])], "train.jsonl") == EXPECTED_EXEMPLARS
+    # A copy in another order: each problem is found by its digest; the order of the picks is kept.
+    shuffled = [TRAIN_RECORDS[2], TRAIN_RECORDS[1], TRAIN_RECORDS[0]]
+    parts = EXPECTED_EXEMPLARS.rstrip("\n").split("\n\n")
+    assert gsm8k_exemplars(shuffled, picks, "train.jsonl") == f"{parts[1]}\n\n{parts[0]}\n"
+    edited = [TRAIN_RECORDS[0], {**TRAIN_RECORDS[1], "answer": TRAIN_RECORDS[1]["answer"].replace("28", "29")}]
+    with pytest.raises(DataLayoutError, match=r"^my/train.jsonl is not GSM8K's train split as published: it lacks "
+                                              r"the problem on line 2 of the official file, exemplar 1 of the 2 .*"
+                                              r"grade_school_math/data/train.jsonl, or pass --prompt-file"):
+        gsm8k_exemplars(edited, picks, "my/train.jsonl")
+
+
+def test_gsm8k_few_shot_scripts_read_the_original_exemplars_from_the_train_split(checkpoints, tmp_path, monkeypatch):
+    # Without train.jsonl, or with one that lacks the original's problems, the scripts stop before loading the
+    # model, with one line naming the fix.
+    test_only = ["-d", str(DATA / "gsm8k"), "-o", str(tmp_path / "out"), "-c", str(tmp_path / "no-model")]
+    for script, extra in (("evaluate_gsm8k.py", []), ("evaluate_chat_gsm8k.py", ["--use-fewshot"])):
+        monkeypatch.setattr(sys, "argv", [script, *test_only, *extra])
+        with pytest.raises(SystemExit, match=r"^error: GSM8K train set not found: .*gsm8k has no train.jsonl\. The "
+                                             r"few-shot exemplars are problems of it, .* pass --train-file, or pass "
+                                             r"--prompt-file with exemplars of your own\.$"):
+            runpy.run_path(str(EVAL / script), run_name="__main__")
+    data = tmp_path / "gsm8k"
+    data.mkdir()
+    (data / "test.jsonl").write_bytes((DATA / "gsm8k" / "test.jsonl").read_bytes())
+    _write_jsonl(data / "train.jsonl", TRAIN_RECORDS)
+    arguments = ["-d", str(data), "-o", str(tmp_path / "out"), "-c", str(tmp_path / "no-model")]
+    for script, extra, line in (("evaluate_gsm8k.py", [], 4998), ("evaluate_chat_gsm8k.py", ["--use-fewshot"], 7365)):
+        monkeypatch.setattr(sys, "argv", [script, *arguments, *extra])
+        with pytest.raises(SystemExit, match=rf"^error: .*train.jsonl is not GSM8K's train split as published: it "
+                                             rf"lacks the problem on line {line} of the official file, exemplar 1 "):
+            runpy.run_path(str(EVAL / script), run_name="__main__")
+    # --train-file names it anywhere; a missing one is named.
+    monkeypatch.setattr(sys, "argv", ["evaluate_gsm8k.py", *test_only, "--train-file", str(tmp_path / "nope.jsonl")])
+    with pytest.raises(SystemExit, match=r"^error: GSM8K train set '.*nope.jsonl' \(--train-file\) does not exist"):
+        runpy.run_path(str(EVAL / "evaluate_gsm8k.py"), run_name="__main__")
+
+
+# The SHA-256 of the original release's eval/gsm8k_prompt.txt, and of the user turn its chat script's --use-fewshot
+# built for the first question of tests/fixtures/eval/gsm8k/test.jsonl (both computed from the original's files).
+ORIGINAL_GSM8K_PROMPT_SHA256 = "b067972c3ba476496af49bacfc2ade83e4bc72c47a52f7f0e70d7d9e8f573e0d"
+ORIGINAL_CHAT_FEWSHOT_TURN_SHA256 = "20b8f83d2a00201796b5701fc779c891e458e5005ed0cb6b3cbf730ce0457769"
+
+
+@pytest.mark.skipif(not os.environ.get("QWEN_TEST_GSM8K_TRAIN"),
+                    reason="needs GSM8K's official train.jsonl: set QWEN_TEST_GSM8K_TRAIN to its path")
+def test_gsm8k_prompts_equal_the_originals_byte_for_byte(vocab_file, tmp_path, monkeypatch, capsys):
+    from qwen.checkpoint import write_random_checkpoint
+
+    # Tiny models whose context holds the whole 8-shot prompt (about 900 tokens).
+    checkpoints = {kind: write_random_checkpoint(tmp_path / kind, size="tiny", chat=kind == "chat", seq_length=2048)
+                   for kind in ("base", "chat")}
+    train = os.environ["QWEN_TEST_GSM8K_TRAIN"]
+    question = read_gsm8k(DATA / "gsm8k")[0].question
+    common = ["-d", str(DATA / "gsm8k"), "--train-file", train, "--limit", "1", "--max-new-tokens", "1", "--debug"]
+    assert run_script("evaluate_gsm8k.py", ["-c", str(checkpoints["base"]), "-o", str(tmp_path / "base"), *common],
+                      monkeypatch) == 0
+    prompt = capsys.readouterr().err.split("--- prompt ---\n")[1].split("\n--- answer ---")[0]
+    exemplars = prompt.removesuffix(f"\nQuestion: {question}\nLet's think step by step\n")
+    assert hashlib.sha256(exemplars.encode()).hexdigest() == ORIGINAL_GSM8K_PROMPT_SHA256
+    assert run_script("evaluate_chat_gsm8k.py", ["-c", str(checkpoints["chat"]), "-o", str(tmp_path / "chat"),
+                                                 "--use-fewshot", *common], monkeypatch) == 0
+    prompt = capsys.readouterr().err.split("--- prompt ---\n")[1].split("\n--- answer ---")[0]
+    turn = prompt.split("<|im_start|>user\n")[1].split("<|im_end|>\n<|im_start|>assistant\n")[0]
+    assert hashlib.sha256(turn.encode()).hexdigest() == ORIGINAL_CHAT_FEWSHOT_TURN_SHA256
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -236,7 +341,7 @@ SCRIPTS = {
     "evaluate_mmlu.py": ("base", "mmlu", [], 5),
     "evaluate_ceval.py": ("base", "ceval", [], 5),
     "evaluate_cmmlu.py": ("base", "cmmlu", [], 5),
-    "evaluate_gsm8k.py": ("base", "gsm8k", ["--max-new-tokens", "8"], 4),
+    "evaluate_gsm8k.py": ("base", "gsm8k", ["--max-new-tokens", "8", "--prompt-file", str(EXEMPLARS)], 4),
     "evaluate_humaneval.py": ("base", "humaneval", ["--max-new-tokens", "8"], 3),
     "evaluate_chat_mmlu.py": ("chat", "mmlu", ["--max-new-tokens", "8"], 5),
     "evaluate_chat_ceval.py": ("chat", "ceval", ["--max-new-tokens", "8"], 5),
@@ -494,12 +599,13 @@ def test_original_command_lines_parse_to_their_meaning(script, monkeypatch, caps
 def test_original_spellings_run_chat_gsm8k_few_shot_with_a_sample_file(checkpoints, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # the results folder is the default one, under the working directory
     arguments = ["-c", str(checkpoints["chat"]), "-f", str(DATA / "gsm8k" / "test.jsonl"), "-o", "gsm8k_res.jsonl",
-                 "--use-fewshot", "--debug", "-s", "1", "--max-new-tokens", "8", "--batch-size", "3"]
+                 "--use-fewshot", "--debug", "-s", "1", "--max-new-tokens", "8", "--batch-size", "3",
+                 "--prompt-file", str(EXEMPLARS)]
     assert run_script("evaluate_chat_gsm8k.py", arguments, monkeypatch) == 0
     printed = capsys.readouterr()
     out = tmp_path / "eval_results" / "chat_gsm8k"
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))
-    assert results["mode"] == "chat, few-shot (gsm8k_prompt.txt), greedy" and results["overall"]["total"] == 4
+    assert results["mode"] == "chat, few-shot (exemplars.txt), greedy" and results["overall"]["total"] == 4
     assert json.loads((out / "run.json").read_text(encoding="utf-8"))["use_fewshot"] is True
     # The original's -o file: each problem with its completion and whether it was right.
     items = {item["id"]: item for item in map(json.loads, (out / "items" / "gsm8k.jsonl").read_text().splitlines())}
@@ -508,9 +614,9 @@ def test_original_spellings_run_chat_gsm8k_few_shot_with_a_sample_file(checkpoin
     assert [(s["question"], s["answer"]) for s in samples] == [(p.question, p.solution) for p in problems]
     assert [(s["completion"], s["acc"]) for s in samples] == [(items[i]["completion"], items[i]["correct"])
                                                               for i in range(4)]
-    # --debug shows each prompt: the exemplars of eval/gsm8k_prompt.txt, then the question, in the user turn.
+    # --debug shows each prompt: the exemplars of the prompt file, then the question, in the user turn.
     assert printed.err.count("--- prompt ---") == 4
-    first_exemplar = (EVAL / "gsm8k_prompt.txt").read_text(encoding="utf-8").splitlines()[0]
+    first_exemplar = EXEMPLARS.read_text(encoding="utf-8").splitlines()[0]
     assert f"<|im_start|>user\n{first_exemplar}" in printed.err
     assert f"Question: {problems[0].question}\nLet's think step by step<|im_end|>" in printed.err
 

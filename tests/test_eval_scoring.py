@@ -74,13 +74,13 @@ def test_quoted_option_text_prefers_the_longest_match():
     ("so 5-3 = 2 apples", "2"),  # a subtraction, not -3
     ("The temperature fell to -5 degrees", "-5"),
     ("There are 1,000,000 grains", "1000000"),
-    ("The answer is 42. Then 7 more are added for fun.", "42"),  # the statement wins over the last number
+    ("The answer is 42. Then 7 more are added for fun.", "7"),  # the last number, as the original read it
     ("He makes 20*40=$800 per week\nSo he makes 400*52=$20,800 per year more\nThe answer is 20800", "20800"),
     ("The answer is: 0.50", "0.5"),
     ("答案是 12 个", "12"),
     ("#### 72", "72"),
     ("No number here.", None),
-    ("The answer is unknown, but 3 and 4 are candidates", "3"),  # first number after the last statement
+    ("The answer is unknown, but 3 and 4 are candidates", "4"),
 ])
 def test_math_answer(text, expected):
     assert format_number(extract_math_answer(text)) == expected
@@ -108,8 +108,8 @@ def test_numbers_of_any_length_are_read_compared_and_written_exactly():
 
 
 def test_math_text_is_never_evaluated():
-    # eval("2**10") would give 1024; the text is only read, so the first number after the statement is 2.
-    assert extract_math_answer("The answer is 2**10") == Decimal(2)
+    # eval("2**10") would give 1024; the text is only read: its numbers are 2 and 10, and the last is the answer.
+    assert extract_math_answer("The answer is 2**10") == Decimal(10)
     assert extract_math_answer("The answer is __import__('os').getcwd()") is None
 
 

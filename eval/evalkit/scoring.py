@@ -25,8 +25,6 @@ CHOICES = ("A", "B", "C", "D")
 # a subtraction ("5-3" is 5 and 3; "-3 degrees" is -3). Currency signs and units around it are simply not part of it.
 _NUMBER = re.compile(r"(?<![\w)\]])(?P<sign>-)?(?P<digits>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)|"
                      r"(?P<bare>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?)")
-# Where a reply states its result: "The answer is 18", "Final answer: 18", "#### 18", "答案是18".
-_ANSWER_MARKER = re.compile(r"(?i:answer\s*(?:is|[:：]))|####|答案\s*(?:是|为|[:：])")
 
 
 def find_numbers(text: str) -> list[Decimal]:
@@ -49,13 +47,9 @@ def parse_reference_answer(solution: str) -> Decimal | None:
 
 
 def extract_math_answer(text: str) -> Decimal | None:
-    """The answer a model's solution gives: the first number after its last answer statement ("The answer is",
-    "answer:", "####", "答案是"), else the last number in the text; None when there is no number at all."""
-    markers = list(_ANSWER_MARKER.finditer(text))
-    if markers:
-        after = find_numbers(text[markers[-1].end():])
-        if after:
-            return after[0]
+    """The answer a model's solution gives: its last number, as the original scripts read it (the exemplars end in
+    "The answer is N", and a base model's solution is cut where it would start another question); None when there is
+    no number at all."""
     numbers = find_numbers(text)
     return numbers[-1] if numbers else None
 

@@ -35,9 +35,11 @@ from .data import (
     ChoiceLayout,
     DataLayoutError,
     Question,
+    find_gsm8k_train,
     read_choice_subjects,
     read_gsm8k,
     read_humaneval,
+    read_jsonl,
     read_tool_use,
 )
 from .inference import (
@@ -65,7 +67,6 @@ from .scoring import (
 from .subjects import CEVAL_CATEGORIES, CMMLU_CATEGORIES, MMLU_CATEGORIES
 
 EVAL_DIR = Path(__file__).resolve().parents[1]
-DEFAULT_GSM8K_PROMPT = EVAL_DIR / "gsm8k_prompt.txt"
 
 
 @dataclass(frozen=True)
@@ -465,9 +466,13 @@ def gsm8k_parser(chat: bool, description: str | None = None) -> argparse.Argumen
     parser = _parser(description, "chat_gsm8k" if chat else "gsm8k",
                      "folder holding GSM8K's test.jsonl (or the file itself)", generates=True, chat=chat,
                      data_aliases=FILE_DATA_ALIASES, sample_file="each problem with its completion and acc")
-    parser.add_argument("--prompt-file", default=str(DEFAULT_GSM8K_PROMPT),
-                        help="the few-shot exemplars put before each question (default eval/gsm8k_prompt.txt)"
-                             + ("; chat models get them with --use-fewshot" if chat else ""))
+    shots = "four" if chat else "eight"
+    parser.add_argument("--train-file",
+                        help=f"GSM8K's train.jsonl, of which the original's {shots} few-shot exemplars are problems "
+                             "(default: train.jsonl next to test.jsonl)")
+    parser.add_argument("--prompt-file",
+                        help="a file of few-shot exemplars of your own to put before each question, instead of the "
+                             "original's" + ("; chat models get them with --use-fewshot" if chat else ""))
     if chat:
         parser.add_argument("--use-fewshot", action="store_true",
                             help="put the few-shot exemplars before the question in the user turn (default: the "
@@ -484,11 +489,16 @@ def run_gsm8k(chat: bool, argv: Sequence[str] | None = None, description: str | 
     with _user_errors():
         problems = read_gsm8k(args.data_dir, args.limit)
         exemplars = ""
-        if few_shot:
+        if few_shot and args.prompt_file is not None:
             prompt_file = Path(args.prompt_file)
             if not prompt_file.is_file():
                 raise DataLayoutError(f"Few-shot prompt file {str(prompt_file)!r} does not exist.")
             exemplars = prompt_file.read_text(encoding="utf-8")
+        elif few_shot:
+            train = find_gsm8k_train(args.data_dir, args.train_file)
+            exemplars = prompts.gsm8k_exemplars(read_jsonl(train, ["question", "answer"], "GSM8K"),
+                                                prompts.GSM8K_CHAT_EXEMPLARS if chat else prompts.GSM8K_BASE_EXEMPLARS,
+                                                str(train))
         model, tokenizer = _load(args)
         params = _generation_params(model, tokenizer, args.max_new_tokens, chat, "evaluate_gsm8k.py",
                                     prompts.GSM8K_STOPS)
@@ -537,7 +547,8 @@ def run_gsm8k(chat: bool, argv: Sequence[str] | None = None, description: str | 
         _write_sample_file(args.sample_output_file, (
             {"question": problem.question, "answer": problem.solution, "completion": saved[str(i)]["completion"],
              "acc": saved[str(i)]["correct"]} for i, problem in enumerate(problems) if str(i) in saved))
-        shots = f"few-shot ({Path(args.prompt_file).name})"
+        shots = (f"few-shot ({Path(args.prompt_file).name})" if args.prompt_file is not None else
+                 f"{4 if chat else 8}-shot (the original's exemplars)")
         mode = (f"chat, {shots if few_shot else '0-shot'}, greedy" if chat else f"base, {shots}, greedy")
         results = {"benchmark": "GSM8K", "mode": mode, "checkpoint": _checkpoint_name(args.checkpoint_path),
                    **summary}
