@@ -332,6 +332,19 @@ def test_micro_and_macro_averages():
     assert macro["overall"]["accuracy"] == pytest.approx((75.0 + 50.0) / 2)
 
 
+def test_category_rows_are_those_the_original_scripts_printed():
+    # MMLU: the original script's four groups, names and order (anatomy in stem, unlike the MMLU paper's grouping);
+    # C-Eval: C-Eval's four and "Hard"; CMMLU: five, "China specific" overlapping the others.
+    mmlu = tasks.MMLU.categories
+    assert [(name, len(subjects)) for name, subjects in mmlu.items()] == [
+        ("stem", 19), ("Humanities", 13), ("other", 13), ("social", 12)]
+    assert "anatomy" in mmlu["stem"] and len({s for subjects in mmlu.values() for s in subjects}) == 57
+    assert [(name, len(subjects)) for name, subjects in tasks.CEVAL.categories.items()] == [
+        ("STEM", 20), ("Social Science", 10), ("Humanities", 11), ("Other", 11), ("Hard", 8)]
+    assert [(name, len(subjects)) for name, subjects in tasks.CMMLU.categories.items()] == [
+        ("STEM", 17), ("Humanities", 13), ("Social Science", 22), ("Other", 15), ("China specific", 15)]
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The scripts, end to end
 # --------------------------------------------------------------------------------------------------------------------
