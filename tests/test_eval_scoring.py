@@ -14,6 +14,7 @@ from evalkit.scoring import (  # noqa: E402
     COMPLETION_STOPS,
     chat_code_completion,
     extract_choice,
+    extract_choice_chinese,
     extract_math_answer,
     format_number,
     normalize_action_input,
@@ -33,33 +34,57 @@ OPTIONS = ("London", "Paris", "Rome", "Berlin")
 # --------------------------------------------------------------------------------------------------------------------
 
 
+# Expected letters are those of the original chat scripts' extraction (checked by running it, outside this
+# repository, on each reply; the two agree on 47,000 generated replies too), wrong answers included: "not A" still
+# reads as A there.
 @pytest.mark.parametrize("reply, letter, rule", [
     ("The answer is B.", "B", "statement"),
     ("Answer: (C)", "C", "statement"),
-    ("I think the correct option is A because the others are wrong.", "A", "statement"),
     ("Let me choose D.", "D", "statement"),
-    ("答案是C", "C", "statement"),
-    ("答案：D。因为……", "D", "statement"),
-    ("选B", "B", "statement"),
-    ("选项A不正确，答案为C", "C", "statement"),
     ("Option C is correct.", "C", "is correct"),
     ("Option A is wrong. C is the right one.", "C", "is correct"),
-    ("A选项正确", "A", "is correct"),
     ("B", "B", "leading letter"),
-    ("(D) Berlin", "D", "leading letter"),
     ("D. Berlin is the capital of Germany.", "D", "leading letter"),
-    ("The capital of France is Paris.", "B", "option text"),
-    ("The answer is not A; it is C", "C", "standalone letter"),
+    ("(D) Berlin", "D", "standalone letter"),
+    ("I think the correct option is A because the others are wrong.", "A", "standalone letter"),
+    # Quoted option text becomes its letter before any rule: "Paris" is B here.
+    ("The capital of France is Paris.", "B", "standalone letter"),
+    ("I think it's Rome, not Paris.", "C", "standalone letter"),
+    # A negated statement is no statement; the first letter is read.
+    ("The answer is not A; it is C", "A", "standalone letter"),
+    ("The answer isn't A. I'd pick C.", "A", "standalone letter"),
     ("Prais", "B", "most similar option"),
 ])
 def test_chat_reply_letter(reply, letter, rule):
     assert extract_choice(reply, OPTIONS) == (letter, rule)
 
 
-def test_quoted_option_text_prefers_the_longest_match():
-    # "New York" contains "York": the more specific option wins.
+def test_quoted_option_text_is_replaced_longest_first():
+    # "New York" contains "York": the longer option is replaced first, so its letter is the one read.
     assert extract_choice("It is in new york, clearly.", ("York", "New York", "Boston", "Albany")) == (
-        "B", "option text")
+        "B", "standalone letter")
+
+
+CEVAL_QUESTION = "关于传输层的面向连接服务的特性是____。"
+CEVAL_OPTIONS = ("既不保证可靠，也不保证按序交付", "不保证可靠，但保证按序交付", "保证可靠，但不保证按序交付", "既保证可靠，也保证按序交付")
+
+
+@pytest.mark.parametrize("reply, letter, rule", [
+    ("答案是C", "C", "statement"),
+    ("答案：D。因为……", "D", "statement"),
+    ("选B", "B", "statement"),
+    ("我选C", "C", "statement"),
+    ("选项A不正确，答案为C", "C", "statement"),
+    # The question's words before the blank become "答案是", the option's text its letter.
+    ("关于传输层的面向连接服务的特性是既保证可靠，也保证按序交付", "D", "statement"),
+    ("A选项正确", "A", "is correct"),
+    ("（B）", "B", "leading letter"),
+    ("既不保证可靠，也不保证按序交付", "A", "leading letter"),
+    ("答案不是A，而是C", "A", "standalone letter"),
+    ("面向连接服务保证可靠", "A", "most similar option"),
+])
+def test_chinese_chat_reply_letter(reply, letter, rule):
+    assert extract_choice_chinese(reply, CEVAL_QUESTION, CEVAL_OPTIONS) == (letter, rule)
 
 
 # --------------------------------------------------------------------------------------------------------------------

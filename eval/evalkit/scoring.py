@@ -8,7 +8,6 @@ comparison, `copy_negate`, formatting): arithmetic such as `-x` or `normalize()`
 
 from __future__ import annotations
 
-import difflib
 import json
 import re
 from collections.abc import Callable, Sequence
@@ -70,55 +69,86 @@ def format_number(value: Decimal | None) -> str | None:
 # Letters (chat models answering multiple-choice questions)
 # --------------------------------------------------------------------------------------------------------------------
 
-_LETTER = r"([ABCD])(?![A-Za-z0-9])"
-_NOT_AFTER = r"(?![^.\n。]{0,15}?(?i:\bincorrect\b|\bwrong\b|\bnot\s+(?:the\s+)?(?:correct|right)\b|不正确|错误))"
-# Rules in order of trust; within a rule the first match in the reply wins.
-_CHOICE_RULES: list[tuple[str, re.Pattern[str]]] = [
+# The rules of the original chat scripts, one set for English (MMLU) and one for Chinese (C-Eval). The reply is first
+# rewritten: the text of each option it quotes (the longest option first) becomes that option's letter, and for
+# C-Eval the question's own words are taken out; then the first rule that matches gives the letter. `[^ABCD]{0,n}?`
+# ("a few characters, none of them a letter") keeps a keyword and its letter close together.
+_NO_LETTER = "[^ABCD]"
+_ENGLISH_CHOICE_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
+    # "The answer is B", "Answer: B", "the correct choice would be B", "I choose B"; not "the answer is not B".
     ("statement", re.compile(
-        r"(?i:answer)(?:\s+(?i:is|would\s+be|should\s+be|will\s+be|must\s+be))?\s*[:：]?\s*"
-        r"(?i:option\s+|choice\s+)?[(\[（【]?" + _LETTER + "|"
-        r"(?i:option|choice)\s+(?i:is|would\s+be|should\s+be|will\s+be|must\s+be)\s*[:：]?\s*[(\[]?" + _LETTER + "|"
-        r"(?i:choose|select|pick)\s+(?i:option\s+|choice\s+|answer\s+)?[(\[]?" + _LETTER + "|"
-        r"(?:正确答案|正确选项|答案)\s*(?:应该|应|可能)?\s*(?:是|为|选)?\s*[:：]?\s*[(（【]?([ABCD])|"
-        r"选项\s*(?:应该|应)?\s*(?:是|为)\s*[:：]?\s*[(（【]?([ABCD])|"
-        r"(?:选择|选)\s*[(（【]?([ABCD])")),
+        rf"(?:[Cc]hoose|(?:[Aa]nswer|[Cc]hoice)(?!{_NO_LETTER}{{0,20}}?(?:n't|not)){_NO_LETTER}{{0,10}}?"
+        rf"\b(?:|is|:|be)\b){_NO_LETTER}{{0,20}}?\b([ABCD])\b")),
+    # "B is correct", "B seems right"; not "B is not correct".
     ("is correct", re.compile(
-        r"(?<![A-Za-z])[(\[]?([ABCD])[)\]]?\s*(?i:is|seems|would\s+be)\s+(?i:the\s+)?(?i:correct|right|true|best)\b|"
-        r"(?i:option|choice)\s+" + _LETTER + _NOT_AFTER + "|"
-        r"([ABCD])\s*(?:选项|项)?\s*(?:是)?\s*(?:正确|对|符合)")),
-    ("leading letter", re.compile(r"^\s*[(\[（【]?([ABCD])(?:[)\]）】.:：,，、\s]|$)")),
-]
-# A letter on its own, unless negated ("not A", "不是A").
-_STANDALONE_LETTER = re.compile(r"(?<![A-Za-z])(?<!(?i:not) )(?<!不是)([ABCD])(?![A-Za-z])")
+        rf"\b([ABCD])\b(?!{_NO_LETTER}{{0,8}}?(?:n't|not){_NO_LETTER}{{0,5}}?(?:correct|right))"
+        rf"{_NO_LETTER}{{0,10}}?\b(?:correct|right)\b")),
+    # A reply that is, or starts with, the letter: "B", "B. Paris", "B, since ...".
+    ("leading letter", re.compile(r"^([ABCD])(?:[.,:]|$)")),
+    # Else the first A-D that is not part of a word.
+    ("standalone letter", re.compile(r"(?<![a-zA-Z])([ABCD])(?![a-zA-Z=])")),
+)
+_CHINESE_IS = "(?:是|选|为|：|:|】)"  # what links 答案 / 选项 to the letter
+_CHINESE_RIGHT = "(?:正确|对[的，。：]|符合)"
+_CHINESE_CHOICE_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
+    # "答案是B", "选项为B", "应该选B", "选择：B"; not "答案不是B".
+    ("statement", re.compile(
+        rf"(?:(?:选|选择|选定)[：:]?\s*|(?:答案|选项)(?!{_NO_LETTER}{{0,10}}?(?:不|非){_NO_LETTER}{{0,10}}?{_CHINESE_IS})"
+        rf"{_NO_LETTER}{{0,10}}?{_CHINESE_IS}{_NO_LETTER}{{0,10}}?)([ABCD])(?:选项)?(?:[)。.，,．、ABCD：:）]|$)")),
+    # "B选项正确", "B项符合题意"; not "B不正确".
+    ("is correct", re.compile(
+        rf"([ABCD])(?:选?项)?(?!{_NO_LETTER}{{0,4}}?(?:不|非){_NO_LETTER}{{0,4}}?{_CHINESE_RIGHT})"
+        rf"{_NO_LETTER}{{0,4}}?{_CHINESE_RIGHT}")),
+    ("leading letter", re.compile(r"^[(（]?([ABCD])(?:[。)）.，,．：:]|$)")),
+    ("standalone letter", re.compile(r"(?<![a-zA-Z])([ABCD])(?![a-zA-Z=])")),
+)
 
 
-def _normalized(text: str) -> str:
-    return " ".join(text.strip().rstrip(".。").split()).casefold()
+def _by_length(options: Sequence[str]) -> list[tuple[str, str]]:
+    """(letter, option text), the longest text first (a stable sort: equal lengths keep A-D order)."""
+    return sorted(zip(CHOICES, options, strict=True), key=lambda pair: len(pair[1]), reverse=True)
+
+
+def _first_rule(text: str, rules: Sequence[tuple[str, re.Pattern[str]]], options: Sequence[str]) -> tuple[str, str]:
+    for name, pattern in rules:
+        match = pattern.search(text)
+        if match:
+            return match.group(1), name
+    from thefuzz import process  # the original's fuzzy matcher; imported only for the rare reply that needs it
+
+    best, _ = process.extractOne(text, list(options))  # the first of equally similar options
+    return CHOICES[list(options).index(best)], "most similar option"
 
 
 def extract_choice(reply: str, options: Sequence[str]) -> tuple[str, str]:
-    """The letter a chat reply picks among four `options`, and the name of the rule that found it.
+    """The letter an English chat reply (MMLU) picks among four `options`, and the rule that found it, as the original
+    chat MMLU script read it: each option's text quoted in the reply (without a final period, in any case) becomes
+    its letter, then the first of an answer statement, a letter said to be correct, a leading letter and a standalone
+    letter; else the option most similar to the reply (thefuzz)."""
+    text = reply
+    for letter, option in _by_length(options):
+        if option.rstrip("."):  # an empty option would match everywhere
+            text = re.sub(re.escape(option.rstrip(".")), letter, text, flags=re.IGNORECASE)
+    return _first_rule(text, _ENGLISH_CHOICE_RULES, options)
 
-    In order: an answer statement ("The answer is B", "Answer: (B)", "I choose B", "答案是B", "选B"); a letter said to
-    be correct ("B is correct", "Option B", "B正确"); a reply that starts with the letter ("B. Paris"); the text of
-    one option quoted in the reply (the longest, when several are); the first A-D standing alone and not negated
-    ("not A"); and, when the reply
-    has none of these, the option whose text is most similar to the reply (difflib), so every reply gets a letter.
-    """
-    for name, pattern in _CHOICE_RULES:
-        match = pattern.search(reply)
-        if match:
-            return next(group for group in match.groups() if group), name
-    folded = _normalized(reply)
-    quoted = [(len(_normalized(text)), letter) for letter, text in zip(CHOICES, options, strict=True)
-              if len(_normalized(text)) >= 2 and _normalized(text) in folded]
-    if quoted:
-        return max(quoted)[1], "option text"
-    match = _STANDALONE_LETTER.search(reply)
-    if match:
-        return match.group(1), "standalone letter"
-    ratios = [difflib.SequenceMatcher(None, folded, _normalized(text)).ratio() for text in options]
-    return CHOICES[ratios.index(max(ratios))], "most similar option"
+
+def extract_choice_chinese(reply: str, question: str, options: Sequence[str]) -> tuple[str, str]:
+    """The letter a Chinese chat reply (C-Eval) picks, as the original chat C-Eval script read it: the question's last
+    sentence, split at its blank (`____`), is taken out of the reply (its first part, when longer than four
+    characters, becomes "答案是"; its last part, when longer than four, is removed); each option's text quoted in the
+    reply (without a final "。") becomes its letter; then the first of the rules for an answer statement ("答案是B",
+    "选B"), a letter said to be right ("B正确"), a leading letter and a standalone letter; else the most similar
+    option (thefuzz)."""
+    text = reply
+    parts = question.rstrip("。").split("。")[-1].split("_")
+    if len(parts[0].strip()) > 4:
+        text = text.replace(parts[0], "答案是")
+    if len(parts[-1].strip()) > 4:
+        text = text.replace(parts[-1], "")
+    for letter, option in _by_length(options):
+        if option.rstrip("。"):
+            text = text.replace(option.rstrip("。"), letter)
+    return _first_rule(text, _CHINESE_CHOICE_RULES, options)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -56,6 +56,7 @@ from .scoring import (
     COMPLETION_STOPS,
     chat_code_completion,
     extract_choice,
+    extract_choice_chinese,
     extract_math_answer,
     format_number,
     humaneval_program,
@@ -79,17 +80,22 @@ class ChoiceBenchmark:
     base_prompt: Callable[[str, Sequence[Question], Question], str]
     letter_prefix: str  # what precedes the letter in the scored next token: " A" after "Answer:", "A" after "答案："
     chat_prompt: Callable[[Question], str] | None
+    # The letter a chat reply picks and the rule that found it (reply, question): the original chat script's rules.
+    chat_letter: Callable[[str, Question], tuple[str, str]] | None
     # Whether the base script cuts prompts longer than --max-seq-len: the original MMLU script did; its C-Eval and
     # CMMLU scripts took the flag but never used it.
     cuts_long_prompts: bool
 
 
 MMLU = ChoiceBenchmark("mmlu", "MMLU", MMLU_LAYOUT, "micro", MMLU_CATEGORIES, prompts.mmlu_base_prompt, " ",
-                       prompts.mmlu_chat_prompt, cuts_long_prompts=True)
+                       prompts.mmlu_chat_prompt, lambda reply, question: extract_choice(reply, question.options),
+                       cuts_long_prompts=True)
 CEVAL = ChoiceBenchmark("ceval", "C-Eval (val)", CEVAL_LAYOUT, "macro", CEVAL_CATEGORIES, prompts.chinese_base_prompt,
-                        "", prompts.ceval_chat_prompt, cuts_long_prompts=False)
+                        "", prompts.ceval_chat_prompt,
+                        lambda reply, question: extract_choice_chinese(reply, question.text, question.options),
+                        cuts_long_prompts=False)
 CMMLU = ChoiceBenchmark("cmmlu", "CMMLU", CMMLU_LAYOUT, "macro", CMMLU_CATEGORIES, prompts.chinese_base_prompt, "",
-                        None, cuts_long_prompts=False)
+                        None, None, cuts_long_prompts=False)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -416,8 +422,8 @@ def choice_chat_parser(benchmark: ChoiceBenchmark, description: str | None = Non
 
 def run_choice_chat(benchmark: ChoiceBenchmark, argv: Sequence[str] | None = None, description: str | None = None
                     ) -> int:
-    """Zero-shot multiple choice for chat models: a greedy reply, and the letter it picks (scoring.extract_choice)."""
-    if benchmark.chat_prompt is None:
+    """Zero-shot multiple choice for chat models: a greedy reply, and the letter it picks (the benchmark's chat_letter)."""
+    if benchmark.chat_prompt is None or benchmark.chat_letter is None:
         raise ValueError(f"{benchmark.title} has no chat prompt")
     args = _parse(choice_chat_parser(benchmark, description), argv)
     with _user_errors():
@@ -440,7 +446,7 @@ def run_choice_chat(benchmark: ChoiceBenchmark, argv: Sequence[str] | None = Non
             def save(job: int, text: str, finish_reason: str) -> None:
                 subject, index, question = jobs[job]
                 response = text.strip()
-                prediction, rule = extract_choice(response, question.options)
+                prediction, rule = benchmark.chat_letter(response, question)
                 record = {
                     "id": index, "answer": question.answer, "prediction": prediction, "rule": rule,
                     "correct": prediction == question.answer, "response": response,
