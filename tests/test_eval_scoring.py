@@ -20,6 +20,7 @@ from evalkit.scoring import (  # noqa: E402
     normalize_action_input,
     parse_reference_answer,
     rouge_l,
+    rouge_tokens,
     score_tool_call,
     summarize_tool_use,
     tool_call_of,
@@ -195,10 +196,26 @@ def test_fenced_code_without_a_definition_is_the_body_without_its_fences():
 CALL = 'Thought: I need the weather.\nAction: get_weather\nAction Input: {"city": "Paris", "unit": "C"}\nObservation:'
 
 
-def test_tool_calls_are_read_with_the_servers_react_rules():
+def test_tool_calls_are_read_as_the_original_evaluation_read_them():
+    # A call is a line starting with "Action: "; the name runs to the first "Action Input:", the input to the first
+    # "Observation:" (each to the end when missing). Checked against the original's functions on 30,000 generated
+    # replies, outside this repository.
     assert tool_call_of(CALL) == ("get_weather", '{"city": "Paris", "unit": "C"}')
-    assert tool_call_of("Thought: hmm\nAction: get_weather") is None  # no Action Input: not a call
+    assert tool_call_of("Thought: hmm\nAction: get_weather") == ("get_weather", "Action: get_weather")
+    assert tool_call_of("Action: get_weather\nAction Input: {}") is None  # no line break before "Action: "
+    assert tool_call_of("Thought: hmm\nAction:get_weather\nAction Input: {}") is None  # no space after it
     assert tool_call_of("Thought: I now know the final answer.\nFinal Answer: 21 °C") is None
+
+
+def test_action_inputs_are_compared_in_the_original_units(tokenizer):
+    # Each token's text, joined with spaces and split on whitespace: a token's leading space disappears, and a token
+    # holding part of a character reads as U+FFFD.
+    ids = tokenizer.encode('{"city": "Paris"}')
+    assert "".join(rouge_tokens(tokenizer, '{"city": "Paris"}')) == '{"city":"Paris"}'
+    assert len(rouge_tokens(tokenizer, '{"city": "Paris"}')) == len(ids)
+    rare = "𝔘"  # four UTF-8 bytes, more than one token
+    assert len(tokenizer.encode(rare)) > 1 and set(rouge_tokens(tokenizer, rare)) == {"\ufffd"}
+    assert rouge_tokens(tokenizer, rare) == rouge_tokens(tokenizer, "𝔙")  # two characters, the same units
 
 
 def test_action_inputs_are_normalized_leniently():

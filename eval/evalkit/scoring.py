@@ -233,14 +233,31 @@ def humaneval_program(prompt: str, completion: str, test: str, entry_point: str)
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def tool_call_of(text: str) -> tuple[str, str] | None:
-    """(tool name, action input) when a ReAct reply calls a tool, as the server's parser reads it; else None."""
-    from qwen.react import parse_react_output  # the one ReAct parser: the server uses the same rules
+# The original evaluation's reading of a ReAct reply, not the server's parser: a reply calls a tool when it holds
+# "\nAction: "; the tool is the text between the first "Action:" and the first "Action Input:", its input the text
+# between the first "Action Input:" and the first "Observation:". A missing marker counts as found at the last
+# character, as the original's `str.find` (-1) made it.
+_CALL_MARK = "\nAction: "
 
-    parsed = parse_react_output(text)
-    if parsed.finish_reason != "function_call" or parsed.function_name is None:
+
+def _between(text: str, start_marker: str, end_marker: str) -> str:
+    return text[text.find(start_marker) + len(start_marker):text.find(end_marker)].strip()
+
+
+def tool_call_of(text: str) -> tuple[str, str] | None:
+    """(tool name, action input) when a ReAct reply calls a tool, as the original evaluation read it; else None."""
+    if _CALL_MARK not in text:
         return None
-    return parsed.function_name, parsed.arguments or ""
+    text += "\n"  # so that a missing end marker cuts this character only (the original's "not-find" fix)
+    return _between(text, "Action:", "Action Input:"), _between(text, "Action Input:", "Observation:")
+
+
+def rouge_tokens(tokenizer: Any, text: str) -> list[str]:
+    """The units the original evaluation compared action inputs in: each Qwen token's text (bytes decoded on their
+    own, with U+FFFD for an incomplete character), joined with spaces and split on whitespace."""
+    pieces = tokenizer.convert_ids_to_tokens(tokenizer.encode(text))
+    return " ".join(piece.decode("utf-8", errors="replace") if isinstance(piece, bytes) else piece
+                    for piece in pieces).split()
 
 
 def normalize_action_input(text: str | None) -> str:
@@ -274,20 +291,22 @@ def rouge_l(reference: Sequence[Any], candidate: Sequence[Any]) -> float:
 
 
 def score_tool_call(reply: str, reference: str, tokenize: Callable[[str], Sequence[Any]]) -> dict[str, Any]:
-    """How a reply to a sample that needs a tool compares with the reference call.
+    """How a reply to a sample that needs a tool compares with the reference call, as the original evaluation scored it.
 
     `selected`: the reply calls the reference's tool (names compared without case or surrounding space).
-    `rouge_l`: ROUGE-L between the two action inputs, each normalized to canonical JSON and tokenized by `tokenize`.
+    `rouge_l`: ROUGE-L between the two action inputs, each normalized to canonical JSON and split by `tokenize`
+    (`rouge_tokens` for the original's units); a reply that calls no tool has its input read all the same, as the
+    original did, which almost always leaves it empty (0).
     """
     expected = tool_call_of(reference)
     if expected is None:
         raise ValueError(f"The reference {reference[:80]!r} calls no tool; positive samples must.")
     called = tool_call_of(reply)
-    name, arguments = called if called is not None else (None, None)
+    arguments = _between(reply + "\n", "Action Input:", "Observation:")
     return {
-        "tool": name,
+        "tool": called[0] if called is not None else None,
         "reference_tool": expected[0],
-        "selected": name is not None and name.strip().lower() == expected[0].strip().lower(),
+        "selected": called is not None and called[0].lower() == expected[0].lower(),
         "rouge_l": rouge_l(tokenize(normalize_action_input(expected[1])), tokenize(normalize_action_input(arguments))),
     }
 

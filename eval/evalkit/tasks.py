@@ -60,6 +60,7 @@ from .scoring import (
     extract_math_answer,
     format_number,
     humaneval_program,
+    rouge_tokens,
     score_tool_call,
     summarize_tool_use,
     tool_call_of,
@@ -711,8 +712,8 @@ def run_tool_use(argv: Sequence[str] | None = None, description: str | None = No
                   for group in chosen or ["positive", "negative"]}
         for number, sample in enumerate(groups.get("positive", []), start=1):
             if tool_call_of(sample.reference) is None:
-                raise DataLayoutError(f"{args.positive_file}: sample {number}'s response calls no tool (no "
-                                      "'Action:' and 'Action Input:' lines); every positive sample must.")
+                raise DataLayoutError(f"{args.positive_file}: sample {number}'s response calls no tool (no line "
+                                      "starting with 'Action: '); every positive sample must.")
         model, tokenizer = _load(args)
         _require_chat_model(model, None)
         params = greedy_params(model.generation_config, args.max_new_tokens, chat_stop_token_ids(tokenizer),
@@ -722,8 +723,8 @@ def run_tool_use(argv: Sequence[str] | None = None, description: str | None = No
                              repetition_penalty=params.repetition_penalty)
         store = ResultStore(output_dir, manifest, args.overwrite)
 
-        def tokenize(text: str) -> list[int]:
-            return _encode(tokenizer, text)
+        def tokenize(text: str) -> list[str]:
+            return rouge_tokens(tokenizer, text)
 
         jobs = [(group, index) for group, samples in groups.items()
                 for index in range(len(samples)) if str(index) not in store.load(group)]
