@@ -11,6 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
 
 from evalkit.scoring import (  # noqa: E402
+    CHAT_GSM8K_TOLERANCE,
     COMPLETION_STOPS,
     chat_code_completion,
     extract_choice,
@@ -18,6 +19,7 @@ from evalkit.scoring import (  # noqa: E402
     extract_math_answer,
     format_number,
     normalize_action_input,
+    numbers_match,
     parse_reference_answer,
     rouge_l,
     rouge_tokens,
@@ -116,6 +118,18 @@ def test_answers_compare_as_numbers_not_strings():
     assert extract_math_answer("The answer is 18.00.") == parse_reference_answer("Total: 18\n#### 18")
     assert parse_reference_answer("1,000 + 200 = 1,200\n#### 1,200") == Decimal(1200)
     assert parse_reference_answer("no marker") is None
+
+
+def test_chat_answers_may_differ_by_a_ten_thousandth_as_in_the_original():
+    reference = parse_reference_answer("#### 18")
+    assert numbers_match(Decimal("18.0001"), reference, CHAT_GSM8K_TOLERANCE)
+    assert not numbers_match(Decimal("18.00011"), reference, CHAT_GSM8K_TOLERANCE)
+    assert not numbers_match(Decimal("18.0001"), reference)  # base: the very number
+    assert not numbers_match(None, reference, CHAT_GSM8K_TOLERANCE)
+    # Exact for any length: a 5,000-digit difference of one is seen.
+    big = Decimal("9" * 5000)
+    assert not numbers_match(big, Decimal("9" * 4999 + "8"), CHAT_GSM8K_TOLERANCE)
+    assert numbers_match(big, Decimal("9" * 5000), CHAT_GSM8K_TOLERANCE)
 
 
 def test_numbers_of_any_length_are_read_compared_and_written_exactly():

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Sequence
-from decimal import Decimal
+from decimal import Decimal, localcontext
 from typing import Any
 
 CHOICES = ("A", "B", "C", "D")
@@ -51,6 +51,25 @@ def extract_math_answer(text: str) -> Decimal | None:
     no number at all."""
     numbers = find_numbers(text)
     return numbers[-1] if numbers else None
+
+
+# The original chat GSM8K script counted a reply right when its number was within this of the reference; its base
+# script wanted the very number.
+CHAT_GSM8K_TOLERANCE = Decimal("0.0001")
+
+
+def numbers_match(predicted: Decimal | None, reference: Decimal, tolerance: Decimal = Decimal(0)) -> bool:
+    """Whether `predicted` is within `tolerance` of `reference`, computed exactly whatever the numbers' lengths."""
+    if predicted is None:
+        return False
+    if not tolerance:
+        return predicted == reference
+    numbers = (predicted, reference, tolerance)
+    # Enough digits for an exact difference: from the largest number's first digit to the smallest exponent.
+    digits = max(n.adjusted() for n in numbers) - min(int(n.as_tuple().exponent) for n in numbers) + 2
+    with localcontext() as context:
+        context.prec = max(28, digits)
+        return abs(predicted - reference) <= tolerance
 
 
 def format_number(value: Decimal | None) -> str | None:

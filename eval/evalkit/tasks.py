@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
 
@@ -53,6 +54,7 @@ from .inference import (
 from .results import ResultsMismatchError, ResultStore, accuracy_summary, format_table, write_json
 from .sandbox import UNSAFE_FLAG, Sandbox, SandboxUnavailable, describe, require_isolation, run_many
 from .scoring import (
+    CHAT_GSM8K_TOLERANCE,
     COMPLETION_STOPS,
     chat_code_completion,
     extract_choice,
@@ -60,6 +62,7 @@ from .scoring import (
     extract_math_answer,
     format_number,
     humaneval_program,
+    numbers_match,
     rouge_tokens,
     score_tool_call,
     summarize_tool_use,
@@ -493,6 +496,7 @@ def run_gsm8k(chat: bool, argv: Sequence[str] | None = None, description: str | 
     the solution, compared exactly with the reference."""
     args = _parse(gsm8k_parser(chat, description), argv)
     few_shot = not chat or args.use_fewshot
+    tolerance = CHAT_GSM8K_TOLERANCE if chat else Decimal(0)
     with _user_errors():
         problems = read_gsm8k(args.data_dir, args.limit)
         exemplars = ""
@@ -540,7 +544,8 @@ def run_gsm8k(chat: bool, argv: Sequence[str] | None = None, description: str | 
                 predicted = extract_math_answer(completion)
                 record = {
                     "id": index, "answer": format_number(problems[index].answer),
-                    "prediction": format_number(predicted), "correct": predicted == problems[index].answer,
+                    "prediction": format_number(predicted),
+                    "correct": numbers_match(predicted, problems[index].answer, tolerance),
                     "completion": completion,
                 }
                 store.append("gsm8k", record)
