@@ -1,5 +1,5 @@
-"""GSM8K, 0-shot, for chat models: the question is the chat turn (with --use-fewshot, after the exemplars of
-eval/gsm8k_prompt.txt); the number after "The answer is" (else the last number) of the greedy reply must equal the
+"""GSM8K, 0-shot, for chat models: the question is the chat turn (with --use-fewshot, after the original chat
+script's four exemplars, rebuilt from GSM8K's train.jsonl); the last number of the greedy reply must equal the
 reference answer.
 
     python eval/evaluate_chat_gsm8k.py -c Qwen/Qwen-7B-Chat -d data/gsm8k [--use-fewshot]"""

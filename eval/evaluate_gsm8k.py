@@ -1,6 +1,6 @@
-"""GSM8K, 8-shot chain of thought, for base models: the exemplars of eval/gsm8k_prompt.txt, then the question;
-greedy decoding until the model starts another question; the number after "The answer is" (else the last number)
-must equal the reference answer.
+"""GSM8K, 8-shot chain of thought, for base models: the original's eight exemplars (problems of GSM8K's train
+split, rebuilt from train.jsonl), then the question; greedy decoding until the model starts another question; the
+last number of the solution must equal the reference answer.
 
     python eval/evaluate_gsm8k.py -c Qwen/Qwen-7B -d data/gsm8k"""
 

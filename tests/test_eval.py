@@ -7,6 +7,7 @@ the publishers distribute. The scripts run the way a user runs them: as files, w
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import runpy
@@ -39,6 +40,8 @@ from evalkit.results import ResultsMismatchError, ResultStore, accuracy_summary 
 import evalkit.tasks as tasks  # noqa: E402
 
 LETTERS = {"A", "B", "C", "D"}
+# Few-shot GSM8K exemplars written for these tests (the original's are GSM8K train problems, not shipped here).
+EXEMPLARS = DATA / "gsm8k" / "exemplars.txt"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -122,6 +125,108 @@ def test_layout_errors_name_the_expected_layout(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# GSM8K's few-shot exemplars, rebuilt from the train split
+# --------------------------------------------------------------------------------------------------------------------
+
+TRAIN_RECORDS = [  # GSM8K-style training problems written for these tests, with calculator annotations
+    {"question": "Ava has 3 bags of 5 marbles. How many marbles does she have?",
+     "answer": "She has 3 * 5 = <<3*5=15>>15 marbles.\n#### 15"},
+    {"question": "A bus seats 40. 12 seats are empty. How many people ride?",
+     "answer": "40 - 12 = <<40-12=28>>28 people ride.\nSo the bus carries 28.\n#### 28"},
+    {"question": "Leo reads 9 pages a day. How many pages does he read in 4 days?",
+     "answer": "9 * 4 = <<9*4=36>>36\n#### 36"},
+]
+# What the original scripts' exemplar layout makes of the first two, written out by hand.
+EXPECTED_EXEMPLARS = (
+    "Question: Ava has 3 bags of 5 marbles. How many marbles does she have?\nLet's think step by step\n"
+    "She has 3 * 5 = 15 marbles.\nThe answer is 15\n\n"
+    "Question: A bus seats 40. 12 seats are empty. How many people ride?\nLet's think step by step\n"
+    "40 - 12 = 28 people ride.\nSo the bus carries 28.\nThe answer is 28\n")
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
+    return path
+
+
+def test_gsm8k_exemplars_are_rebuilt_from_train_problems_named_by_line_and_digest(tmp_path):
+    from evalkit.prompts import GSM8K_BASE_EXEMPLARS, GSM8K_CHAT_EXEMPLARS, gsm8k_exemplar, gsm8k_exemplars
+
+    # The original's eight (base) and four (chat --use-fewshot): distinct lines of the official train.jsonl (7,473
+    # problems) and a SHA-256 each.
+    for picks, count in ((GSM8K_BASE_EXEMPLARS, 8), (GSM8K_CHAT_EXEMPLARS, 4)):
+        assert len(picks) == count and len({line for line, _ in picks}) == count
+        assert all(0 <= line < 7473 and len(digest) == 64 and int(digest, 16) >= 0 for line, digest in picks)
+    digests = [hashlib.sha256(gsm8k_exemplar(r["question"], r["answer"]).encode()).hexdigest() for r in TRAIN_RECORDS]
+    picks = [(1, digests[1]), (0, digests[0])]
+    assert gsm8k_exemplars(TRAIN_RECORDS, [(0, digests[0]), (1, digests[1])], "train.jsonl") == EXPECTED_EXEMPLARS
+    # A copy in another order: each problem is found by its digest; the order of the picks is kept.
+    shuffled = [TRAIN_RECORDS[2], TRAIN_RECORDS[1], TRAIN_RECORDS[0]]
+    parts = EXPECTED_EXEMPLARS.rstrip("\n").split("\n\n")
+    assert gsm8k_exemplars(shuffled, picks, "train.jsonl") == f"{parts[1]}\n\n{parts[0]}\n"
+    edited = [TRAIN_RECORDS[0], {**TRAIN_RECORDS[1], "answer": TRAIN_RECORDS[1]["answer"].replace("28", "29")}]
+    with pytest.raises(DataLayoutError, match=r"^my/train.jsonl is not GSM8K's train split as published: it lacks "
+                                              r"the problem on line 2 of the official file, exemplar 1 of the 2 .*"
+                                              r"grade_school_math/data/train.jsonl, or pass --prompt-file"):
+        gsm8k_exemplars(edited, picks, "my/train.jsonl")
+
+
+def test_gsm8k_few_shot_scripts_read_the_original_exemplars_from_the_train_split(checkpoints, tmp_path, monkeypatch):
+    # Without train.jsonl, or with one that lacks the original's problems, the scripts stop before loading the
+    # model, with one line naming the fix.
+    test_only = ["-d", str(DATA / "gsm8k"), "-o", str(tmp_path / "out"), "-c", str(tmp_path / "no-model")]
+    for script, extra in (("evaluate_gsm8k.py", []), ("evaluate_chat_gsm8k.py", ["--use-fewshot"])):
+        monkeypatch.setattr(sys, "argv", [script, *test_only, *extra])
+        with pytest.raises(SystemExit, match=r"^error: GSM8K train set not found: .*gsm8k has no train.jsonl\. The "
+                                             r"few-shot exemplars are problems of it, .* pass --train-file, or pass "
+                                             r"--prompt-file with exemplars of your own\.$"):
+            runpy.run_path(str(EVAL / script), run_name="__main__")
+    data = tmp_path / "gsm8k"
+    data.mkdir()
+    (data / "test.jsonl").write_bytes((DATA / "gsm8k" / "test.jsonl").read_bytes())
+    _write_jsonl(data / "train.jsonl", TRAIN_RECORDS)
+    arguments = ["-d", str(data), "-o", str(tmp_path / "out"), "-c", str(tmp_path / "no-model")]
+    for script, extra, line in (("evaluate_gsm8k.py", [], 4998), ("evaluate_chat_gsm8k.py", ["--use-fewshot"], 7365)):
+        monkeypatch.setattr(sys, "argv", [script, *arguments, *extra])
+        with pytest.raises(SystemExit, match=rf"^error: .*train.jsonl is not GSM8K's train split as published: it "
+                                             rf"lacks the problem on line {line} of the official file, exemplar 1 "):
+            runpy.run_path(str(EVAL / script), run_name="__main__")
+    # --train-file names it anywhere; a missing one is named.
+    monkeypatch.setattr(sys, "argv", ["evaluate_gsm8k.py", *test_only, "--train-file", str(tmp_path / "nope.jsonl")])
+    with pytest.raises(SystemExit, match=r"^error: GSM8K train set '.*nope.jsonl' \(--train-file\) does not exist"):
+        runpy.run_path(str(EVAL / "evaluate_gsm8k.py"), run_name="__main__")
+
+
+# The SHA-256 of the original release's eval/gsm8k_prompt.txt, and of the user turn its chat script's --use-fewshot
+# built for the first question of tests/fixtures/eval/gsm8k/test.jsonl (both computed from the original's files).
+ORIGINAL_GSM8K_PROMPT_SHA256 = "b067972c3ba476496af49bacfc2ade83e4bc72c47a52f7f0e70d7d9e8f573e0d"
+ORIGINAL_CHAT_FEWSHOT_TURN_SHA256 = "20b8f83d2a00201796b5701fc779c891e458e5005ed0cb6b3cbf730ce0457769"
+
+
+@pytest.mark.skipif(not os.environ.get("QWEN_TEST_GSM8K_TRAIN"),
+                    reason="needs GSM8K's official train.jsonl: set QWEN_TEST_GSM8K_TRAIN to its path")
+def test_gsm8k_prompts_equal_the_originals_byte_for_byte(vocab_file, tmp_path, monkeypatch, capsys):
+    from qwen.checkpoint import write_random_checkpoint
+
+    # Tiny models whose context holds the whole 8-shot prompt (about 900 tokens).
+    checkpoints = {kind: write_random_checkpoint(tmp_path / kind, size="tiny", chat=kind == "chat", seq_length=2048)
+                   for kind in ("base", "chat")}
+    train = os.environ["QWEN_TEST_GSM8K_TRAIN"]
+    question = read_gsm8k(DATA / "gsm8k")[0].question
+    common = ["-d", str(DATA / "gsm8k"), "--train-file", train, "--limit", "1", "--max-new-tokens", "1", "--debug"]
+    assert run_script("evaluate_gsm8k.py", ["-c", str(checkpoints["base"]), "-o", str(tmp_path / "base"), *common],
+                      monkeypatch) == 0
+    prompt = capsys.readouterr().err.split("--- prompt ---\n")[1].split("\n--- answer ---")[0]
+    exemplars = prompt.removesuffix(f"\nQuestion: {question}\nLet's think step by step\n")
+    assert hashlib.sha256(exemplars.encode()).hexdigest() == ORIGINAL_GSM8K_PROMPT_SHA256
+    assert run_script("evaluate_chat_gsm8k.py", ["-c", str(checkpoints["chat"]), "-o", str(tmp_path / "chat"),
+                                                 "--use-fewshot", *common], monkeypatch) == 0
+    prompt = capsys.readouterr().err.split("--- prompt ---\n")[1].split("\n--- answer ---")[0]
+    turn = prompt.split("<|im_start|>user\n")[1].split("<|im_end|>\n<|im_start|>assistant\n")[0]
+    assert hashlib.sha256(turn.encode()).hexdigest() == ORIGINAL_CHAT_FEWSHOT_TURN_SHA256
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Batched letter scoring
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -142,7 +247,7 @@ def test_batched_letter_scores_equal_one_prompt_at_a_time(tiny_base):
                for s in subjects for q in s.questions for shots in (0, 5)]
     assert min(map(len, prompts)) < 100 and max(map(len, prompts)) > model.config.seq_length
     candidates = [tokenizer.encode(f" {letter}")[0] for letter in "ABCD"]
-    batched = torch.tensor(next_token_logprobs(model, prompts, candidates, tokenizer.eod_id, batch_size=4))
+    batched = torch.tensor(next_token_logprobs(model, prompts, candidates, tokenizer.eod_id, batch_size=8))
     alone = torch.tensor(next_token_logprobs(model, prompts, candidates, tokenizer.eod_id, batch_size=1))
     torch.testing.assert_close(batched, alone, atol=1e-4, rtol=1e-4)
     assert batched.argmax(-1).tolist() == alone.argmax(-1).tolist()
@@ -151,6 +256,49 @@ def test_batched_letter_scores_equal_one_prompt_at_a_time(tiny_base):
         reference = torch.stack([model(torch.tensor([p]), logits_to_keep=1).logits[0, -1].float()
                                  .log_softmax(-1)[candidates] for p in prompts])
     torch.testing.assert_close(batched, reference, atol=1e-4, rtol=1e-4)
+
+
+def _letter_logprobs(model, ids: list[int], candidates: list[int]) -> list[float]:
+    """The plain model's next-token log-probabilities of `candidates` after `ids`, one unpadded prompt."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]), logits_to_keep=1).logits[0, -1].float()
+    return logits.log_softmax(-1)[candidates].tolist()
+
+
+def test_base_prompts_are_cut_where_the_original_scripts_cut_them(tiny_base, tiny_base_dir, tmp_path, monkeypatch):
+    # The original MMLU script cut a prompt longer than --max-seq-len (default 2048) to its last max_seq_len - 1
+    # tokens; its C-Eval and CMMLU scripts took the same flag and never cut. Batch size 8, ours, against the
+    # original's one prompt at a time: the letters are the plain model's on the prompt the original would feed.
+    model, tokenizer = tiny_base
+    for benchmark in (tasks.MMLU, tasks.CEVAL, tasks.CMMLU):
+        assert tasks.choice_base_parser(benchmark).parse_args(["-d", "x"]).max_seq_len == 2048
+    for benchmark, layout, prefix in ((tasks.MMLU, MMLU_LAYOUT, " "), (tasks.CEVAL, CEVAL_LAYOUT, "")):
+        subjects = read_choice_subjects(DATA / benchmark.key, layout)
+        full = {(s.name, i): tokenizer.encode(benchmark.base_prompt(s.name, s.dev[:5], q), allowed_special=set())
+                for s in subjects for i, q in enumerate(s.questions)}
+        lengths = sorted(map(len, full.values()))
+        limit = lengths[len(lengths) // 2]  # about half the prompts are longer
+        assert lengths[0] <= limit < lengths[-1]
+        out = tmp_path / benchmark.key
+        arguments = ["-c", str(tiny_base_dir), "-d", str(DATA / benchmark.key), "-o", str(out), "--batch-size", "8",
+                     "--max-seq-len", str(limit)]
+        assert run_script(f"evaluate_{benchmark.key}.py", arguments, monkeypatch) == 0
+        candidates = [tokenizer.encode(prefix + letter)[0] for letter in "ABCD"]
+        cut = 0
+        for (subject, index), ids in full.items():
+            record = next(r for r in map(json.loads, (out / "items" / f"{subject}.jsonl").read_text().splitlines())
+                          if r["id"] == index)
+            fed = ids[len(ids) - limit + 1:] if benchmark is tasks.MMLU and len(ids) > limit else ids
+            cut += fed is not ids
+            assert list(record["logprobs"].values()) == pytest.approx(_letter_logprobs(model, fed, candidates),
+                                                                      abs=1e-4)
+            assert record["prediction"] == "ABCD"[max(range(4), key=lambda k: list(record["logprobs"].values())[k])]
+            assert record.get("truncated", False) == (fed is not ids)
+        results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+        if benchmark is tasks.MMLU:
+            assert cut > 0 and results["truncated_prompts"] == cut
+        else:
+            assert cut == 0 and "truncated_prompts" not in results
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -184,6 +332,19 @@ def test_micro_and_macro_averages():
     assert macro["overall"]["accuracy"] == pytest.approx((75.0 + 50.0) / 2)
 
 
+def test_category_rows_are_those_the_original_scripts_printed():
+    # MMLU: the original script's four groups, names and order (anatomy in stem, unlike the MMLU paper's grouping);
+    # C-Eval: C-Eval's four and "Hard"; CMMLU: five, "China specific" overlapping the others.
+    mmlu = tasks.MMLU.categories
+    assert [(name, len(subjects)) for name, subjects in mmlu.items()] == [
+        ("stem", 19), ("Humanities", 13), ("other", 13), ("social", 12)]
+    assert "anatomy" in mmlu["stem"] and len({s for subjects in mmlu.values() for s in subjects}) == 57
+    assert [(name, len(subjects)) for name, subjects in tasks.CEVAL.categories.items()] == [
+        ("STEM", 20), ("Social Science", 10), ("Humanities", 11), ("Other", 11), ("Hard", 8)]
+    assert [(name, len(subjects)) for name, subjects in tasks.CMMLU.categories.items()] == [
+        ("STEM", 17), ("Humanities", 13), ("Social Science", 22), ("Other", 15), ("China specific", 15)]
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The scripts, end to end
 # --------------------------------------------------------------------------------------------------------------------
@@ -193,7 +354,7 @@ SCRIPTS = {
     "evaluate_mmlu.py": ("base", "mmlu", [], 5),
     "evaluate_ceval.py": ("base", "ceval", [], 5),
     "evaluate_cmmlu.py": ("base", "cmmlu", [], 5),
-    "evaluate_gsm8k.py": ("base", "gsm8k", ["--max-new-tokens", "8"], 4),
+    "evaluate_gsm8k.py": ("base", "gsm8k", ["--max-new-tokens", "8", "--prompt-file", str(EXEMPLARS)], 4),
     "evaluate_humaneval.py": ("base", "humaneval", ["--max-new-tokens", "8"], 3),
     "evaluate_chat_mmlu.py": ("chat", "mmlu", ["--max-new-tokens", "8"], 5),
     "evaluate_chat_ceval.py": ("chat", "ceval", ["--max-new-tokens", "8"], 5),
@@ -261,6 +422,55 @@ def test_script_end_to_end(script, checkpoints, tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr()
     assert "results: " in printed.out and "%" in printed.out  # the table
     assert "%|" in printed.err  # the progress bar
+
+
+def _greedy_reply(model, tokenizer, prompt_ids: list[int], max_new_tokens: int, repetition_penalty: float) -> str:
+    """A chat reply decoded greedily by hand with the plain model: the argmax token after dividing (multiplying,
+    when negative) the logit of every token already in the sequence by `repetition_penalty`."""
+    ids, ends = list(prompt_ids), {tokenizer.im_end_id, tokenizer.im_start_id, tokenizer.eod_id}
+    for _ in range(max_new_tokens):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids]), logits_to_keep=1).logits[0, -1].float()
+        seen = torch.tensor(sorted(set(ids)))
+        logits[seen] = torch.where(logits[seen] < 0, logits[seen] * repetition_penalty,
+                                   logits[seen] / repetition_penalty)
+        token = int(logits.argmax())
+        if token in ends:
+            break
+        ids.append(token)
+    return tokenizer.decode(ids[len(prompt_ids):]).strip()
+
+
+def test_chat_replies_are_greedy_without_repetition_penalty(tiny_chat_dir, tiny_chat_model, tmp_path, monkeypatch):
+    # The original chat scripts set repetition_penalty = 1.0 whatever the checkpoint's generation_config.json says.
+    # This copy of the tiny chat checkpoint asks for 0.5 (seen tokens favoured), which changes its replies: the
+    # script's replies must be the plain greedy ones all the same.
+    import shutil
+
+    from qwen import QWenTokenizer
+    from qwen.qwen_generation_utils import make_context
+
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(tiny_chat_dir, checkpoint)
+    config_path = checkpoint / "generation_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config_path.write_text(json.dumps({**config, "repetition_penalty": 0.5}), encoding="utf-8")
+    tokenizer = QWenTokenizer.from_pretrained(checkpoint)
+    out = tmp_path / "out"
+    arguments = ["-c", str(checkpoint), "-d", str(DATA / "mmlu"), "-o", str(out), "--max-new-tokens", "12",
+                 "--limit", "1"]
+    assert run_script("evaluate_chat_mmlu.py", arguments, monkeypatch) == 0
+    assert json.loads((out / "run.json").read_text(encoding="utf-8"))["repetition_penalty"] == 1.0
+    penalized_differs = False
+    for subject in read_choice_subjects(DATA / "mmlu", MMLU_LAYOUT):
+        records = {r["id"]: r for r in map(json.loads, (out / "items" / f"{subject.name}.jsonl").read_text()
+                                           .splitlines())}
+        for index, question in enumerate(subject.questions[:1]):
+            query = tasks.MMLU.chat_prompt(question)
+            _, ids = make_context(tokenizer, query, history=[], system="You are a helpful assistant.")
+            assert records[index]["response"] == _greedy_reply(tiny_chat_model, tokenizer, ids, 12, 1.0)
+            penalized_differs |= records[index]["response"] != _greedy_reply(tiny_chat_model, tokenizer, ids, 12, 0.5)
+    assert penalized_differs
 
 
 def test_rerun_skips_finished_subjects_and_overwrite_recomputes(checkpoints, tmp_path, monkeypatch, capsys):
@@ -402,12 +612,13 @@ def test_original_command_lines_parse_to_their_meaning(script, monkeypatch, caps
 def test_original_spellings_run_chat_gsm8k_few_shot_with_a_sample_file(checkpoints, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # the results folder is the default one, under the working directory
     arguments = ["-c", str(checkpoints["chat"]), "-f", str(DATA / "gsm8k" / "test.jsonl"), "-o", "gsm8k_res.jsonl",
-                 "--use-fewshot", "--debug", "-s", "1", "--max-new-tokens", "8", "--batch-size", "3"]
+                 "--use-fewshot", "--debug", "-s", "1", "--max-new-tokens", "8", "--batch-size", "3",
+                 "--prompt-file", str(EXEMPLARS)]
     assert run_script("evaluate_chat_gsm8k.py", arguments, monkeypatch) == 0
     printed = capsys.readouterr()
     out = tmp_path / "eval_results" / "chat_gsm8k"
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))
-    assert results["mode"] == "chat, few-shot (gsm8k_prompt.txt), greedy" and results["overall"]["total"] == 4
+    assert results["mode"] == "chat, few-shot (exemplars.txt), greedy" and results["overall"]["total"] == 4
     assert json.loads((out / "run.json").read_text(encoding="utf-8"))["use_fewshot"] is True
     # The original's -o file: each problem with its completion and whether it was right.
     items = {item["id"]: item for item in map(json.loads, (out / "items" / "gsm8k.jsonl").read_text().splitlines())}
@@ -416,9 +627,9 @@ def test_original_spellings_run_chat_gsm8k_few_shot_with_a_sample_file(checkpoin
     assert [(s["question"], s["answer"]) for s in samples] == [(p.question, p.solution) for p in problems]
     assert [(s["completion"], s["acc"]) for s in samples] == [(items[i]["completion"], items[i]["correct"])
                                                               for i in range(4)]
-    # --debug shows each prompt: the exemplars of eval/gsm8k_prompt.txt, then the question, in the user turn.
+    # --debug shows each prompt: the exemplars of the prompt file, then the question, in the user turn.
     assert printed.err.count("--- prompt ---") == 4
-    first_exemplar = (EVAL / "gsm8k_prompt.txt").read_text(encoding="utf-8").splitlines()[0]
+    first_exemplar = EXEMPLARS.read_text(encoding="utf-8").splitlines()[0]
     assert f"<|im_start|>user\n{first_exemplar}" in printed.err
     assert f"Question: {problems[0].question}\nLet's think step by step<|im_end|>" in printed.err
 
@@ -445,6 +656,44 @@ def test_original_spellings_choose_tool_use_groups(checkpoints, tmp_path, monkey
     with pytest.raises(SystemExit, match=r"^error: --eval-hfagent .* is not available"):
         monkeypatch.setattr(sys, "argv", ["evaluate_plugin.py", *arguments, "--eval-hfagent"])
         runpy.run_path(str(EVAL / "evaluate_plugin.py"), run_name="__main__")
+
+
+def test_chat_humaneval_asks_with_the_original_prompt(checkpoints, tmp_path, monkeypatch, capsys):
+    # The original's current chat prompt (HumanEvalPack's): the signature in an instruction, the docstring's lines
+    # stripped, then the task's prompt, as one user turn after the default system prompt.
+    arguments = _arguments("evaluate_chat_humaneval.py", checkpoints, tmp_path / "out")
+    assert run_script("evaluate_chat_humaneval.py", [*arguments, "--debug", "--limit", "1"], monkeypatch) == 0
+    task = read_humaneval(DATA / "humaneval")[0]
+    assert task.prompt.startswith("from typing import List\n\n\ndef running_max(numbers: List[int]) -> List[int]:")
+    user_turn = ("Write a Python function `running_max(numbers: List[int]) -> List[int]` to solve the following "
+                 "problem:\nReturn the running maximum of a list: element i is the largest of numbers[:i + 1].\n"
+                 ">>> running_max([1, 3, 2, 5])\n[1, 3, 3, 5]\n\n" + task.prompt)
+    expected = (f"<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{user_turn}"
+                "<|im_end|>\n<|im_start|>assistant\n")
+    assert f"--- prompt ---\n{expected}\n--- answer ---" in capsys.readouterr().err
+
+
+def test_chat_humaneval_keeps_the_helpers_the_original_dropped():
+    # A right answer whose function calls a helper defined above it. The original kept only the lines after
+    # `def running_max` (checked with its extract_code), and that program fails on the missing helper; the whole
+    # fenced block is kept here, and passes. A wrong answer in the same shape still fails.
+    from evalkit.sandbox import Sandbox, run_many
+    from evalkit.scoring import chat_code_completion, humaneval_program
+
+    task = read_humaneval(DATA / "humaneval")[0]
+    body = ("    result, best = [], None\n    for number in numbers:\n        best = _larger(best, number)\n"
+            "        result.append(best)\n    return result")
+    reply = ("Here is the function:\n```python\ndef _larger(a, b):\n    return b if a is None else max(a, b)\n\n"
+             f"def running_max(numbers):\n{body}\n```\nIt keeps the largest number so far.")
+    original = body  # what the original's extraction returns for this reply
+    ours = chat_code_completion(reply, task.entry_point)
+    assert ours.startswith("\ndef _larger(a, b):") and ours.endswith(f"{body}\n")
+    wrong = chat_code_completion(reply.replace("max(a, b)", "min(a, b)"), task.entry_point)
+    programs = [humaneval_program(task.prompt, completion, task.test, task.entry_point)
+                for completion in (original, ours, wrong)]
+    results = run_many(programs, Sandbox(), workers=2)
+    assert [r.status for r in results] == ["failed", "passed", "failed"], results
+    assert "NameError: name '_larger' is not defined" in results[0].detail
 
 
 def test_debug_prints_base_prompts_and_answers(checkpoints, tmp_path, monkeypatch, capsys):

@@ -226,6 +226,8 @@ class MathProblem:
 
 
 GSM8K_SOURCE = "https://github.com/openai/grade-school-math (grade_school_math/data/test.jsonl)"
+GSM8K_TRAIN_SOURCE = ("https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/"
+                      "train.jsonl")
 
 
 def read_gsm8k(root: str | Path, limit: int | None = None) -> list[MathProblem]:
@@ -240,6 +242,25 @@ def read_gsm8k(root: str | Path, limit: int | None = None) -> list[MathProblem]:
             raise DataLayoutError(f"{path}: problem {number} has no '#### <number>' line in its answer.")
         problems.append(MathProblem(record["question"], record["answer"], answer))
     return problems[:limit] if limit is not None else problems
+
+
+def find_gsm8k_train(root: str | Path, train_file: str | Path | None = None) -> Path:
+    """GSM8K's train.jsonl, where the few-shot exemplars come from: `train_file`, else next to the test set (in the
+    folder `root`, or beside the file `root`)."""
+    if train_file is not None:
+        path = Path(train_file).expanduser()
+        if not path.is_file():
+            raise DataLayoutError(f"GSM8K train set {str(path)!r} (--train-file) does not exist. Get it from "
+                                  f"{GSM8K_TRAIN_SOURCE}.")
+        return path
+    root = Path(root).expanduser()
+    folder = root.parent if root.is_file() else root
+    if not (folder / "train.jsonl").is_file():
+        raise DataLayoutError(
+            f"GSM8K train set not found: {folder} has no train.jsonl. The few-shot exemplars are problems of it, as "
+            f"in the original scripts: put it next to test.jsonl (from {GSM8K_TRAIN_SOURCE}), pass --train-file, or "
+            "pass --prompt-file with exemplars of your own.")
+    return folder / "train.jsonl"
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,21 @@ from qwen.engine import GenerationEngine, SamplingParams
 
 
 def fit_prompt(ids: list[int], max_length: int) -> tuple[list[int], bool]:
-    """Keep the last `max_length` tokens, as the published scripts cut over-long prompts; (ids, whether cut)."""
+    """Keep the last `max_length` tokens, so that a prompt fits the engine's context; (ids, whether cut)."""
     if len(ids) <= max_length:
         return ids, False
     return ids[len(ids) - max_length:], True
+
+
+def cut_like_original_mmlu(ids: list[int], max_seq_len: int) -> tuple[list[int], bool]:
+    """The original MMLU script's rule for a prompt longer than `--max-seq-len`: it loses its beginning and keeps its
+    last `max_seq_len - 1` tokens (the original sliced from `length - max_seq_len + 1`); (ids, whether cut).
+
+    The original cut each padded batch, but ran one prompt per batch by default: this is that rule, per prompt.
+    """
+    if len(ids) <= max_seq_len:
+        return ids, False
+    return ids[len(ids) - max_seq_len + 1:], True
 
 
 def iter_next_token_logprobs(
@@ -69,12 +80,12 @@ def next_token_logprobs(
 
 
 def greedy_params(generation_config: Any, max_new_tokens: int | None, stop_token_ids: frozenset[int],
-                  stop_strings: Sequence[str] = ()) -> SamplingParams:
-    """Greedy decoding with the checkpoint's other settings (its repetition_penalty stays, as in the published runs,
-    which set only do_sample=False)."""
+                  stop_strings: Sequence[str] = (), repetition_penalty: float | None = None) -> SamplingParams:
+    """Greedy decoding with the checkpoint's other settings; `repetition_penalty`, when given, replaces the
+    checkpoint's (the original chat scripts set 1.0, its base and tool-use scripts kept the checkpoint's)."""
     return SamplingParams.from_generation_config(
         generation_config, do_sample=False, max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids,
-        stop_strings=tuple(stop_strings),
+        stop_strings=tuple(stop_strings), repetition_penalty=repetition_penalty,
     )
 
 

@@ -6,11 +6,11 @@ file, a custom subset) count in the overall score and their own row, just in no 
 
 from __future__ import annotations
 
-# MMLU: the four categories of the MMLU paper (Hendrycks et al., 2021), from the subcategories of its repository's
-# categories.py (math, physics, ... -> STEM; history, philosophy, law -> Humanities; ...).
+# MMLU: the four categories the original evaluate_mmlu.py printed, with its names and its grouping (close to the
+# MMLU paper's, but with anatomy in stem).
 MMLU_CATEGORIES: dict[str, list[str]] = {
-    "STEM": [
-        "abstract_algebra", "astronomy", "college_biology", "college_chemistry", "college_computer_science",
+    "stem": [
+        "abstract_algebra", "anatomy", "astronomy", "college_biology", "college_chemistry", "college_computer_science",
         "college_mathematics", "college_physics", "computer_security", "conceptual_physics", "electrical_engineering",
         "elementary_mathematics", "high_school_biology", "high_school_chemistry", "high_school_computer_science",
         "high_school_mathematics", "high_school_physics", "high_school_statistics", "machine_learning",
@@ -20,15 +20,15 @@ MMLU_CATEGORIES: dict[str, list[str]] = {
         "international_law", "jurisprudence", "logical_fallacies", "moral_disputes", "moral_scenarios", "philosophy",
         "prehistory", "professional_law", "world_religions",
     ],
-    "Social Sciences": [
+    "other": [
+        "business_ethics", "college_medicine", "human_aging", "management", "marketing", "medical_genetics",
+        "miscellaneous", "nutrition", "professional_accounting", "professional_medicine", "virology", "global_facts",
+        "clinical_knowledge",
+    ],
+    "social": [
         "econometrics", "high_school_geography", "high_school_government_and_politics", "high_school_macroeconomics",
         "high_school_microeconomics", "high_school_psychology", "human_sexuality", "professional_psychology",
         "public_relations", "security_studies", "sociology", "us_foreign_policy",
-    ],
-    "Other": [
-        "anatomy", "business_ethics", "clinical_knowledge", "college_medicine", "global_facts", "human_aging",
-        "management", "marketing", "medical_genetics", "miscellaneous", "nutrition", "professional_accounting",
-        "professional_medicine", "virology",
     ],
 }
 

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,21 +36,34 @@ from .data import (
     ChoiceLayout,
     DataLayoutError,
     Question,
+    find_gsm8k_train,
     read_choice_subjects,
     read_gsm8k,
     read_humaneval,
+    read_jsonl,
     read_tool_use,
 )
-from .inference import fit_prompt, generate, greedy_params, iter_next_token_logprobs, running_engine
+from .inference import (
+    cut_like_original_mmlu,
+    fit_prompt,
+    generate,
+    greedy_params,
+    iter_next_token_logprobs,
+    running_engine,
+)
 from .results import ResultsMismatchError, ResultStore, accuracy_summary, format_table, write_json
 from .sandbox import UNSAFE_FLAG, Sandbox, SandboxUnavailable, describe, require_isolation, run_many
 from .scoring import (
+    CHAT_GSM8K_TOLERANCE,
     COMPLETION_STOPS,
     chat_code_completion,
     extract_choice,
+    extract_choice_chinese,
     extract_math_answer,
     format_number,
     humaneval_program,
+    numbers_match,
+    rouge_tokens,
     score_tool_call,
     summarize_tool_use,
     tool_call_of,
@@ -58,7 +72,6 @@ from .scoring import (
 from .subjects import CEVAL_CATEGORIES, CMMLU_CATEGORIES, MMLU_CATEGORIES
 
 EVAL_DIR = Path(__file__).resolve().parents[1]
-DEFAULT_GSM8K_PROMPT = EVAL_DIR / "gsm8k_prompt.txt"
 
 
 @dataclass(frozen=True)
@@ -71,14 +84,22 @@ class ChoiceBenchmark:
     base_prompt: Callable[[str, Sequence[Question], Question], str]
     letter_prefix: str  # what precedes the letter in the scored next token: " A" after "Answer:", "A" after "答案："
     chat_prompt: Callable[[Question], str] | None
+    # The letter a chat reply picks and the rule that found it (reply, question): the original chat script's rules.
+    chat_letter: Callable[[str, Question], tuple[str, str]] | None
+    # Whether the base script cuts prompts longer than --max-seq-len: the original MMLU script did; its C-Eval and
+    # CMMLU scripts took the flag but never used it.
+    cuts_long_prompts: bool
 
 
 MMLU = ChoiceBenchmark("mmlu", "MMLU", MMLU_LAYOUT, "micro", MMLU_CATEGORIES, prompts.mmlu_base_prompt, " ",
-                       prompts.mmlu_chat_prompt)
+                       prompts.mmlu_chat_prompt, lambda reply, question: extract_choice(reply, question.options),
+                       cuts_long_prompts=True)
 CEVAL = ChoiceBenchmark("ceval", "C-Eval (val)", CEVAL_LAYOUT, "macro", CEVAL_CATEGORIES, prompts.chinese_base_prompt,
-                        "", prompts.ceval_chat_prompt)
+                        "", prompts.ceval_chat_prompt,
+                        lambda reply, question: extract_choice_chinese(reply, question.text, question.options),
+                        cuts_long_prompts=False)
 CMMLU = ChoiceBenchmark("cmmlu", "CMMLU", CMMLU_LAYOUT, "macro", CMMLU_CATEGORIES, prompts.chinese_base_prompt, "",
-                        None)
+                        None, None, cuts_long_prompts=False)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -117,6 +138,10 @@ def _positive_float(text: str) -> float:
 BASE_CHECKPOINT = "Qwen/Qwen-7B"
 CHAT_CHECKPOINT = "Qwen/Qwen-7B-Chat"
 DEFAULT_SEED = 1234  # the original scripts' -s default
+ORIGINAL_MAX_SEQ_LEN = 2048  # the original multiple-choice scripts' --max-seq-len default
+# The original chat scripts (MMLU, C-Eval, GSM8K, HumanEval) decode greedily with the repetition penalty turned off,
+# whatever the checkpoint's generation_config.json says; its base and tool-use scripts keep the checkpoint's.
+CHAT_REPETITION_PENALTY = 1.0
 # The original's spellings of -d: --eval_data_path in the multiple-choice scripts, -f/--sample-input-file (a file) in
 # the GSM8K and HumanEval ones.
 CHOICE_DATA_ALIASES = ("--eval_data_path",)
@@ -208,8 +233,9 @@ def _user_errors() -> Iterator[None]:
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     model, tokenizer = load_from_args(args)
-    # Every prompt is cut to fit the model by fit_prompt; the tokenizer's own "longer than the maximum length,
-    # indexing errors" warning (it knows only tokenizer_config's model_max_length) would only mislead.
+    # Prompts are cut where the original scripts cut them, and generation prompts to the engine's context; the
+    # tokenizer's own "longer than the maximum length, indexing errors" warning (it knows only tokenizer_config's
+    # model_max_length) would only mislead.
     tokenizer.model_max_length = sys.maxsize
     return model, tokenizer
 
@@ -250,10 +276,11 @@ def _generation_params(model: Any, tokenizer: Any, max_new_tokens: int | None, c
                        base_stops: Sequence[str]) -> SamplingParams:
     """Greedy settings for a script that has a chat and a base variant: the model kind is checked against the
     variant, and a reply ends where that kind's does (a chat turn's end, or <|endoftext|> and the benchmark's
-    stop strings)."""
+    stop strings). Chat replies are decoded without repetition penalty, base ones with the checkpoint's."""
     if chat:
         _require_chat_model(model, base_script)
-        return greedy_params(model.generation_config, max_new_tokens, chat_stop_token_ids(tokenizer))
+        return greedy_params(model.generation_config, max_new_tokens, chat_stop_token_ids(tokenizer),
+                             repetition_penalty=CHAT_REPETITION_PENALTY)
     _note_if_chat_model(model)
     return greedy_params(model.generation_config, max_new_tokens, frozenset({tokenizer.eod_id}), base_stops)
 
@@ -326,9 +353,14 @@ def choice_base_parser(benchmark: ChoiceBenchmark, description: str | None = Non
     _add_subjects_argument(parser)
     parser.add_argument("--shots", type=_non_negative_int, default=5,
                         help="solved examples from the dev split before each question (default 5)")
-    parser.add_argument("--max-seq-len", type=_positive_int,
-                        help="longest prompt in tokens; a longer one loses its start, as in the published runs "
-                             "(default: the model's seq_length)")
+    if benchmark.cuts_long_prompts:
+        parser.add_argument("--max-seq-len", type=_int_at_least(2), default=ORIGINAL_MAX_SEQ_LEN,
+                            help="a prompt longer than this many tokens loses its beginning and keeps its last "
+                                 f"MAX_SEQ_LEN - 1 tokens, as in the original script (default {ORIGINAL_MAX_SEQ_LEN})")
+    else:
+        parser.add_argument("--max-seq-len", type=_positive_int, default=ORIGINAL_MAX_SEQ_LEN,
+                            help="accepted for the original script's command lines, which took it but never used "
+                                 "it: prompts are not cut")
     return parser
 
 
@@ -344,16 +376,19 @@ def run_choice_base(benchmark: ChoiceBenchmark, argv: Sequence[str] | None = Non
                                       f"{args.shots} needs that many.")
         model, tokenizer = _load(args)
         _note_if_chat_model(model)
-        max_length = args.max_seq_len or model.config.seq_length
         output_dir = Path(args.output_dir)
-        store = ResultStore(output_dir, _manifest(benchmark.key, "base", args, model, shots=args.shots,
-                                                  max_seq_len=max_length), args.overwrite)
+        settings: dict[str, Any] = {"shots": args.shots}
+        if benchmark.cuts_long_prompts:
+            settings["max_seq_len"] = args.max_seq_len
+        store = ResultStore(output_dir, _manifest(benchmark.key, "base", args, model, **settings), args.overwrite)
         candidates = [_single_token(tokenizer, benchmark.letter_prefix + letter) for letter in CHOICES]
         jobs = _pending(store, subjects)
         prompt_ids, truncated = [], []
         for subject, _, question in jobs:
-            text = benchmark.base_prompt(subject.name, subject.dev[:args.shots], question)
-            ids, cut = fit_prompt(_encode(tokenizer, text), max_length)
+            ids = _encode(tokenizer, benchmark.base_prompt(subject.name, subject.dev[:args.shots], question))
+            cut = False
+            if benchmark.cuts_long_prompts:
+                ids, cut = cut_like_original_mmlu(ids, args.max_seq_len)
             prompt_ids.append(ids)
             truncated.append(cut)
         with _progress(len(jobs), f"{benchmark.title} {args.shots}-shot", "question") as bar:
@@ -364,17 +399,20 @@ def run_choice_base(benchmark: ChoiceBenchmark, argv: Sequence[str] | None = Non
                 record = {
                     "id": index, "answer": question.answer, "prediction": prediction,
                     "correct": prediction == question.answer, "logprobs": dict(zip(CHOICES, scores, strict=True)),
-                    "truncated": truncated[job],
                 }
+                if benchmark.cuts_long_prompts:
+                    record["truncated"] = truncated[job]
                 store.append(subject.name, record)
                 _debug(args, tokenizer, prompt_ids[job], record)
                 bar.update(1)
         records = _records(store, subjects)
         summary = accuracy_summary(records, benchmark.average, benchmark.categories)
-        results = {"benchmark": benchmark.title, "mode": f"base, {args.shots}-shot, next-token letter scores",
-                   "checkpoint": _checkpoint_name(args.checkpoint_path),
-                   "truncated_prompts": sum(bool(r.get("truncated")) for items in records.values() for r in items),
-                   **summary}
+        results: dict[str, Any] = {"benchmark": benchmark.title,
+                                   "mode": f"base, {args.shots}-shot, next-token letter scores",
+                                   "checkpoint": _checkpoint_name(args.checkpoint_path)}
+        if benchmark.cuts_long_prompts:
+            results["truncated_prompts"] = sum(bool(r.get("truncated")) for items in records.values() for r in items)
+        results.update(summary)
         _finish(output_dir, f"{benchmark.title}, {args.shots}-shot", results)
     return 0
 
@@ -388,17 +426,19 @@ def choice_chat_parser(benchmark: ChoiceBenchmark, description: str | None = Non
 
 def run_choice_chat(benchmark: ChoiceBenchmark, argv: Sequence[str] | None = None, description: str | None = None
                     ) -> int:
-    """Zero-shot multiple choice for chat models: a greedy reply, and the letter it picks (scoring.extract_choice)."""
-    if benchmark.chat_prompt is None:
+    """Zero-shot multiple choice for chat models: a greedy reply, and the letter it picks (the benchmark's chat_letter)."""
+    if benchmark.chat_prompt is None or benchmark.chat_letter is None:
         raise ValueError(f"{benchmark.title} has no chat prompt")
     args = _parse(choice_chat_parser(benchmark, description), argv)
     with _user_errors():
         subjects = read_choice_subjects(args.data_dir, benchmark.layout, args.subjects, args.limit)
         model, tokenizer = _load(args)
         _require_chat_model(model, f"evaluate_{benchmark.key}.py")
-        params = greedy_params(model.generation_config, args.max_new_tokens, chat_stop_token_ids(tokenizer))
+        params = greedy_params(model.generation_config, args.max_new_tokens, chat_stop_token_ids(tokenizer),
+                               repetition_penalty=CHAT_REPETITION_PENALTY)
         output_dir = Path(args.output_dir)
-        manifest = _manifest(benchmark.key, "chat", args, model, max_new_tokens=params.max_new_tokens)
+        manifest = _manifest(benchmark.key, "chat", args, model, max_new_tokens=params.max_new_tokens,
+                             repetition_penalty=params.repetition_penalty)
         store = ResultStore(output_dir, manifest, args.overwrite)
         jobs = _pending(store, subjects)
         with running_engine(model, tokenizer, args.batch_size) as engine, \
@@ -410,7 +450,7 @@ def run_choice_chat(benchmark: ChoiceBenchmark, argv: Sequence[str] | None = Non
             def save(job: int, text: str, finish_reason: str) -> None:
                 subject, index, question = jobs[job]
                 response = text.strip()
-                prediction, rule = extract_choice(response, question.options)
+                prediction, rule = benchmark.chat_letter(response, question)
                 record = {
                     "id": index, "answer": question.answer, "prediction": prediction, "rule": rule,
                     "correct": prediction == question.answer, "response": response,
@@ -436,9 +476,13 @@ def gsm8k_parser(chat: bool, description: str | None = None) -> argparse.Argumen
     parser = _parser(description, "chat_gsm8k" if chat else "gsm8k",
                      "folder holding GSM8K's test.jsonl (or the file itself)", generates=True, chat=chat,
                      data_aliases=FILE_DATA_ALIASES, sample_file="each problem with its completion and acc")
-    parser.add_argument("--prompt-file", default=str(DEFAULT_GSM8K_PROMPT),
-                        help="the few-shot exemplars put before each question (default eval/gsm8k_prompt.txt)"
-                             + ("; chat models get them with --use-fewshot" if chat else ""))
+    shots = "four" if chat else "eight"
+    parser.add_argument("--train-file",
+                        help=f"GSM8K's train.jsonl, of which the original's {shots} few-shot exemplars are problems "
+                             "(default: train.jsonl next to test.jsonl)")
+    parser.add_argument("--prompt-file",
+                        help="a file of few-shot exemplars of your own to put before each question, instead of the "
+                             "original's" + ("; chat models get them with --use-fewshot" if chat else ""))
     if chat:
         parser.add_argument("--use-fewshot", action="store_true",
                             help="put the few-shot exemplars before the question in the user turn (default: the "
@@ -452,18 +496,25 @@ def run_gsm8k(chat: bool, argv: Sequence[str] | None = None, description: str | 
     the solution, compared exactly with the reference."""
     args = _parse(gsm8k_parser(chat, description), argv)
     few_shot = not chat or args.use_fewshot
+    tolerance = CHAT_GSM8K_TOLERANCE if chat else Decimal(0)
     with _user_errors():
         problems = read_gsm8k(args.data_dir, args.limit)
         exemplars = ""
-        if few_shot:
+        if few_shot and args.prompt_file is not None:
             prompt_file = Path(args.prompt_file)
             if not prompt_file.is_file():
                 raise DataLayoutError(f"Few-shot prompt file {str(prompt_file)!r} does not exist.")
             exemplars = prompt_file.read_text(encoding="utf-8")
+        elif few_shot:
+            train = find_gsm8k_train(args.data_dir, args.train_file)
+            exemplars = prompts.gsm8k_exemplars(read_jsonl(train, ["question", "answer"], "GSM8K"),
+                                                prompts.GSM8K_CHAT_EXEMPLARS if chat else prompts.GSM8K_BASE_EXEMPLARS,
+                                                str(train))
         model, tokenizer = _load(args)
         params = _generation_params(model, tokenizer, args.max_new_tokens, chat, "evaluate_gsm8k.py",
                                     prompts.GSM8K_STOPS)
-        settings: dict[str, Any] = {"max_new_tokens": params.max_new_tokens}
+        settings: dict[str, Any] = {"max_new_tokens": params.max_new_tokens,
+                                    "repetition_penalty": params.repetition_penalty}
         if chat and few_shot:
             settings["use_fewshot"] = True
         if few_shot:
@@ -493,7 +544,8 @@ def run_gsm8k(chat: bool, argv: Sequence[str] | None = None, description: str | 
                 predicted = extract_math_answer(completion)
                 record = {
                     "id": index, "answer": format_number(problems[index].answer),
-                    "prediction": format_number(predicted), "correct": predicted == problems[index].answer,
+                    "prediction": format_number(predicted),
+                    "correct": numbers_match(predicted, problems[index].answer, tolerance),
                     "completion": completion,
                 }
                 store.append("gsm8k", record)
@@ -507,7 +559,8 @@ def run_gsm8k(chat: bool, argv: Sequence[str] | None = None, description: str | 
         _write_sample_file(args.sample_output_file, (
             {"question": problem.question, "answer": problem.solution, "completion": saved[str(i)]["completion"],
              "acc": saved[str(i)]["correct"]} for i, problem in enumerate(problems) if str(i) in saved))
-        shots = f"few-shot ({Path(args.prompt_file).name})"
+        shots = (f"few-shot ({Path(args.prompt_file).name})" if args.prompt_file is not None else
+                 f"{4 if chat else 8}-shot (the original's exemplars)")
         mode = (f"chat, {shots if few_shot else '0-shot'}, greedy" if chat else f"base, {shots}, greedy")
         results = {"benchmark": "GSM8K", "mode": mode, "checkpoint": _checkpoint_name(args.checkpoint_path),
                    **summary}
@@ -548,6 +601,13 @@ def run_humaneval(chat: bool, argv: Sequence[str] | None = None, description: st
     sandbox = Sandbox(timeout=args.timeout, memory_mb=args.memory_mb, allow_unisolated=args.allow_unsafe_execution)
     with _user_errors():
         tasks = read_humaneval(args.data_dir, args.limit)
+        queries: dict[str, str] = {}  # the chat model's user turn of each task
+        for task in tasks if chat else []:
+            query = prompts.humaneval_chat_prompt(task.prompt, task.entry_point)
+            if query is None:
+                raise DataLayoutError(f"HumanEval task {task.task_id}: its prompt has no one-line 'def "
+                                      f"{task.entry_point}(...):' or no docstring, which the chat prompt quotes.")
+            queries[task.task_id] = query
         isolation = require_isolation(sandbox)  # before the model loads: a refusal costs a second, not a run
         if isolation.bwrap is None:
             print(f"WARNING: model-written programs will run WITHOUT isolation ({UNSAFE_FLAG}): "
@@ -556,7 +616,8 @@ def run_humaneval(chat: bool, argv: Sequence[str] | None = None, description: st
         model, tokenizer = _load(args)
         params = _generation_params(model, tokenizer, args.max_new_tokens, chat, "evaluate_humaneval.py",
                                     () if chat else COMPLETION_STOPS[args.stop])
-        settings: dict[str, Any] = {"max_new_tokens": params.max_new_tokens}
+        settings: dict[str, Any] = {"max_new_tokens": params.max_new_tokens,
+                                    "repetition_penalty": params.repetition_penalty}
         if not chat:
             settings["stop"] = args.stop
         output_dir = Path(args.output_dir)
@@ -568,7 +629,7 @@ def run_humaneval(chat: bool, argv: Sequence[str] | None = None, description: st
                 _progress(len(todo), "HumanEval chat" if chat else "HumanEval", "task") as bar:
             room = _generation_room(engine, params.max_new_tokens)
             prompt_ids = [
-                fit_prompt(_chat_prompt_ids(tokenizer, model, prompts.HUMANEVAL_CHAT_INSTRUCTION + task.prompt)
+                fit_prompt(_chat_prompt_ids(tokenizer, model, queries[task.task_id])
                            if chat else _encode(tokenizer, task.prompt), room)[0]
                 for task in todo
             ]
@@ -656,18 +717,19 @@ def run_tool_use(argv: Sequence[str] | None = None, description: str | None = No
                   for group in chosen or ["positive", "negative"]}
         for number, sample in enumerate(groups.get("positive", []), start=1):
             if tool_call_of(sample.reference) is None:
-                raise DataLayoutError(f"{args.positive_file}: sample {number}'s response calls no tool (no "
-                                      "'Action:' and 'Action Input:' lines); every positive sample must.")
+                raise DataLayoutError(f"{args.positive_file}: sample {number}'s response calls no tool (no line "
+                                      "starting with 'Action: '); every positive sample must.")
         model, tokenizer = _load(args)
         _require_chat_model(model, None)
         params = greedy_params(model.generation_config, args.max_new_tokens, chat_stop_token_ids(tokenizer),
                                REACT_STOP_WORDS)
         output_dir = Path(args.output_dir)
-        manifest = _manifest("plugin", "chat", args, model, max_new_tokens=params.max_new_tokens)
+        manifest = _manifest("plugin", "chat", args, model, max_new_tokens=params.max_new_tokens,
+                             repetition_penalty=params.repetition_penalty)
         store = ResultStore(output_dir, manifest, args.overwrite)
 
-        def tokenize(text: str) -> list[int]:
-            return _encode(tokenizer, text)
+        def tokenize(text: str) -> list[str]:
+            return rouge_tokens(tokenizer, text)
 
         jobs = [(group, index) for group, samples in groups.items()
                 for index in range(len(samples)) if str(index) not in store.load(group)]
