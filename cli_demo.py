@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from qwen.engine import GenerationEngine, RequestHandle, SamplingParams, chat_stop_token_ids
-from qwen.loading import add_model_arguments, load_from_args
+from qwen.loading import USAGE_NOTICE, add_model_arguments, load_from_args
 from qwen.qwen_generation_utils import DEFAULT_MAX_WINDOW_SIZE, DEFAULT_SYSTEM_PROMPT, HistoryType, make_context
 
 DEFAULT_SEED = 1234  # the original cli_demo.py's default
@@ -37,14 +37,7 @@ REPLY_PREFIX = "Qwen-Chat: "  # the original's, which scripts reading the chat m
 # Exit statuses, as the original's: Ctrl-C at the prompt ended it with 1, and :q with 0.
 EXIT_OK, EXIT_CTRL_C_AT_PROMPT = 0, 1
 
-# The same information as the original's welcome (commands, the model's license, harmful content), in our words; the
-# web demo shows USAGE_NOTICE too.
-USAGE_NOTICE = (
-    "Note: this demo is used under the license of the Qwen model it runs. Please do not use it to create harmful "
-    "content on purpose, nor let others do so: hate speech, violence, pornography, fraud and the like.\n"
-    "（提示：使用本演示须遵守所运行的 Qwen 模型的许可协议。请勿借助它故意生成有害内容，也不要让他人这样做，"
-    "例如仇恨言论、暴力、色情、欺诈等。）"
-)
+# The same information as the original's welcome (commands, the model's license, harmful content), in our words.
 WELCOME = (
     "Welcome! You are chatting with Qwen-Chat: type a message and press Enter; :h lists the commands.\n"
     "（欢迎！这里是 Qwen-Chat 对话：输入消息后回车即可；输入 :h 查看所有命令。）\n\n" + USAGE_NOTICE + "\n"

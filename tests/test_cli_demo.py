@@ -341,8 +341,14 @@ def test_unusable_generation_settings_are_refused_at_start(tiny_chat_dir, tmp_pa
     assert result.stdout == ""
 
 
-def test_every_option_shows_its_default():
-    assert options_hiding_their_default(import_script(CLI).build_parser()) == []
+def test_the_originals_options_and_defaults_and_every_default_shown():
+    parser = import_script(CLI).build_parser()
+    assert options_hiding_their_default(parser) == []
+    args = parser.parse_args([])
+    assert (args.checkpoint_path, args.seed, args.cpu_only) == ("Qwen/Qwen-7B-Chat", 1234, False)
+    args = parser.parse_args(["-c", "x", "-s", "5", "--cpu-only"])
+    assert (args.checkpoint_path, args.seed, args.cpu_only) == ("x", 5, True)
+    assert parser.parse_args(["--checkpoint-path", "y", "--seed", "6"]).seed == 6
 
 
 def test_an_error_message_is_one_safe_line():
