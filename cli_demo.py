@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -26,33 +27,42 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from qwen.engine import GenerationEngine, RequestHandle, SamplingParams, chat_stop_token_ids
-from qwen.loading import add_model_arguments, load_from_args
+from qwen.loading import USAGE_NOTICE, add_model_arguments, load_from_args
 from qwen.qwen_generation_utils import DEFAULT_MAX_WINDOW_SIZE, DEFAULT_SYSTEM_PROMPT, HistoryType, make_context
 
 DEFAULT_SEED = 1234  # the original cli_demo.py's default
 MAX_SEED = 2**64 - 1  # the largest seed torch.Generator.manual_seed takes
 USER_PROMPT = "User> "
-REPLY_PREFIX = "Qwen: "
+REPLY_PREFIX = "Qwen-Chat: "  # the original's, which scripts reading the chat may look for
+# Exit statuses, as the original's: Ctrl-C at the prompt ended it with 1, and :q with 0.
+EXIT_OK, EXIT_CTRL_C_AT_PROMPT = 0, 1
 
+# The same information as the original's welcome (commands, the model's license, harmful content), in our words.
 WELCOME = (
-    "Chat with Qwen: type a message and press Enter. :h shows the commands, :q or Ctrl-D quits, "
-    "Ctrl-C stops a reply."
+    "Welcome! You are chatting with Qwen-Chat: type a message and press Enter; :h lists the commands.\n"
+    "（欢迎！这里是 Qwen-Chat 对话：输入消息后回车即可；输入 :h 查看所有命令。）\n\n" + USAGE_NOTICE + "\n"
 )
 HELP = """\
-Commands:
-    :help / :h              show this help
-    :exit / :quit / :q      quit (Ctrl-D too)
-    :clear / :cl            clear the screen
-    :clear-his / :clh       clear the conversation history
-    :history / :his         show the conversation history
-    :seed                   show the random seed used for sampling
-    :seed <N>               set the seed (each reply is sampled from it, so one prompt and seed give one reply)
-    :conf                   show the generation settings
-    :conf <key>=<value>     change settings, e.g. :conf temperature=0.7 top_p=0.9 (several pairs allowed)
-    :reset-conf             restore the checkpoint's generation settings
-Ctrl-C while Qwen replies stops the reply; a stopped reply is NOT kept in the history, so the next message is
-answered as if that question had not been asked. Ctrl-C at the prompt drops the line being typed. A line starting
-with ':' and a letter is read as a command."""
+Commands (命令):
+    :help / :h              show this help                             显示本说明
+    :exit / :quit / :q      quit (Ctrl-D too)                          退出（也可按 Ctrl-D）
+    :clear / :cl            clear the screen                           清空屏幕
+    :clear-his / :clh       forget the conversation so far             清空对话记录
+    :history / :his         show the conversation so far               查看对话记录
+    :seed                   show the random seed                       查看随机种子
+    :seed <N>               set the seed to N                          把随机种子设为 N
+    :conf                   show the generation settings               查看生成参数
+    :conf <key>=<value>     change settings, e.g. :conf top_p=0.9      修改生成参数，可一次写多组
+    :reset-conf             go back to the checkpoint's settings       恢复模型自带的生成参数
+Each reply is sampled from the seed, so one question and one seed give one reply. Ctrl-C while Qwen replies stops
+the reply, and a stopped reply is NOT kept in the history: the next message is answered as if that question had not
+been asked. Ctrl-C at the prompt quits (exit status 1). A line starting with ':' that is none of these commands
+(they are case-sensitive) is sent to Qwen as a message.
+（每次回复都由随机种子抽样，同一问题与同一种子得到同一回复。
+回复途中按 Ctrl-C 会停止该回复，且这一轮不计入对话记录；在输入提示处按 Ctrl-C 则退出（退出码 1）。
+以 ':' 开头但不是上述命令的行（命令区分大小写）会作为消息发给 Qwen。）"""
+COMMANDS = ("help", "h", "exit", "quit", "q", "clear", "cl", "clear-his", "clh", "history", "his", "seed", "conf",
+            "reset-conf")
 
 # What `:conf` may change, and the type each takes. These are the fields the engine's SamplingParams honours, plus
 # max_window_size, which decides how much history fits in the prompt.
@@ -66,7 +76,6 @@ EDITABLE_FIELDS: dict[str, type] = {
     "max_window_size": int,
 }
 SAMPLING_FIELDS = ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "repetition_penalty")
-_COMMAND = re.compile(r"^:[A-Za-z]")
 # C0 controls except newline and tab, DEL and C1 controls: a model's text must never drive the user's terminal.
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
@@ -84,8 +93,6 @@ def one_line(text: str | None) -> str:
 def parse_value(name: str, text: str) -> Any:
     """The value `text` gives field `name`, parsed as a Python literal (never evaluated); ValueError if unfit."""
     kind = EDITABLE_FIELDS[name]
-    if kind is bool and text.lower() in ("true", "false"):  # people type true/false as often as True/False
-        return text.lower() == "true"
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
@@ -236,30 +243,28 @@ class ChatSession:
         self.out.write(text + "\n")
         self.out.flush()
 
-    def run_command(self, line: str) -> bool:
-        """Carry out a `:command`; False means the user asked to quit."""
-        name, _, rest = line[1:].partition(" ")
-        name, rest = name.lower(), rest.strip()
+    def run_command(self, name: str, words: list[str]) -> bool:
+        """Carry out command `name` (one of COMMANDS) with the words after it; False means the user asked to quit."""
         if name in ("exit", "quit", "q"):
             return False
         if name in ("help", "h"):
             self.say(HELP)
         elif name in ("clear", "cl"):
             self.clear_screen()
+            self.say(WELCOME)
         elif name in ("clear-his", "clh"):
+            self.say(f"[INFO] History cleared ({len(self.history)} turns forgotten).")
             self.history.clear()
-            self.say("History cleared.")
         elif name in ("history", "his"):
             self.show_history()
         elif name == "seed":
-            self.seed_command(rest)
+            self.seed_command(words)
         elif name == "conf":
-            self.conf_command(rest)
+            self.conf_command(words)
         elif name == "reset-conf":
             self.conf = copy.deepcopy(self.default_conf)
-            self.say("Generation settings reset to the checkpoint's.")
-        else:
-            self.say(f"warning: unknown command :{name}; type :h for the list.")
+            self.say("[INFO] Generation settings reset to the checkpoint's.")
+            self.show_conf()
         return True
 
     def clear_screen(self) -> None:
@@ -270,59 +275,57 @@ class ChatSession:
             self.out.flush()
 
     def show_history(self) -> None:
-        if not self.history:
-            self.say("History is empty.")
-            return
+        """The original's layout: a title rule, `User[i]:` and `QWen[i]:` lines numbered from 0, a closing rule."""
+        width = shutil.get_terminal_size().columns
         safe = self.out.isatty()
-        for number, (query, response) in enumerate(self.history, start=1):
+        self.say(f"History ({len(self.history)})".center(width, "="))
+        for number, (query, response) in enumerate(self.history):
             if safe:
                 query, response = terminal_safe(query), terminal_safe(response)
-            self.say(f"[{number}/{len(self.history)}] User: {query}")
-            self.say(f"[{number}/{len(self.history)}] Qwen: {response}")
+            self.say(f"User[{number}]: {query}")
+            self.say(f"QWen[{number}]: {response}")
+        self.say("=" * width)
 
-    def seed_command(self, rest: str) -> None:
-        if not rest:
-            self.say(f"Seed: {self.seed}")
+    def seed_command(self, words: list[str]) -> None:
+        if not words:
+            self.say(f"[INFO] Random seed: {self.seed}")
             return
         try:
-            seed = int(rest)
+            seed = int(words[0])
         except ValueError:
             seed = -1
         if not 0 <= seed <= MAX_SEED:
-            self.say(f"warning: the seed must be a whole number from 0 to {MAX_SEED}, not {rest!r}; seed unchanged.")
+            self.say(f"[WARNING] The seed must be a whole number from 0 to {MAX_SEED}, not {words[0]!r}; "
+                     "seed unchanged.")
             return
         self.seed = seed
-        self.say(f"Seed set to {seed}.")
+        self.say(f"[INFO] Random seed set to {seed}.")
 
-    def conf_command(self, rest: str) -> None:
-        if not rest:
+    def conf_command(self, words: list[str]) -> None:
+        """Apply each `key=value` pair in turn; a bad pair is reported and skipped, the others still apply."""
+        if not words:
             self.show_conf()
             return
-        # All pairs or none: a typo in one leaves the settings exactly as they were.
-        candidate = copy.deepcopy(self.conf)
-        for pair in rest.split():
+        for pair in words:
             key, equals, text = pair.partition("=")
             if not equals or not key or not text:
-                self.say(f"warning: {pair!r} is not key=value (e.g. :conf top_p=0.9); nothing changed.")
-                return
+                self.say(f"[WARNING] {pair!r} is not key=value (e.g. :conf top_p=0.9); skipped.")
+                continue
             if key not in EDITABLE_FIELDS:
-                self.say(f"warning: unknown setting {key!r}; settable: {', '.join(EDITABLE_FIELDS)}. Nothing changed.")
-                return
+                self.say(f"[WARNING] Unknown setting {key!r} (settable: {', '.join(EDITABLE_FIELDS)}); skipped.")
+                continue
             try:
                 value = parse_value(key, text)
                 if key == "max_window_size" and value < 1:
                     raise ValueError("max_window_size must be at least 1")
+                candidate = copy.deepcopy(self.conf)
+                setattr(candidate, key, value)
+                self.sampling_params(candidate)  # what the engine would refuse is refused here, not at the reply
             except ValueError as error:
-                self.say(f"warning: {error}; nothing changed.")
-                return
-            setattr(candidate, key, value)
-        try:
-            self.sampling_params(candidate)
-        except ValueError as error:
-            self.say(f"warning: {error} Nothing changed.")
-            return
-        self.conf = candidate
-        self.say("Generation settings updated.")
+                self.say(f"[WARNING] {key}: {str(error).rstrip('.')}; skipped.")
+                continue
+            self.conf = candidate
+            self.say(f"[INFO] {key} = {value!r}")
 
     def show_conf(self) -> None:
         """The values the next reply uses (fallbacks filled in), which are not always what the config file says."""
@@ -342,6 +345,20 @@ class ChatSession:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def split_command(line: str) -> tuple[str, list[str]] | None:
+    """(name, words after it) when `line` is a command, else None: the line is a message for the model.
+
+    As in the original, a command is a line starting with ':' whose first word (spaces after the colon allowed) is
+    one of COMMANDS, exactly; any other line, `:` alone or `:Help` included, is sent to the model as typed.
+    """
+    if not line.startswith(":"):
+        return None
+    words = line[1:].split()
+    if not words or words[0] not in COMMANDS:
+        return None
+    return words[0], words[1:]
+
+
 def enable_line_editing() -> None:
     """Arrow keys and input history for `input()`, where the platform has readline."""
     if not sys.stdin.isatty():
@@ -359,29 +376,35 @@ def chat_loop(session: ChatSession, read: Callable[[str], str] = input) -> int:
     while True:
         try:
             line = read(USER_PROMPT).strip()
-        except EOFError:  # Ctrl-D
+        except EOFError:  # Ctrl-D, or the end of piped input: a normal end, as :q
             session.say()
-            return 0
-        except KeyboardInterrupt:  # Ctrl-C at the prompt drops the line being typed, like a shell
-            session.say("\n(type :q or press Ctrl-D to quit)")
+            return EXIT_OK
+        except KeyboardInterrupt:  # Ctrl-C at the prompt quits, as in the original
+            session.say()  # so that the shell's prompt does not follow "User> ^C" on the same line
+            return EXIT_CTRL_C_AT_PROMPT
+        except UnicodeDecodeError as error:  # bytes the terminal's encoding cannot read (with strict decoding)
+            session.say(f"[ERROR] The line could not be decoded ({error.reason}); please type it again.")
             continue
         if not line:
+            session.say("[ERROR] Empty message: type some text, or :h for the commands.")
             continue
-        if _COMMAND.match(line):
-            if not session.run_command(line):
-                return 0
+        command = split_command(line)
+        if command is not None:
+            if not session.run_command(*command):
+                return EXIT_OK
             continue
-        session.out.write(REPLY_PREFIX)
+        session.out.write("\n" + REPLY_PREFIX)
         session.out.flush()
         try:
             reply = session.reply(line)
         except ValueError as error:  # the prompt does not fit in the context
-            session.say(f"\nerror: {error}")
+            session.say(f"\n[ERROR] {error}")
             continue
         if reply.finish_reason == "cancelled":
-            session.say("\n(reply stopped; this turn is not added to the history)")
+            session.say("\n[WARNING] Reply stopped; this turn is not added to the history.")
         elif reply.finish_reason == "error":
-            session.say(f"\nerror: generation failed ({one_line(reply.error)}); this turn is not added to the history")
+            session.say(f"\n[ERROR] Generation failed ({one_line(reply.error)}); this turn is not added to the "
+                        "history.")
         else:
             session.say("\n")
 

@@ -30,7 +30,9 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import gradio as gr  # noqa: E402
 
 from qwen.engine import GenerationEngine, RequestHandle, SamplingParams, chat_stop_token_ids  # noqa: E402
-from qwen.loading import DEMO_NOTICE, add_model_arguments, is_demo_checkpoint, load_from_args  # noqa: E402
+from qwen.loading import (  # noqa: E402
+    DEMO_NOTICE, USAGE_NOTICE, add_model_arguments, is_demo_checkpoint, load_from_args,
+)
 from qwen.qwen_generation_utils import (  # noqa: E402
     DEFAULT_MAX_WINDOW_SIZE,
     DEFAULT_SYSTEM_PROMPT,
@@ -212,6 +214,7 @@ CONTENT_SECURITY_POLICY = "; ".join([
 # own classes, say). Form controls from a message are not shown: nothing in a reply asks for input. (The copy button
 # of a code block is Gradio's, and a task list's checkbox is disabled.)
 PAGE_CSS = """
+#header { text-align: center; }
 #chatbot .message-content { contain: paint; }
 #chatbot .message-content :is(form, select, textarea, input:not([type="checkbox"][disabled]),
                               button:not(.copy_code_button)) { display: none !important; }
@@ -247,6 +250,22 @@ def launch_demo(demo: gr.Blocks, **launch_options: Any) -> Any:
                        **launch_options)
 
 
+# The models and code the original page linked to.
+MODEL_LINKS = " | ".join(
+    [f"{name}: [ModelScope](https://modelscope.cn/models/qwen/{name}/summary), "
+     f"[Hugging Face](https://huggingface.co/Qwen/{name})" for name in ("Qwen-7B", "Qwen-7B-Chat", "Qwen-14B",
+                                                                     "Qwen-14B-Chat")]
+    + ["[GitHub](https://github.com/QwenLM/Qwen)"]
+)
+# Display math first, so that `$$` is not read as two empty inline formulas.
+LATEX_DELIMITERS = [
+    {"left": "$$", "right": "$$", "display": True},
+    {"left": "\\[", "right": "\\]", "display": True},
+    {"left": "$", "right": "$", "display": False},
+    {"left": "\\(", "right": "\\)", "display": False},
+]
+
+
 def build_demo(
     engine: GenerationEngine,
     tokenizer: Any,
@@ -259,25 +278,27 @@ def build_demo(
     """The chat page. Each tab's conversation lives in its Chatbot; all that tabs share is the engine."""
     chat = WebChat(engine, tokenizer, params, system=system, max_window_size=max_window_size)
     # The default theme's fonts are files Gradio serves itself (no font CDN), so the page stays offline as it is.
-    with gr.Blocks(title="Qwen Chat", analytics_enabled=False) as demo:
-        gr.Markdown(f"# Qwen Chat\nModel: `{model_name}`. Replies stream as they are written; Markdown and code are "
-                    "rendered.")
+    with gr.Blocks(title="Qwen-Chat Bot", analytics_enabled=False) as demo:
+        # The original page's header (without its logo, which came from another host) and model links.
+        gr.Markdown(f"# Qwen-Chat Bot\nA chat with `{model_name}`, a Qwen-Chat model made by Alibaba Cloud. "
+                    f"（与 Qwen-Chat 模型 `{model_name}` 聊天的网页演示。）\n\n{MODEL_LINKS}", elem_id="header")
         if demo_notice:
             gr.Markdown(f"> ⚠️ **Random weights.** {DEMO_NOTICE}", elem_id="demo-notice")
         # sanitize_html (Gradio's default, stated here): scripts, event handlers and javascript: links are removed.
-        chatbot = gr.Chatbot(elem_id="chatbot", label="Qwen", height=460, sanitize_html=True)
-        # One line high: Enter sends (a taller Gradio 6 textbox sends on Shift+Enter); Shift+Enter adds a line.
-        message = gr.Textbox(elem_id="msg", show_label=False, lines=1, max_lines=8,
-                             placeholder="Ask something and press Enter (Shift+Enter for a new line)")
+        # LaTeX between the delimiters the original's converter (mdtex2html) read is rendered, by KaTeX here.
+        chatbot = gr.Chatbot(elem_id="chatbot", label="Qwen-Chat", height=460, sanitize_html=True,
+                             latex_delimiters=LATEX_DELIMITERS)
+        # As the original's: two lines high, Enter starts a new line, and Submit sends.
+        message = gr.Textbox(elem_id="msg", label="Input", lines=2)
         with gr.Row():
-            submit_btn = gr.Button("Submit", variant="primary", elem_id="submit-btn")
-            regen_btn = gr.Button("Regenerate", elem_id="regen-btn")
-            stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn")
-            clear_btn = gr.Button("Clear history", elem_id="clear-btn")
+            clear_btn = gr.Button("🧹 Clear History (清除历史)", elem_id="clear-btn")
+            submit_btn = gr.Button("🚀 Submit (发送)", elem_id="submit-btn")
+            regen_btn = gr.Button("🤔️ Regenerate (重试)", elem_id="regen-btn")
+            stop_btn = gr.Button("⏹️ Stop (停止)", variant="stop", elem_id="stop-btn")
 
         def respond(text: str, messages: ChatMessages, event: gr.EventData, request: gr.Request
                     ) -> Iterator[tuple[Any, Any]]:
-            """Answer a new question (Submit, Enter) or the last one again (Regenerate)."""
+            """Answer a new question (Submit) or the last one again (Regenerate)."""
             if event.target is regen_btn:
                 messages = without_last_reply(messages)
                 box = gr.skip()  # leave what is being typed alone
@@ -292,11 +313,11 @@ def build_demo(
                 # The textbox is skipped: setting it with every token would wipe out the next question being typed.
                 yield gr.skip(), shown
 
-        # One listener for the three triggers, so that trigger_mode="once" ignores them all while a reply streams:
-        # a tab never streams two replies into one conversation. concurrency_limit lets the tabs' replies run at once,
-        # for the engine to batch (Gradio's default is one at a time). The events are the page's, not an API.
+        # One listener for both buttons, so that trigger_mode="once" ignores them while a reply streams: a tab never
+        # streams two replies into one conversation. concurrency_limit lets the tabs' replies run at once, for the
+        # engine to batch (Gradio's default is one at a time). The events are the page's, not an API.
         gr.on(
-            [submit_btn.click, message.submit, regen_btn.click], respond, [message, chatbot], [message, chatbot],
+            [submit_btn.click, regen_btn.click], respond, [message, chatbot], [message, chatbot],
             trigger_mode="once", concurrency_limit=engine.max_batch_size, api_visibility="private",
         )
 
@@ -312,6 +333,7 @@ def build_demo(
         clear_btn.click(clear, None, chatbot, queue=False, api_visibility="private")
         chatbot.clear(clear, None, chatbot, queue=False, api_visibility="private")  # the Chatbot's own trash icon
         demo.unload(stop)  # a closed or reloaded tab
+        gr.Markdown(USAGE_NOTICE.replace("\n", "\n\n"), elem_id="usage-notice")
     return demo
 
 

@@ -79,6 +79,13 @@ DEMO_NOTICE = (
     "Using the demo checkpoint: a tiny model with RANDOM weights, so its replies are noise. It shows that everything "
     "runs; pass -c with a real Qwen checkpoint (a folder or a hub id such as Qwen/Qwen-7B-Chat) to chat for real."
 )
+# The license and harmful-content notice both demos show, as the original's did (in our words).
+USAGE_NOTICE = (
+    "Note: this demo is used under the license of the Qwen model it runs. Please do not use it to create harmful "
+    "content on purpose, nor let others do so: hate speech, violence, pornography, fraud and the like.\n"
+    "（提示：使用本演示须遵守所运行的 Qwen 模型的许可协议。请勿借助它故意生成有害内容，也不要让他人这样做，"
+    "例如仇恨言论、暴力、色情、欺诈等。）"
+)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -216,7 +223,7 @@ def load_from_args(args: argparse.Namespace) -> tuple[QWenLMHeadModel, QWenToken
 
 
 __all__ = [
-    "DEFAULT_CHAT_CHECKPOINT", "DEMO_CHECKPOINT", "DEMO_NOTICE", "CheckpointError", "LoadError", "add_model_arguments",
-    "check_checkpoint_folder", "ensure_demo_checkpoint", "is_demo_checkpoint", "load_from_args",
+    "DEFAULT_CHAT_CHECKPOINT", "DEMO_CHECKPOINT", "DEMO_NOTICE", "USAGE_NOTICE", "CheckpointError", "LoadError",
+    "add_model_arguments", "check_checkpoint_folder", "ensure_demo_checkpoint", "is_demo_checkpoint", "load_from_args",
     "load_model_and_tokenizer", "resolve_checkpoint",
 ]

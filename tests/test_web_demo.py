@@ -246,12 +246,9 @@ class ChatTab:
         with self.page.expect_request(lambda request: "/queue/join" in request.url):
             action()
 
-    def ask(self, question: str, press_enter: bool = False) -> None:
+    def ask(self, question: str) -> None:
         self.page.fill("#msg textarea", question)
-        if press_enter:
-            self.trigger(lambda: self.page.press("#msg textarea", "Enter"))
-        else:
-            self.trigger(lambda: self.page.click("#submit-btn"))
+        self.trigger(lambda: self.page.click("#submit-btn"))
 
     def regenerate(self) -> None:
         self.trigger(lambda: self.page.click("#regen-btn"))
@@ -330,6 +327,14 @@ def test_a_two_turn_chat_shows_the_model_replies_and_keeps_plain_text_history(ch
     tab = open_tab(chat_app.url)
     page = tab.page
     assert page.locator("#demo-notice").count() == 0  # a real checkpoint gets no random-weights note
+    # The original page's controls, in its order, and its notice about the license and harmful content.
+    assert page.locator("#header h1").inner_text() == "Qwen-Chat Bot"
+    assert page.locator("button[id$='-btn']").all_inner_texts() == [
+        "🧹 Clear History (清除历史)", "🚀 Submit (发送)", "🤔️ Regenerate (重试)", "⏹️ Stop (停止)"]
+    assert page.locator("#msg").get_by_label("Input").count() == 1  # the message box, labelled "Input"
+    assert page.locator("#chatbot").get_by_text("Qwen-Chat", exact=True).count() == 1  # the chat's label
+    notice = " ".join(page.locator("#usage-notice").inner_text().split())
+    assert "license" in notice and "hate speech, violence, pornography, fraud" in notice and "许可协议" in notice
     tab.trigger(lambda: page.click("#submit-btn"))  # nothing typed: nothing to answer
     tab.wait_finished()
 
@@ -345,12 +350,19 @@ def test_a_two_turn_chat_shows_the_model_replies_and_keeps_plain_text_history(ch
     assert "print(1 < 2)" in user.locator("pre code").inner_text()
     assert page.locator(BOT).first.inner_text().strip()
 
-    second = "And in one line?"
-    tab.ask(second, press_enter=True)
+    # As in the original, Enter starts a new line in the two-line box and only Submit sends.
+    second = "And in\none line?"
+    page.fill("#msg textarea", "And in")
+    page.press("#msg textarea", "End")
+    page.press("#msg textarea", "Enter")
+    page.locator("#msg textarea").press_sequentially("one line?")
+    assert page.input_value("#msg textarea") == second
+    events = len(tab.sent)
+    tab.trigger(lambda: page.click("#submit-btn"))
     # ... and the conversation it sends back holds the text as typed and as generated.
     first_reply = expected_reply(MARKDOWN_QUESTION)
     assert tab.last_sent_conversation() == [("user", MARKDOWN_QUESTION), ("assistant", first_reply)]
-    assert tab.sent[-1][0] == second
+    assert tab.sent[-1][0] == second and len(tab.sent) == events + 1
     tab.wait_finished()
     assert tab.counts() == (2, 2)
     if SCREENSHOT is not None:
@@ -599,13 +611,15 @@ def test_closing_a_tab_cancels_its_reply(demo_server, open_tab):
 
 
 def test_the_pages_request_nothing_from_other_hosts(web_demo, demo_server, open_tab, requested):
-    # Markdown, code and LaTeX on the page make it load whatever renders them.
+    # Markdown, code and LaTeX on the page make it load whatever renders them. LaTeX is read between the delimiters
+    # of the original's converter: $$ and \\[ for display, $ and \\( inline.
     tab = open_tab(demo_server.url)
-    tab.ask(MARKDOWN_QUESTION + "\n$$x^2$$")
+    tab.ask(MARKDOWN_QUESTION + "\n$$x^2$$ \\[y\\] and $z$, \\(w\\)")
     tab.wait_streaming()
     tab.page.click("#stop-btn")
     tab.wait_finished()
-    assert tab.page.locator(f"{USER} .katex").count() == 1
+    assert tab.page.locator(f"{USER} .katex-display .katex").count() == 2
+    assert tab.page.locator(f"{USER} .katex").count() == 4
     # The page refuses, by its Content-Security-Policy, anything a message could make it load (see below).
     assert httpx.get(demo_server.url).headers["content-security-policy"] == web_demo.CONTENT_SECURITY_POLICY
     hosts = {urlsplit(url).hostname for url in requested if not url.startswith(("data:", "blob:"))}
@@ -718,5 +732,13 @@ def test_unusable_generation_settings_are_refused_at_start(web_demo, tiny_chat_d
     assert "repetition_penalty" in message
 
 
-def test_every_option_shows_its_default(web_demo):
-    assert options_hiding_their_default(web_demo.build_parser()) == []
+def test_the_originals_options_and_defaults_and_every_default_shown(web_demo):
+    parser = web_demo.build_parser()
+    assert options_hiding_their_default(parser) == []
+    args = parser.parse_args([])
+    assert (args.checkpoint_path, args.cpu_only, args.share, args.inbrowser, args.server_port, args.server_name) == (
+        "Qwen/Qwen-7B-Chat", False, False, False, 8000, "127.0.0.1")
+    args = parser.parse_args(["-c", "x", "--cpu-only", "--share", "--inbrowser", "--server-port", "80",
+                              "--server-name", "0.0.0.0"])  # the original's docker script passes these
+    assert (args.checkpoint_path, args.cpu_only, args.share, args.inbrowser, args.server_port, args.server_name) == (
+        "x", True, True, True, 80, "0.0.0.0")
