@@ -224,8 +224,9 @@ class QWenTokenizer(PreTrainedTokenizer):
         self.tokenizer = tiktoken.Encoding(
             "Qwen", pat_str=PAT_STR, mergeable_ranks=self.mergeable_ranks, special_tokens=self.special_tokens
         )
-        self._id_to_token: dict[int, bytes | str] = {rank: token for token, rank in self.mergeable_ranks.items()}
-        self._id_to_token.update({index: token for token, index in self.special_tokens.items()})
+        # id -> token (bytes, or str for the special tokens), public under the released tokenizer's name.
+        self.decoder: dict[int, bytes | str] = {rank: token for token, rank in self.mergeable_ranks.items()}
+        self.decoder.update({index: token for token, index in self.special_tokens.items()})
         self._extra_ids = frozenset(self._extra_ranks.values())
 
         self.eod_id = self.special_tokens[ENDOFTEXT]
@@ -401,7 +402,7 @@ class QWenTokenizer(PreTrainedTokenizer):
         return [self._convert_id_to_token(index) for index in ids]
 
     def _convert_id_to_token(self, index: int) -> bytes | str:
-        token = self._id_to_token.get(index)
+        token = self.decoder.get(index)
         if token is None:
             raise ValueError(
                 f"{index} is not a token id of the Qwen vocabulary (valid ids: 0 to {self.vocab_size - 1})."
@@ -444,7 +445,7 @@ class QWenTokenizer(PreTrainedTokenizer):
         """
         split_special_tokens = bool(kwargs.get("split_special_tokens", self.split_special_tokens))
         ids = self._text_to_ids(text, allowed_special, disallowed_special, split_special_tokens)
-        return [self._id_to_token[index] for index in ids]
+        return [self.decoder[index] for index in ids]
 
     def _encode_options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -646,7 +647,7 @@ class QWenTokenizer(PreTrainedTokenizer):
         try:
             return self.tokenizer.decode(token_ids, errors=errors or self.errors)
         except (KeyError, OverflowError):
-            unknown = [index for index in token_ids if index not in self._id_to_token]
+            unknown = [index for index in token_ids if index not in self.decoder]
             raise ValueError(
                 f"Cannot decode ids that are not in the Qwen vocabulary: {unknown[:10]} "
                 f"(valid ids: 0 to {self.vocab_size - 1})."

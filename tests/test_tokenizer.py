@@ -89,6 +89,15 @@ def test_special_token_ids_and_vocab_size(tok: QWenTokenizer, tokenizer_facts: d
     assert tok.get_added_vocab()["<|extra_204|>"] == 151850
 
 
+def test_the_released_tokenizers_decoder_maps_every_id_to_its_token(tok: QWenTokenizer) -> None:
+    # Scripts written for the released tokenizer read ids back through its public `decoder` dict.
+    assert len(tok.decoder) == 151851
+    assert tok.decoder[9707] == b"Hello" and tok.decoder[151645] == "<|im_end|>"
+    ids = tok.encode("Hello, 世界<|im_end|>")
+    assert b"".join(t if isinstance(t, bytes) else t.encode() for t in map(tok.decoder.get, ids)).decode() == (
+        "Hello, 世界<|im_end|>")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # allowed_special / disallowed_special / split_special_tokens
 
