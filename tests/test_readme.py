@@ -68,6 +68,25 @@ def test_the_two_readmes_link_to_each_other() -> None:
         assert other.is_file()
 
 
+TEST_REFERENCE = re.compile(r"`(test_\w+\.py)::(test_\w+)`")
+
+
+def test_every_test_the_docs_name_exists() -> None:
+    # DIFFERENCES.md and the other pages back each claim with a test's name; a renamed test must not leave a claim
+    # pointing at nothing.
+    tests = README.parent / "tests"
+    pages = [README, README_CN, *README.parent.glob("*.md"), *README.parent.glob("*/*.md")]
+    dangling = []
+    for page in sorted(set(pages)):
+        for file_name, test_name in TEST_REFERENCE.findall(page.read_text(encoding="utf-8")):
+            source = tests / file_name
+            defined = set(re.findall(r"^(?:async )?def (test_\w+)", source.read_text(encoding="utf-8"), re.MULTILINE)
+                          ) if source.is_file() else set()
+            if test_name not in defined:
+                dangling.append(f"{page.name}: {file_name}::{test_name}")
+    assert dangling == []
+
+
 def run(command: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"{shlex.join(command)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
