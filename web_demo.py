@@ -285,7 +285,7 @@ def build_demo(
         if demo_notice:
             gr.Markdown(f"> ⚠️ **Random weights.** {DEMO_NOTICE}", elem_id="demo-notice")
         # sanitize_html (Gradio's default, stated here): scripts, event handlers and javascript: links are removed.
-        # LaTeX between the delimiters the original's converter (mdtex2html) read is rendered, by KaTeX here.
+        # LaTeX between the delimiters the original page rendered is typeset here, by Gradio's KaTeX.
         chatbot = gr.Chatbot(elem_id="chatbot", label="Qwen-Chat", height=460, sanitize_html=True,
                              latex_delimiters=LATEX_DELIMITERS)
         # As the original's: two lines high, Enter starts a new line, and Submit sends.
