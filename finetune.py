@@ -27,9 +27,10 @@ from transformers import HfArgumentParser, Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from qwen import QWenLMHeadModel, QWenTokenizer
-from qwen.checkpoint import model_files_in
-from qwen.loading import LoadError, is_demo_checkpoint, resolve_checkpoint
-from qwen.lora import LoraSettings, copy_checkpoint_metadata, is_chat_checkpoint, prepare_lora_model
+from qwen.checkpoint_folder import (
+    LoadError, copy_checkpoint_metadata, is_demo_checkpoint, model_files_in, resolve_checkpoint,
+)
+from qwen.lora import LoraSettings, is_chat_checkpoint, prepare_lora_model
 from qwen.sft import (
     DEFAULT_LABEL_MASK, ConversationDataset, DataError, LabelMask, PadToLongest, load_samples, trained_turns,
 )

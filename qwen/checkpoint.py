@@ -1,4 +1,4 @@
-"""Checkpoint folders: random-weight checkpoints in the released layout, and installing our code for remote-code use.
+"""Random-weight checkpoints in the released layout, and installing our code into a folder for remote-code use.
 
     python -m qwen.checkpoint make-random FOLDER [--size tiny|mid|1.8B|7B|14B|72B] [--base] [--config-only]
     python -m qwen.checkpoint install-code FOLDER
@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .configuration_qwen import QWenConfig
+from .modeling_qwen import QWenLMHeadModel
 from .tokenization_qwen import VOCAB_FILE_NAME
 from .vocab import find_vocab
 
@@ -70,21 +71,6 @@ def config_for_size(size: str, **overrides: Any) -> QWenConfig:
     if size not in SIZES:
         raise ValueError(f"Unknown size {size!r}; choose one of {', '.join(SIZES)}.")
     return QWenConfig(**{**SIZES[size], **overrides})
-
-
-# Files that make a folder a saved model or LoRA adapter (Trainer's checkpoint-N subfolders do not).
-MODEL_FILE_PATTERNS = (
-    "config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model*.bin.index.json",
-    "adapter_config.json", "adapter_model.*",
-)
-
-
-def model_files_in(folder: str | Path) -> list[str]:
-    """The names of the files in `folder` that make it a saved model or adapter; empty for a new or other folder."""
-    path = Path(folder)
-    if not path.is_dir():
-        return []
-    return sorted({file.name for pattern in MODEL_FILE_PATTERNS for file in path.glob(pattern) if file.is_file()})
 
 
 def _replace_file(path: Path, data: bytes) -> None:
@@ -142,8 +128,6 @@ def write_random_checkpoint(
     config = config_for_size(size, **config_overrides)
     folder.mkdir(parents=True, exist_ok=True)
     if not config_only:
-        from .modeling_qwen import QWenLMHeadModel
-
         torch.manual_seed(seed)
         model = QWenLMHeadModel(config).to(dtype)
         model.save_pretrained(folder, max_shard_size=max_shard_size)

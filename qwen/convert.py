@@ -52,6 +52,7 @@ from typing import Any
 
 import torch
 
+from .checkpoint_folder import CheckpointError, WeightFiles
 from .configuration_qwen import QWenConfig
 from .qwen_generation_utils import reply_end_ids
 from .tokenization_qwen import (
@@ -70,7 +71,6 @@ IM_START_ID = 151644
 IM_END_ID = 151645
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 # Sampling settings that mean the same thing in the released generation configs and in transformers/vLLM.
 # `top_k` 0 means "off" in both transformers and vLLM, as in the released configs.
 _SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens")
@@ -339,78 +339,6 @@ def write_tokenizer(vocab_file: str | os.PathLike, folder: str | os.PathLike, ch
 # Reading the source
 
 
-class _SourceWeights:
-    """Tensors of a checkpoint folder read one at a time (safetensors or pytorch .bin, single file or sharded)."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self._handles: dict[Path, Any] = {}
-        for single, index in (("model.safetensors", "model.safetensors.index.json"),
-                              ("pytorch_model.bin", "pytorch_model.bin.index.json")):
-            if (folder / index).is_file():
-                try:
-                    weight_map = json.loads((folder / index).read_text(encoding="utf-8"))["weight_map"]
-                except (json.JSONDecodeError, KeyError) as error:
-                    raise ConvertError(f"{folder / index} is not a valid weight index ({error}).") from None
-                self.files = {name: folder / file for name, file in weight_map.items()}
-                break
-            if (folder / single).is_file():
-                self.files = None  # filled below from the file's own list of names
-                self._single = folder / single
-                break
-        else:
-            raise ConvertError(
-                f"{folder} has no weights: expected model.safetensors, model.safetensors.index.json, "
-                "pytorch_model.bin or pytorch_model.bin.index.json."
-            )
-        self.safetensors = (index if self.files is not None else single).startswith("model.safetensors")
-        if self.files is None:
-            self.files = {name: self._single for name in self._names_in(self._single)}
-        missing_files = sorted({path.name for path in self.files.values() if not path.is_file()})
-        if missing_files:
-            raise ConvertError(
-                f"{folder} lacks weight files its index names: {', '.join(missing_files[:5])}"
-                f"{' ...' if len(missing_files) > 5 else ''} (an incomplete download?)."
-            )
-
-    def _open(self, path: Path) -> Any:
-        if path not in self._handles:
-            if self.safetensors:
-                from safetensors import safe_open
-
-                self._handles[path] = safe_open(path, framework="pt")
-            else:
-                # mmap: tensors are read from disk when touched, so a shard is never loaded whole.
-                self._handles[path] = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        return self._handles[path]
-
-    def _names_in(self, path: Path) -> list[str]:
-        handle = self._open(path)
-        return list(handle.keys())
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        handle = self._open(self.files[name])
-        if self.safetensors:
-            return tuple(handle.get_slice(name).get_shape())
-        return tuple(handle[name].shape)
-
-    def dtype(self, name: str) -> torch.dtype:
-        handle = self._open(self.files[name])
-        if self.safetensors:
-            code = handle.get_slice(name).get_dtype()
-            if code not in _SAFETENSORS_DTYPES:
-                raise ConvertError(f"{name} is stored as {code}; expected float32, bfloat16 or float16 weights.")
-            return _SAFETENSORS_DTYPES[code]
-        return handle[name].dtype
-
-    def get(self, name: str) -> torch.Tensor:
-        handle = self._open(self.files[name])
-        if self.safetensors:
-            return handle.get_tensor(name)
-        # A copy, so the result owns its memory and the mmap'd storage is not pinned by the output shard.
-        return handle[name].clone()
-
-
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -421,7 +349,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def inspect_source(src: str | os.PathLike) -> tuple[QWenConfig, dict[str, Any], _SourceWeights]:
+def inspect_source(src: str | os.PathLike) -> tuple[QWenConfig, dict[str, Any], WeightFiles]:
     """Check that `src` is a convertible Qwen (v1) checkpoint; return its config, generation config and weights."""
     src = Path(src)
     if not src.is_dir():
@@ -467,7 +395,10 @@ def inspect_source(src: str | os.PathLike) -> tuple[QWenConfig, dict[str, Any], 
         _read_json(src / "generation_config.json") if (src / "generation_config.json").is_file() else {}
     )
 
-    weights = _SourceWeights(src)
+    try:
+        weights = WeightFiles(src)
+    except CheckpointError as error:  # one kind of error from this module
+        raise ConvertError(str(error)) from None
     expected = _expected_source_shapes(config)
     stored = set(weights.files)
     missing = sorted(set(expected) - stored, key=_natural_key)
@@ -590,7 +521,11 @@ def convert_checkpoint(
     _check_destination(dst)
     max_shard_bytes = _parse_size(max_shard_size)
     config, generation, weights = inspect_source(src)
-    out_dtype = dtype or weights.dtype("transformer.wte.weight")
+    stored_dtype = weights.dtype("transformer.wte.weight")
+    if stored_dtype not in _DTYPES.values():
+        raise ConvertError(f"transformer.wte.weight is stored as {stored_dtype}; expected float32, bfloat16 or float16 "
+                           "weights.")
+    out_dtype = dtype or stored_dtype
     total_size = 0
 
     def converted() -> Iterator[tuple[str, torch.Tensor]]:

@@ -19,6 +19,10 @@ from typing import Any
 
 import torch
 
+from .checkpoint_folder import LoadError, resolve_checkpoint
+from .configuration_qwen import QWenConfig
+from .loading import load_model_and_tokenizer
+
 EMBEDDING = "transformer.wte"
 FINAL_NORM = "transformer.ln_f"
 OUTPUT_LAYER = "lm_head"
@@ -102,9 +106,6 @@ def load_model_on_gpus(
     for GPUs; on the CPU load with `QWenLMHeadModel.from_pretrained(folder)`). Without `dtype`, bf16 where the GPUs
     support it, else fp16, as the released model chose.
     """
-    from .configuration_qwen import QWenConfig
-    from .loading import LoadError, load_model_and_tokenizer, resolve_checkpoint
-
     if (model_name_or_path is None) == (checkpoint_path is None):
         raise TypeError("load_model_on_gpus() takes the checkpoint once: as model_name_or_path (first argument) or as "
                         "checkpoint_path=, not both and not neither.")

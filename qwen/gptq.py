@@ -27,21 +27,31 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
-import math
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .loading import CheckpointError
+from .checkpoint_folder import (
+    GPTQ_BITS,
+    CheckpointError,
+    GPTQSettings,
+    QuantizationError,
+    WeightFiles,
+    copy_checkpoint_metadata,
+    read_gptq_settings,
+    read_json_object,
+    resolve_checkpoint,
+)
+from .configuration_qwen import QWenConfig
+from .modeling_qwen import AttentionLayout, QWenBlock, require_gptq_packages
+from .sft import load_samples, tokenize_sample
+from .tokenization_qwen import QWenTokenizer
 
-GPTQ_FORMATS = ("gptq", "gptq_v2")
-GPTQ_BITS = (2, 3, 4, 8)
 # Suffixes of the quantized linear layers inside each block `transformer.h.N`.
 QUANTIZED_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.w1", "mlp.w2", "mlp.c_proj")
 # The settings AutoGPTQ wrote into the released quantize_config.json (Qwen-*-Int4), and that run_gptq.py uses.
@@ -51,26 +61,8 @@ RELEASED_SETTINGS = {
 }
 
 
-class QuantizationError(CheckpointError):
-    """A GPTQ folder or request that cannot work; the message says what is wrong and how to fix it."""
-
-
-@dataclass(frozen=True)
-class GPTQSettings:
-    bits: int
-    group_size: int  # -1: one group spanning all input channels
-    desc_act: bool
-    sym: bool
-    checkpoint_format: str  # "gptq" (v1: zero points stored minus one) or "gptq_v2"
-
-    def groups(self, in_features: int) -> int:
-        return 1 if self.group_size == -1 else math.ceil(in_features / self.group_size)
-
-
 def require_gptq_stack() -> None:
     """QuantizationError naming the packages to install unless optimum and gptqmodel are importable."""
-    from .modeling_qwen import require_gptq_packages
-
     try:
         require_gptq_packages()
     except ImportError as error:
@@ -82,92 +74,8 @@ def require_gptq_stack() -> None:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise QuantizationError(f"{path} is not valid JSON ({error}).") from error
-
-
-def _settings_from(fields: dict[str, Any], where: str) -> GPTQSettings:
-    bits = fields.get("bits")
-    if bits not in GPTQ_BITS:
-        raise QuantizationError(f"{where} has bits={bits!r}; GPTQ checkpoints use one of {GPTQ_BITS}.")
-    group_size = fields.get("group_size", 128)
-    if not isinstance(group_size, int) or (group_size != -1 and group_size <= 0):
-        raise QuantizationError(f"{where} has group_size={group_size!r}; use a positive number of channels or -1.")
-    formats = {fields[key] for key in ("checkpoint_format", "format") if fields.get(key) is not None}
-    if len(formats) > 1:
-        raise QuantizationError(f"{where} gives both checkpoint_format and format, with different values {formats}.")
-    checkpoint_format = str(formats.pop() if formats else "gptq").lower()
-    if checkpoint_format not in GPTQ_FORMATS:
-        raise QuantizationError(
-            f"{where} has checkpoint_format={checkpoint_format!r}; GPTQ checkpoints are 'gptq' (v1, as released) or "
-            "'gptq_v2'."
-        )
-    return GPTQSettings(bits=bits, group_size=group_size, desc_act=bool(fields.get("desc_act", False)),
-                        sym=bool(fields.get("sym", True)), checkpoint_format=checkpoint_format)
-
-
-def read_gptq_settings(folder: str | Path) -> GPTQSettings | None:
-    """The GPTQ settings in config.json's `quantization_config`, None for a checkpoint that is not GPTQ-quantized."""
-    folder = Path(folder)
-    config = _read_json(folder / "config.json")
-    quantization = config.get("quantization_config")
-    if not isinstance(quantization, dict) or str(quantization.get("quant_method", "")).lower() != "gptq":
-        return None
-    settings = _settings_from(quantization, f"{folder / 'config.json'} (quantization_config)")
-    side_file = folder / "quantize_config.json"
-    if side_file.is_file():
-        side = _read_json(side_file)
-        for key in ("bits", "group_size", "desc_act", "sym"):
-            if key in side and side[key] != quantization.get(key, side[key]):
-                raise QuantizationError(
-                    f"{folder}: quantize_config.json says {key}={side[key]!r} but config.json's quantization_config "
-                    f"says {quantization[key]!r}. One of them was edited by hand; make them agree (the weights' "
-                    "shapes tell which is right)."
-                )
-    return settings
-
-
-class _Tensors:
-    """Names, shapes and (on request) values of the tensors in a folder's safetensors files, without loading them."""
-
-    def __init__(self, folder: Path) -> None:
-        from safetensors import safe_open
-
-        index = folder / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = _read_json(index)["weight_map"]
-            files = {name: folder / file for name, file in weight_map.items()}
-        else:
-            files = {}
-            for path in sorted(folder.glob("*.safetensors")):
-                with safe_open(path, framework="pt") as handle:
-                    files.update({name: path for name in handle.keys()})
-        self.files = files
-        self._open = safe_open
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.files
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        with self._open(self.files[name], framework="pt") as handle:
-            return tuple(handle.get_slice(name).get_shape())
-
-    def dtype(self, name: str) -> str:
-        with self._open(self.files[name], framework="pt") as handle:
-            return handle.get_slice(name).get_dtype()
-
-    def get(self, name: str) -> torch.Tensor:
-        with self._open(self.files[name], framework="pt") as handle:
-            return handle.get_tensor(name)
-
-
 def _quantized_linears(config: Any) -> dict[str, torch.nn.Linear]:
     """The linear layers of one block as the model builds them (on the meta device: shapes and biases, no memory)."""
-    from .modeling_qwen import QWenBlock
-
     with torch.device("meta"):
         block = QWenBlock(config, 0)
     return {suffix: block.get_submodule(suffix) for suffix in QUANTIZED_LINEARS}
@@ -191,12 +99,10 @@ def check_gptq_checkpoint(folder: str | Path) -> GPTQSettings | None:
     not zero, or when the zero points of a symmetric checkpoint are those of the other format (v1 vs gptq_v2).
     Folders without safetensors files (old .bin checkpoints) get the config checks only.
     """
-    from .configuration_qwen import QWenConfig
-
     folder = Path(folder)
     settings = read_gptq_settings(folder)
-    tensors = _Tensors(folder)
-    packed = sorted(name for name in tensors.files if name.endswith(".qweight"))
+    tensors = WeightFiles.find(folder)
+    packed = sorted(name for name in (tensors.files if tensors else ()) if name.endswith(".qweight"))
     if settings is None:
         if packed:
             fix = (
@@ -211,7 +117,7 @@ def check_gptq_checkpoint(folder: str | Path) -> GPTQSettings | None:
                 f"quantization_config, so they would load as a model with random weights. {fix}"
             )
         return None
-    if not tensors.files:
+    if tensors is None or not tensors.safetensors:
         return settings
     config = QWenConfig.from_pretrained(folder)
     where = f"{folder}: quantization_config says bits={settings.bits}, group_size={settings.group_size}, but"
@@ -315,8 +221,6 @@ def _qwen_definition() -> type:
     """
     from gptqmodel.models.definitions.qwen import QwenQModel
 
-    from .modeling_qwen import AttentionLayout, QWenBlock
-
     block_arguments = list(inspect.signature(QWenBlock.forward).parameters)[2:]  # after self and the hidden states
 
     class QwenBlocksByName(QwenQModel):
@@ -353,8 +257,6 @@ def _working_directory(path: Path) -> Iterator[None]:
 
 def calibration_samples(tokenizer: Any, data_path: str | Path, max_len: int) -> list[dict[str, list[int]]]:
     """Fine-tuning conversations as ChatML ids (the prompts chat() builds), cut at max_len tokens."""
-    from .sft import load_samples, tokenize_sample
-
     samples = []
     for sample in load_samples(data_path):
         ids = tokenize_sample(tokenizer, sample, max_len).input_ids
@@ -435,11 +337,6 @@ def quantize_checkpoint(
     Calibration data are fine-tuning conversations (qwen/sft.py's format), rendered as the ChatML prompts chat()
     builds. The model is quantized on the GPU when there is one (fast), else on the CPU (slow; fine for small models).
     """
-    from .configuration_qwen import QWenConfig
-    from .loading import resolve_checkpoint
-    from .lora import copy_checkpoint_metadata
-    from .tokenization_qwen import QWenTokenizer
-
     if bits not in (4, 8):
         raise QuantizationError(f"--bits {bits} is not supported; use 4 (as the released -Int4 models) or 8.")
     if group_size != -1 and (group_size <= 0 or group_size % 8):
@@ -490,11 +387,11 @@ def _write_released_folder(source: Path, quantized: Path, output: Path, bits: in
                            max_shard_size: str) -> None:
     from safetensors.torch import load_file
 
-    source_config = _read_json(source / "config.json")
+    source_config = read_json_object(source / "config.json", QuantizationError)
     tensors: dict[str, torch.Tensor] = {}
     for file in sorted(quantized.glob("*.safetensors")):
         tensors.update(load_file(file))
-    written = _read_json(quantized / "config.json")["quantization_config"]
+    written = read_json_object(quantized / "config.json", QuantizationError)["quantization_config"]
     checkpoint_format = written.get("checkpoint_format", written.get("format"))
     if checkpoint_format != "gptq":  # the released layout is v1; gptqmodel.save converts to it
         raise QuantizationError(f"gptqmodel wrote checkpoint_format={checkpoint_format!r}, expected 'gptq' (v1).")

@@ -10,20 +10,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .loading import LoadError, resolve_checkpoint
-from .tokenization_qwen import VOCAB_FILE_NAME
-
-# Files of a checkpoint folder that are not weights and that a fine-tuned folder keeps from its base.
-# The tokenizer's remote code imports qwen_generation_utils (for its chat template), so that file goes with it.
-TOKENIZER_FILES = (VOCAB_FILE_NAME, "tokenizer_config.json", "tokenization_qwen.py", "qwen_generation_utils.py")
-MODEL_FILES = ("generation_config.json", "configuration_qwen.py", "modeling_qwen.py")
+from .checkpoint_folder import (
+    LoadError,
+    copy_checkpoint_metadata,
+    model_files_in,
+    read_gptq_settings,
+    resolve_checkpoint,
+)
+from .gptq import check_gptq_checkpoint, require_gptq_stack
+from .modeling_qwen import QWenLMHeadModel
 
 
 @dataclass
@@ -66,9 +67,6 @@ def prepare_lora_model(
     it is, as the original Q-LoRA scripts did; a 16-bit checkpoint is loaded in 4-bit NF4 with bitsandbytes.
     """
     from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
-
-    from .gptq import check_gptq_checkpoint, require_gptq_stack
-    from .modeling_qwen import QWenLMHeadModel
 
     gptq = check_gptq_checkpoint(folder)
     quantization = None
@@ -146,16 +144,6 @@ def keep_4bit_weights_trainable_on_cpu(model: Any) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def copy_checkpoint_metadata(base: str | Path, output: str | Path, full: bool) -> None:
-    """Give a fine-tuned folder the base's tokenizer files (and, for a complete model, its generation config and
-    model code), so that it loads and chats like the base, with or without remote code."""
-    base, output = Path(base), Path(output)
-    names = TOKENIZER_FILES + (MODEL_FILES if full else ())
-    for name in names:
-        if (base / name).is_file():
-            shutil.copyfile(base / name, output / name)
-
-
 def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, max_shard_size: str = "2GB",
                   overwrite: bool = False) -> Path:
     """Fold a LoRA adapter into its base model and save a complete checkpoint folder.
@@ -164,9 +152,6 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, max_shard_siz
     """
     from peft import PeftConfig, PeftModel
 
-    from .checkpoint import model_files_in
-    from .gptq import read_gptq_settings
-    from .modeling_qwen import QWenLMHeadModel
 
     adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
@@ -215,6 +200,6 @@ if __name__ == "__main__":
 
 
 __all__ = [
-    "LoraSettings", "copy_checkpoint_metadata", "default_modules_to_save", "is_chat_checkpoint", "merge_adapter",
+    "LoraSettings", "default_modules_to_save", "is_chat_checkpoint", "merge_adapter",
     "prepare_lora_model",
 ]

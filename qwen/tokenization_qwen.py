@@ -25,6 +25,9 @@ import tiktoken
 from transformers import AddedToken, BatchEncoding, PreTrainedTokenizer
 from transformers.tokenization_utils_base import PaddingStrategy, TruncationStrategy
 
+# A sibling module: the two files travel together when copied into a checkpoint folder as remote code.
+from .qwen_generation_utils import chatml_ids_for_messages
+
 logger = logging.getLogger(__name__)
 
 VOCAB_FILE_NAME = "qwen.tiktoken"
@@ -603,9 +606,6 @@ class QWenTokenizer(PreTrainedTokenizer):
                 tokenizer_kwargs=tokenizer_kwargs,
                 **kwargs,
             )
-
-        # A sibling module: both files travel together when copied into a checkpoint folder as remote code.
-        from .qwen_generation_utils import chatml_ids_for_messages
 
         batch = [
             chatml_ids_for_messages(self, messages, add_generation_prompt, default_system=DEFAULT_SYSTEM_PROMPT)[1]
