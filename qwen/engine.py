@@ -1,8 +1,8 @@
 """A generation engine that serves many requests at once: continuous batching over a slot KV cache.
 
 The server, the demos and any other concurrent user submit prompts; one background thread runs the model. Each
-iteration admits waiting requests (prefilling each prompt alone), then decodes one token for every running request
-in a single batched forward, so a request that arrives while others are decoding joins the running batch at the next
+iteration admits waiting requests (prompts admitted together are prefilled together, in as few right-padded forwards
+as their lengths allow), then decodes one token for every running request in a single batched forward, so a request that arrives while others are decoding joins the running batch at the next
 step instead of waiting for them to finish. Finished or cancelled requests free their slot at once.
 
 The layout follows gpt-fast: `prefill`, `decode_step` and `sample` are small functions; the KV cache is a
@@ -18,7 +18,7 @@ import math
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -33,6 +33,16 @@ FinishReason = Literal["stop", "length", "cancelled", "error"]
 REPLACEMENT_CHARACTER = "\ufffd"
 # Most prompt tokens (rows x longest prompt) prefilled in one forward; bounds the activations of a batched prefill.
 PREFILL_TOKEN_BUDGET = 4096
+
+
+@dataclass(frozen=True)
+class EngineCounters:
+    """What an engine has done since it started: a snapshot (`GenerationEngine.counters()`) for monitoring and tests."""
+
+    prefill_forwards: int = 0  # model forwards that prefilled prompts (several prompts can share one)
+    prefilled_prompts: int = 0
+    decode_steps: int = 0  # batched forwards that each decoded one token for every running request
+    decoded_tokens: int = 0  # tokens those steps produced: more than the steps once requests share a step
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -413,6 +423,7 @@ class GenerationEngine:
         self._running: list[_Running] = []
         self._wake = threading.Event()
         self._closing = threading.Event()
+        self._counters = EngineCounters()  # replaced, never mutated, by the engine thread: readers see whole snapshots
         self._thread = threading.Thread(target=self._loop, name="qwen-engine", daemon=True)
         self._thread.start()
 
@@ -454,6 +465,10 @@ class GenerationEngine:
     def waiting(self) -> int:
         """Requests queued for a slot."""
         return self._waiting.qsize()
+
+    def counters(self) -> EngineCounters:
+        """How many prefill forwards and decode steps the engine has run so far, and how wide they were."""
+        return self._counters
 
     def shutdown(self) -> None:
         """Refuse new requests and end every queued and running one with finish_reason "cancelled" after the current
@@ -551,6 +566,9 @@ class GenerationEngine:
         ids = torch.tensor([h.prompt_ids + [pad] * (longest - len(h.prompt_ids)) for h in handles], device=self.device)
         prefilled = new_kv_cache(self.model.config)  # int8 when the slot cache is
         hidden = self.model.transformer(ids, cache=prefilled, use_cache=True).last_hidden_state  # (G, T, C)
+        done = self._counters
+        self._counters = replace(done, prefill_forwards=done.prefill_forwards + 1,
+                                 prefilled_prompts=done.prefilled_prompts + len(handles))
         last = torch.tensor(lengths, device=self.device) - 1
         logits = project(self.model.lm_head, hidden[torch.arange(len(handles), device=self.device), last]).float()
         ntk_alpha = (getattr(prefilled, "qwen_ntk_alphas", None) or [1.0])[0]
@@ -584,6 +602,9 @@ class GenerationEngine:
 
     @torch.inference_mode()
     def _decode_step(self) -> None:
+        done = self._counters
+        self._counters = replace(done, decode_steps=done.decode_steps + 1,
+                                 decoded_tokens=done.decoded_tokens + len(self._running))
         lengths = torch.tensor([r.length for r in self._running], dtype=torch.long)
         self.cache.ensure_capacity(int(lengths.max()) + 1)
         self.cache.lengths = lengths

@@ -57,29 +57,60 @@ def test_concurrent_requests_beyond_the_batch_limit_each_match_alone(engine, tin
         assert tokens == greedy_reference(tiny_chat_model, tokenizer, ids, 10 + i), QUERIES[i]
 
 
+class HeldRequest:
+    """A request whose events are taken on the engine thread, which it holds (mid-reply, between two decode steps'
+    tokens) from its third token until `release()`: what the test submits meanwhile waits for the same next step."""
+
+    def __init__(self, engine: GenerationEngine, ids: list[int], params: SamplingParams) -> None:
+        self.tokens: list[int] = []
+        self.held, self.released, self.finished = threading.Event(), threading.Event(), threading.Event()
+        engine.submit(ids, params, on_event=self._on_event)
+        assert self.held.wait(60), "the request never reached its third token"
+
+    def _on_event(self, event) -> None:
+        self.tokens += event.token_ids
+        if len(self.tokens) == 3 and not self.held.is_set():
+            self.held.set()
+            self.released.wait(60)
+        if event.finish_reason is not None:
+            self.finished.set()
+
+    def release(self) -> list[int]:
+        """Let the engine go on; the request's tokens once it has finished."""
+        self.released.set()
+        assert self.finished.wait(60)
+        return self.tokens
+
+
 def test_a_request_joins_a_running_batch(engine, tiny_chat_model, tokenizer):
     long_ids, short_ids = prompt(tokenizer, QUERIES[1]), prompt(tokenizer, QUERIES[2])
-    first = engine.submit(long_ids, greedy(40))
-    events = iter(first)
-    head = [next(events) for _ in range(3)]  # the first request is decoding now
+    first = HeldRequest(engine, long_ids, greedy(40))  # decoding now
+    before = engine.counters()
     second = engine.submit(short_ids, greedy(8))
-    rest = list(events)
-    assert engine.running <= 2
-    tokens = [t for e in head + rest for t in e.token_ids]
-    assert tokens == greedy_reference(tiny_chat_model, tokenizer, long_ids, 40)
-    assert collect(second)[0] == greedy_reference(tiny_chat_model, tokenizer, short_ids, 8)
+    assert first.release() == greedy_reference(tiny_chat_model, tokenizer, long_ids, 40)
+    second_tokens = collect(second)[0]
+    assert second_tokens == greedy_reference(tiny_chat_model, tokenizer, short_ids, 8)
+    done = engine.counters()
+    # Each decode step of the second request (all but its first token, which its prefill gave) also decoded one of
+    # the first's: the two shared the batch. Had the second waited for a free turn, steps would equal tokens.
+    steps, tokens = done.decode_steps - before.decode_steps, done.decoded_tokens - before.decoded_tokens
+    assert len(first.tokens) - 3 > len(second_tokens) - 1  # the first outlasts the second
+    assert tokens - steps == len(second_tokens) - 1
 
 
 def test_prompts_arriving_together_are_prefilled_in_one_batch_and_match_alone(engine, tiny_chat_model, tokenizer):
-    running = engine.submit(prompt(tokenizer, QUERIES[1]), greedy(30))
-    events = iter(running)
-    next(events)  # the engine is decoding; the next three wait and are admitted together at the next step
+    # Held at its last token, so that all three slots are free at the step after it.
+    running = HeldRequest(engine, prompt(tokenizer, QUERIES[1]), greedy(3))
     prompts = [prompt(tokenizer, q) for q in (QUERIES[0], QUERIES[3], "Explain " + QUERIES[1])]
     assert len({len(ids) for ids in prompts}) == 3  # right padding is exercised
-    handles = [engine.submit(ids, greedy(9)) for ids in prompts]
+    before = engine.counters()
+    handles = [engine.submit(ids, greedy(9)) for ids in prompts]  # all queued before the engine's next step
+    running.release()
     for ids, handle in zip(prompts, handles):
         assert collect(handle)[0] == greedy_reference(tiny_chat_model, tokenizer, ids, 9)
-    list(events)
+    done = engine.counters()
+    assert (done.prefill_forwards - before.prefill_forwards, done.prefilled_prompts - before.prefilled_prompts) == (
+        1, 3)
 
 
 def test_prefill_groups_bound_padding_and_size(engine):
