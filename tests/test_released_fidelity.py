@@ -133,7 +133,10 @@ def test_greedy_chat_generation_across_seq_length_gives_the_released_ids(model, 
 
 def test_cached_decode_after_a_long_prefill_equals_the_released_models(model):
     record = FIXTURE["cached_decode"]
-    assert len(record["prompt_ids"]) > model.config.seq_length  # alpha 3 at prefill, kept for the decoded tokens
+    # The released model chose NTK alpha 3 for the 60-token prefill and kept it while the decoded tokens took the
+    # length past 2 * seq_length, where choosing again would give 7.
+    prompt_len, seq_length = len(record["prompt_ids"]), model.config.seq_length
+    assert seq_length < prompt_len <= 2 * seq_length < prompt_len + len(record["step_ids"])
     prefill_last, steps = cached_decode(model, record)
     assert_rows_match(prefill_last, record["prefill_last"])
     assert_rows_match(steps, record["steps"])
@@ -168,7 +171,7 @@ class ReleasedRuleLayer(DynamicLayer):
 # Truncating to a code is discontinuous: keys that differ by one fp32 rounding (1e-7 relative, which our SDPA and the
 # released matmul path do) land on the next code wherever they sit at a code boundary, and one code step moves these
 # logits by up to ~0.03 (measured by scaling the keys and values by 1 +- 1e-7 and 1e-6 before the released rule).
-# Measured here: 2.3e-3. The quantizers' own difference (ours against the released numbers) is 0.42.
+# Measured here: 5.1e-3. The quantizers' own difference (our int8 cache against the released numbers) is 0.38.
 INT8_ATOL = 0.05
 
 
@@ -190,4 +193,6 @@ def test_our_int8_cache_is_closer_to_the_float_model_than_the_released_one(check
     our_error = float((ours - exact).norm() / exact.norm())
     released_error = float((released - exact).norm() / exact.norm())
     print(f"relative error against the float cache: ours {our_error:.3g}, released {released_error:.3g}")
+    # Measured: ours 0.0135, released 0.043. Rounding to the nearest code is pinned element by element in
+    # test_kv_quant.py::test_every_element_comes_back_within_half_a_step.
     assert 1e-6 < our_error < released_error / 2, (our_error, released_error)
