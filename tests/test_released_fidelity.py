@@ -10,6 +10,7 @@ and the int8 KV cache, whose quantizer differs on purpose (DIFFERENCES.md, "int8
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -46,8 +47,6 @@ def model(checkpoint) -> QWenLMHeadModel:
 
 def weight_digest(state_dict: dict[str, torch.Tensor]) -> str:
     """The digest make_released_fidelity.py stored: sha256 over names, shapes and fp32 bytes, in name order."""
-    import hashlib
-
     digest = hashlib.sha256()
     for name in sorted(state_dict):
         tensor = state_dict[name].detach().to(torch.float32).contiguous()
