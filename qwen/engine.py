@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 from transformers.cache_utils import Cache
 
-from .modeling_qwen import KV_PARAMS_BYTES, dequantize_kv, new_kv_cache, project, quantize_kv
+from .modeling_qwen import KV_PARAMS_BYTES, dequantize_kv, new_kv_cache, ntk_alpha_for_length, quantize_kv
 from .qwen_generation_utils import reply_end_ids
 
 logger = logging.getLogger(__name__)
@@ -193,9 +193,9 @@ class RequestHandle:
 class SlotKVCache(Cache):
     """Preallocated keys and values for up to `slots` sequences of different lengths.
 
-    Rows 0..B-1 hold the running sequences. Before a batched decode step the engine sets `lengths` (tokens cached per
-    row); `update` writes each row's new key at its own position and returns the first `max(lengths) + 1` positions
-    of rows 0..B-1 as a view. The attention mask hides each row's positions past its own length.
+    Rows 0..B-1 hold the running sequences. Before a batched decode step the engine gives `set_lengths` the tokens
+    cached per row; `update` writes each row's new key at its own position and returns the first `max(lengths) + 1`
+    positions of rows 0..B-1 as a view. The attention mask hides each row's positions past its own length.
 
     `quantized=True` stores every key and value vector as uint8 codes plus its scale and minimum, packed by
     `quantize_kv` into `head_dim + 8` bytes; `update` then returns those positions dequantized to `dtype`.
@@ -212,8 +212,7 @@ class SlotKVCache(Cache):
         self.capacity = 0
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
-        self.lengths = torch.zeros(0, dtype=torch.long)
-        self.qwen_ntk_alphas: list[float] = []
+        self.lengths = torch.zeros(0, dtype=torch.long)  # tokens cached in each running row (see set_lengths)
 
     def ensure_capacity(self, needed: int) -> None:
         """Grow the buffers (doubling) so that every row can hold `needed` positions."""
@@ -231,6 +230,11 @@ class SlotKVCache(Cache):
                 else:
                     buffers.append(grown)
         self.capacity = capacity
+
+    def set_lengths(self, lengths: torch.Tensor) -> None:
+        """Tokens cached in rows 0..B-1 before the next decode step, which writes each row's new key after them."""
+        self.ensure_capacity(int(lengths.max()) + 1)
+        self.lengths = lengths
 
     def store(self, row: int, prefilled: Cache, batch_index: int, length: int) -> None:
         """Copy the first `length` positions of sequence `batch_index` of a prefilled batch into `row`.
@@ -565,13 +569,14 @@ class GenerationEngine:
         pad = self.tokenizer.eod_id
         ids = torch.tensor([h.prompt_ids + [pad] * (longest - len(h.prompt_ids)) for h in handles], device=self.device)
         prefilled = new_kv_cache(self.model.config)  # int8 when the slot cache is
-        hidden = self.model.transformer(ids, cache=prefilled, use_cache=True).last_hidden_state  # (G, T, C)
+        # The prompts of a group are all within seq_length, or one prompt alone (_prefill_groups): one alpha, kept
+        # for every decode step of each of them, as the released model kept its prefill's.
+        config = self.model.config
+        ntk_alpha = ntk_alpha_for_length(longest, config.seq_length) if config.use_dynamic_ntk else 1.0
+        logits = self.model.logits_at(ids, torch.tensor(lengths) - 1, cache=prefilled, ntk_alphas=[ntk_alpha])
         done = self._counters
         self._counters = replace(done, prefill_forwards=done.prefill_forwards + 1,
                                  prefilled_prompts=done.prefilled_prompts + len(handles))
-        last = torch.tensor(lengths, device=self.device) - 1
-        logits = project(self.model.lm_head, hidden[torch.arange(len(handles), device=self.device), last]).float()
-        ntk_alpha = (getattr(prefilled, "qwen_ntk_alphas", None) or [1.0])[0]
         for index, (handle, length) in enumerate(zip(handles, lengths)):
             params = handle.params
             row = len(self._running)
@@ -606,20 +611,19 @@ class GenerationEngine:
         self._counters = replace(done, decode_steps=done.decode_steps + 1,
                                  decoded_tokens=done.decoded_tokens + len(self._running))
         lengths = torch.tensor([r.length for r in self._running], dtype=torch.long)
-        self.cache.ensure_capacity(int(lengths.max()) + 1)
-        self.cache.lengths = lengths
-        self.cache.qwen_ntk_alphas = [r.ntk_alpha for r in self._running]
+        self.cache.set_lengths(lengths)
         kv_len = int(lengths.max()) + 1
         tokens = torch.tensor([[r.next_token] for r in self._running], device=self.device)  # (B, 1)
         positions = lengths.to(self.device)[:, None]  # (B, 1)
         allowed = torch.arange(kv_len, device=self.device)[None, :] <= positions  # (B, S)
-        logits = self.model(
+        logits = self.model.logits_at(
             tokens,
+            torch.zeros(len(self._running), dtype=torch.long),
+            cache=self.cache,
             attention_mask=allowed[:, None, None, :],  # (B, 1, 1, S)
             position_ids=positions,
-            cache=self.cache,
-            use_cache=True,
-        ).logits[:, -1].float()
+            ntk_alphas=[r.ntk_alpha for r in self._running],
+        )
         for row, running in enumerate(list(self._running)):
             running.length += 1
             self._accept(running, logits[row])

@@ -19,7 +19,8 @@ import importlib.util
 import math
 import os
 import threading
-from collections.abc import Iterator
+import weakref
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -503,6 +504,9 @@ class QWenModel(QWenPreTrainedModel):
         self.h = nn.ModuleList(QWenBlock(config, i) for i in range(config.num_hidden_layers))
         self.ln_f = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.gradient_checkpointing = False
+        # The NTK alpha each cache's sequences were prefilled with, kept here rather than written onto the cache: any
+        # transformers Cache works (DynamicCache, StaticCache, a caller's own), and an entry goes with its cache.
+        self._prefill_ntk_alphas: weakref.WeakKeyDictionary[Cache, list[float]] = weakref.WeakKeyDictionary()
         if config.use_cache_quantization and config.use_cache_kernel:
             # The released model compiled CUDA kernels (cache_autogptq_cuda_256) that read the int8 cache directly.
             logger.warning_once(
@@ -518,13 +522,23 @@ class QWenModel(QWenPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.wte = value
 
+    def ntk_alphas_of(self, cache: Cache) -> list[float] | None:
+        """The dynamic-NTK alpha of each sequence in `cache`, chosen at its prefill (None: not prefilled here)."""
+        return self._prefill_ntk_alphas.get(cache)
+
     def _ntk_alphas(
-        self, cache: Cache | None, past_len: int, kv_len: int, key_padding_2d: torch.Tensor | None, batch: int
+        self, cache: Cache | None, past_len: int, kv_len: int, key_padding_2d: torch.Tensor | None, batch: int,
+        given: Sequence[float] | None,
     ) -> list[float]:
-        """NTK alpha per sequence: chosen from the prompt's length at prefill, then kept for every decoded token."""
+        """NTK alpha per sequence: `given` by a caller that tracks its sequences itself, else chosen from the prompt's
+        length at prefill and kept (per cache) for every decoded token."""
+        if given is not None:
+            if len(given) not in (1, batch):
+                raise ValueError(f"ntk_alphas has {len(given)} values for a batch of {batch}; give one or one per row.")
+            return list(given)
         if self.training or not self.config.use_dynamic_ntk:
             return [1.0]
-        stored = getattr(cache, "qwen_ntk_alphas", None) if cache is not None else None
+        stored = self._prefill_ntk_alphas.get(cache) if cache is not None else None
         if past_len > 0 and stored is not None:
             if len(stored) not in (1, batch):
                 raise ValueError(
@@ -538,7 +552,7 @@ class QWenModel(QWenPreTrainedModel):
         else:
             alphas = [ntk_alpha_for_length(kv_len, seq_length)]
         if cache is not None:
-            cache.qwen_ntk_alphas = alphas
+            self._prefill_ntk_alphas[cache] = alphas
         return alphas
 
     def _backend(self, x: torch.Tensor) -> str:
@@ -564,8 +578,11 @@ class QWenModel(QWenPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         past_key_values: Cache | None = None,
+        ntk_alphas: Sequence[float] | None = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPast:
+        """The decoder. `ntk_alphas` (one, or one per row) overrides the dynamic-NTK alpha the model would choose, for
+        callers that keep their sequences' alphas themselves (the batching engine's slot cache)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         cache = cache if cache is not None else past_key_values
@@ -597,7 +614,7 @@ class QWenModel(QWenPreTrainedModel):
         key_padding = None if key_padding_2d is None or bool(key_padding_2d.all()) else key_padding_2d
         layout = AttentionLayout(q_len, kv_len, key_padding, prepared_mask, self._backend(x), x.device)
 
-        alphas = self._ntk_alphas(cache, past_len, kv_len, key_padding_2d, batch)
+        alphas = self._ntk_alphas(cache, past_len, kv_len, key_padding_2d, batch, ntk_alphas)
         inv_freq = torch.stack(
             [rotary_inv_freq(self.config.rotary_dim, self.config.rotary_emb_base, a, x.device) for a in alphas]
         )  # (1|B, rotary_dim/2)
@@ -704,6 +721,7 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         return_dict: bool | None = None,
         logits_to_keep: int = 0,
         past_key_values: Cache | None = None,
+        ntk_alphas: Sequence[float] | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast | tuple:
         outputs = self.transformer(
@@ -715,6 +733,7 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
+            ntk_alphas=ntk_alphas,
         )
         hidden = outputs.last_hidden_state
         if logits_to_keep:
@@ -747,6 +766,25 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         if return_dict is False:
             return result.to_tuple()
         return result
+
+    def logits_at(
+        self,
+        input_ids: torch.LongTensor,
+        positions: torch.Tensor,
+        cache: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        ntk_alphas: Sequence[float] | None = None,
+    ) -> torch.Tensor:
+        """fp32 logits (B, vocab) of one token per row, `positions[b]` indexing row b's tokens in this call: a
+        right-padded prefill scores each prompt's last token, a decode step its only one. The LM head runs on those
+        rows alone (a (B, T, vocab) tensor would be 151,936 floats per prompt token). `cache` is updated in place."""
+        hidden = self.transformer(
+            input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+            use_cache=cache is not None, ntk_alphas=ntk_alphas,
+        ).last_hidden_state  # (B, T, C)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return project(self.lm_head, hidden[rows, positions.to(hidden.device)]).float()
 
     # ----------------------------------------------------------------------------------------------------------------
     # Generation with stop words, and the chat interface of the original README

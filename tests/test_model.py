@@ -140,8 +140,10 @@ def test_dynamic_ntk_alpha_is_fixed_at_prefill():
     ids = torch.randint(0, 512, (1, 60))
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
+        attributes = set(vars(cache))
         out = model(ids[:, :20], cache=cache, use_cache=True)  # 20 <= 32: alpha 1
-        assert cache.qwen_ntk_alphas == [1]
+        assert model.transformer.ntk_alphas_of(cache) == [1]
+        assert set(vars(cache)) == attributes  # the model keeps the alpha itself, nothing is written onto the cache
         for step in range(20, 60):
             out = model(ids[:, step : step + 1], cache=out.cache, use_cache=True)
         reference_alpha1 = full_logits(plain, ids)[:, -1]
@@ -156,7 +158,7 @@ def test_long_prompt_alpha_matches_manual_rule():
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         model(ids, cache=cache, use_cache=True)
-    assert cache.qwen_ntk_alphas == [3]
+    assert model.transformer.ntk_alphas_of(cache) == [3]
 
 
 def test_per_sequence_alpha_from_true_lengths_in_padded_batch():
@@ -169,7 +171,7 @@ def test_per_sequence_alpha_from_true_lengths_in_padded_batch():
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         out = model(batch, attention_mask=mask, cache=cache, use_cache=True)
-        assert cache.qwen_ntk_alphas == [3, 1]
+        assert model.transformer.ntk_alphas_of(cache) == [3, 1]
         alone_long = full_logits(model, long_ids)[:, -1]
         alone_short = full_logits(model, short_ids)[:, -1]
     torch.testing.assert_close(out.logits[0, -1], alone_long[0], atol=1e-5, rtol=1e-5)

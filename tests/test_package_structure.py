@@ -107,3 +107,15 @@ def test_checkpoint_folders_are_read_below_the_modules_that_use_them() -> None:
     assert not graph["checkpoint_folder"] & {"loading", "gptq", "lora", "convert", "device_map", "server", "engine"}
     for user in ("loading", "gptq", "lora", "convert"):
         assert "checkpoint_folder" in graph[user], user
+
+
+def test_the_engine_uses_only_the_models_declared_interface() -> None:
+    # The engine asks for logits through `logits_at` and reads the config; reaching into `model.transformer` or the
+    # LM head would tie it to the model's insides (and to what it writes onto caches).
+    tree = ast.parse((PACKAGE / "engine.py").read_text(encoding="utf-8"))
+    used = {
+        node.attr for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute) and isinstance(node.value, (ast.Attribute, ast.Name))
+        and (node.value.attr if isinstance(node.value, ast.Attribute) else node.value.id) == "model"
+    }
+    assert used <= {"config", "eval", "parameters", "logits_at"}, used
