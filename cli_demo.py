@@ -28,7 +28,7 @@ from typing import Any, TextIO
 
 from qwen.engine import GenerationEngine, RequestHandle, SamplingParams, chat_stop_token_ids
 from qwen.loading import USAGE_NOTICE, add_model_arguments, load_from_args
-from qwen.qwen_generation_utils import DEFAULT_MAX_WINDOW_SIZE, DEFAULT_SYSTEM_PROMPT, HistoryType, make_context
+from qwen.qwen_generation_utils import DEFAULT_MAX_WINDOW_SIZE, DEFAULT_SYSTEM_PROMPT, HistoryType, chat_turn
 
 DEFAULT_SEED = 1234  # the original cli_demo.py's default
 MAX_SEED = 2**64 - 1  # the largest seed torch.Generator.manual_seed takes
@@ -198,22 +198,10 @@ class ChatSession:
         conf = self.conf if conf is None else conf
         return SamplingParams.from_generation_config(conf, seed=self.seed, stop_token_ids=self.stop_token_ids)
 
-    def window_size(self, params: SamplingParams) -> int:
-        """How many prompt tokens the history may fill: the checkpoint's max_window_size, within the context.
-
-        Room is kept for the reply (at most half the context), so a long conversation drops its oldest turns
-        instead of leaving the reply no room or being refused by the engine.
-        """
-        window = getattr(self.conf, "max_window_size", None) or DEFAULT_MAX_WINDOW_SIZE
-        context = self.engine.max_context
-        return max(1, min(window, context - min(params.max_new_tokens, context // 2)))
-
     def prompt_ids(self, query: str, params: SamplingParams) -> list[int]:
-        chat_format = getattr(self.conf, "chat_format", None) or "chatml"
-        return make_context(
-            self.tokenizer, query, history=self.history, system=self.system,
-            max_window_size=self.window_size(params), chat_format=chat_format,
-        )[1]
+        """The prompt of `query` after the history, trimmed by the library's one window policy (`history_window`)."""
+        return chat_turn(self.tokenizer, query, self.history, self.system, self.conf, self.engine.max_context,
+                         max_new_tokens=params.max_new_tokens).prompt_ids
 
     def reply(self, query: str, safe: bool | None = None) -> Reply:
         """Stream the reply to `query` to `out` and, unless it was stopped or failed, add the turn to the history.

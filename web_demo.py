@@ -37,7 +37,7 @@ from qwen.qwen_generation_utils import (  # noqa: E402
     DEFAULT_MAX_WINDOW_SIZE,
     DEFAULT_SYSTEM_PROMPT,
     HistoryType,
-    make_context,
+    chat_turn,
 )
 
 
@@ -117,13 +117,17 @@ class WebChat:
         self.tokenizer = tokenizer
         self.params = params
         self.system = system
-        # Room is kept for the reply (at most half the context), so that a long conversation drops its oldest turns
-        # instead of being refused, as in the command-line demo.
-        context = engine.max_context
-        self.max_window_size = max(1, min(max_window_size, context - min(params.max_new_tokens, context // 2)))
+        self.max_window_size = max_window_size  # the checkpoint's; each prompt keeps room for the reply within it
         self._lock = threading.Lock()
         # session hash -> its running requests, each with whether Clear was pressed while it ran
         self._running: dict[str, dict[RequestHandle, bool]] = {}
+
+    def prompt_ids(self, messages: ChatMessages) -> list[int]:
+        """The prompt answering the last message, the earlier ones as history trimmed by the library's window policy."""
+        *earlier, question = messages
+        return chat_turn(self.tokenizer, message_text(question), history_pairs(earlier), self.system, None,
+                         self.engine.max_context, max_new_tokens=self.params.max_new_tokens,
+                         max_window_size=self.max_window_size).prompt_ids
 
     def reply(self, messages: ChatMessages, session: str = "") -> Iterator[ChatMessages]:
         """Answer the last message of `messages`, yielding the conversation with the reply so far as it grows.
@@ -132,9 +136,7 @@ class WebChat:
         closes it when the tab that started it goes away). A reply that fails, or a question the engine refuses,
         ends with an error message in place of the reply; the tab's chat goes on, and other tabs never notice.
         """
-        *earlier, question = messages
-        _, prompt_ids = make_context(self.tokenizer, message_text(question), history=history_pairs(earlier),
-                                     system=self.system, max_window_size=self.max_window_size)
+        prompt_ids = self.prompt_ids(messages)
         try:
             handle = self.engine.submit(prompt_ids, self.params)
         except ValueError as error:  # one question longer than the model's context

@@ -30,7 +30,7 @@ from typing import Any, Literal
 from qwen import react
 from qwen.engine import GenerationEngine, SamplingParams, chat_stop_token_ids
 from qwen.loading import add_model_arguments, load_from_args
-from qwen.qwen_generation_utils import DEFAULT_MAX_WINDOW_SIZE
+from qwen.qwen_generation_utils import DEFAULT_MAX_WINDOW_SIZE, history_window
 from qwen.server import chat_prompt_ids
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -340,9 +340,9 @@ class EngineGenerate:
             model.generation_config, seed=seed, max_new_tokens=max_new_tokens,
             stop_token_ids=chat_stop_token_ids(tokenizer), stop_strings=tuple(react.STOP_WORDS),
         )
-        window = getattr(model.generation_config, "max_window_size", None) or DEFAULT_MAX_WINDOW_SIZE
-        # Leave the reply room in the context, as the terminal demo does.
-        self.max_window_size = max(1, min(window, self.engine.max_context - self.params.max_new_tokens))
+        # The library's window policy: the checkpoint's window, leaving the reply room in the context.
+        self.max_window_size = history_window(getattr(model.generation_config, "max_window_size", None),
+                                              self.engine.max_context, self.params.max_new_tokens)
 
     def __call__(self, prompt_ids: list[int]) -> str:
         text = ""

@@ -25,7 +25,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from .modeling_qwen import KV_PARAMS_BYTES, dequantize_kv, new_kv_cache, ntk_alpha_for_length, quantize_kv
-from .qwen_generation_utils import reply_end_ids
+from .qwen_generation_utils import context_length, reply_end_ids
 
 logger = logging.getLogger(__name__)
 
@@ -414,9 +414,7 @@ class GenerationEngine:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
-        self.max_context = max_context or (
-            max(config.seq_length, config.max_position_embeddings) if config.use_dynamic_ntk else config.seq_length
-        )
+        self.max_context = max_context or context_length(config)
         self.device = next(model.parameters()).device
         self.cache = SlotKVCache(
             config.num_hidden_layers, max_batch_size, config.num_attention_heads, config.kv_channels,

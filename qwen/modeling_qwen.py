@@ -41,9 +41,9 @@ from .qwen_generation_utils import (
     DEFAULT_SYSTEM_PROMPT,
     HistoryType,
     StopWordsLogitsProcessor,
+    chat_turn,
+    context_length,
     decode_tokens,
-    get_stop_words_ids,
-    make_context,
 )
 
 logger = logging.get_logger(__name__)
@@ -838,13 +838,12 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
                 f"chat() needs a chat model: this checkpoint's generation_config.json has chat_format={chat_format!r}, "
                 "which marks a base (pretrained) model. Use a -Chat checkpoint, or call generate() on a base model."
             )
-        max_window_size = kwargs.pop("max_window_size", None) or getattr(generation_config, "max_window_size", None)
-        _, context_tokens = make_context(
-            tokenizer, query, history=history or [], system=system, max_window_size=max_window_size or 6144,
-            chat_format=chat_format,
+        turn = chat_turn(
+            tokenizer, query, history or [], system, generation_config, context_length(self.config),
+            max_new_tokens=kwargs.get("max_new_tokens"), max_window_size=kwargs.pop("max_window_size", None),
         )
-        stop_words_ids = list(stop_words_ids or []) + get_stop_words_ids(chat_format, tokenizer)
-        input_ids = torch.tensor([context_tokens], device=self.device)
+        stop_words_ids = list(stop_words_ids or []) + [list(words) for words in turn.stop_words_ids]
+        input_ids = torch.tensor([turn.prompt_ids], device=self.device)
         # The embedding is padded past the tokenizer's last id (151936 rows for 151851 ids). A trained model never
         # picks those rows, but a reply must always be decodable, so they are ruled out rather than left to chance.
         processors = LogitsProcessorList(logits_processor or [])

@@ -24,7 +24,7 @@ from transformers import set_seed
 
 from qwen.engine import SamplingParams, chat_stop_token_ids
 from qwen.loading import add_model_arguments, load_from_args
-from qwen.qwen_generation_utils import DEFAULT_MAX_WINDOW_SIZE, DEFAULT_SYSTEM_PROMPT, make_context
+from qwen.qwen_generation_utils import DEFAULT_SYSTEM_PROMPT, chat_turn, context_length
 from qwen.react import STOP_WORDS as REACT_STOP_WORDS
 
 from . import prompts
@@ -292,9 +292,8 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
 
 def _chat_prompt_ids(tokenizer: Any, model: Any, query: str) -> list[int]:
     """One user turn after the default system prompt, exactly what `model.chat(tokenizer, query)` feeds the model."""
-    window = getattr(model.generation_config, "max_window_size", None) or DEFAULT_MAX_WINDOW_SIZE
-    return make_context(tokenizer, query, history=[], system=DEFAULT_SYSTEM_PROMPT, max_window_size=window,
-                        chat_format="chatml")[1]
+    return chat_turn(tokenizer, query, [], DEFAULT_SYSTEM_PROMPT, model.generation_config,
+                     context_length(model.config)).prompt_ids
 
 
 def _generation_room(engine: Any, max_new_tokens: int) -> int:

@@ -1,0 +1,121 @@
+"""One chat turn, one window policy: the library's `chat_turn`, and every front end asking the model through it."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwen.engine import GenerationEngine, SamplingParams, chat_stop_token_ids
+from qwen.qwen_generation_utils import (
+    DEFAULT_SYSTEM_PROMPT,
+    chat_turn,
+    context_length,
+    history_window,
+    make_context,
+    reply_end_ids,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+# Long enough that the tiny checkpoint's window (1024-token context, 512-token replies) keeps only the last few.
+LONG_HISTORY = [(f"Question {i}: " + "tell me more " * 20, f"Answer {i}: " + "here is more " * 20) for i in range(12)]
+
+
+def test_the_released_chat_config_keeps_room_for_its_reply(released_dir):
+    from qwen import QWenConfig
+    from transformers import GenerationConfig
+
+    folder = released_dir / "Qwen-7B-Chat-2023-08"
+    config, generation = QWenConfig.from_pretrained(folder), GenerationConfig.from_pretrained(folder)
+    assert context_length(config) == 6144  # seq_length 2048, stretched by dynamic NTK to its 6144 positions
+    # No max_window_size in this file: chat() kept the default 6144 tokens of history, then asked for 512 more.
+    # Here the two fit together.
+    assert getattr(generation, "max_window_size", None) is None and generation.max_new_tokens == 512
+    assert history_window(None, context_length(config), generation.max_new_tokens) == 5632
+
+
+def test_the_reply_always_has_room():
+    assert history_window(6144, 8192, 512) == 6144
+    assert history_window(6144, 2048, 512) == 1536  # the window gives way to the reply
+    assert history_window(6144, 1024, 4096) == 512  # a reply asking for the whole context gets half
+    assert history_window(None, 100_000, 512) == 6144  # no max_window_size: the released default
+    assert history_window(10, 10, 100) == 5
+    assert history_window(1, 2, 1) == 1
+
+
+def test_a_long_history_keeps_its_latest_turns_and_leaves_the_reply_room(tokenizer, tiny_chat_model):
+    generation = tiny_chat_model.generation_config
+    context = context_length(tiny_chat_model.config)
+    turn = chat_turn(tokenizer, "And now?", LONG_HISTORY, DEFAULT_SYSTEM_PROMPT, generation, context)
+    window = history_window(generation.max_window_size, context, generation.max_new_tokens)
+    assert window < context
+    expected = make_context(tokenizer, "And now?", LONG_HISTORY, DEFAULT_SYSTEM_PROMPT, max_window_size=window)
+    assert (turn.prompt_text, turn.prompt_ids) == expected
+    assert "Answer 11" in turn.prompt_text and "Question 0:" not in turn.prompt_text
+    assert len(turn.prompt_ids) + turn.max_new_tokens <= context and turn.max_new_tokens == generation.max_new_tokens
+    assert list(turn.stop_token_ids) == reply_end_ids("chatml", tokenizer) == sorted(chat_stop_token_ids(tokenizer),
+                                                                                     key=list(turn.stop_token_ids).index)
+
+
+def test_a_short_conversation_is_the_released_prompt(tokenizer, tiny_chat_model, tokenizer_facts):
+    # With nothing to trim, the turn is exactly make_context's released prompt.
+    turn = chat_turn(tokenizer, "你好", [], DEFAULT_SYSTEM_PROMPT, tiny_chat_model.generation_config,
+                     context_length(tiny_chat_model.config))
+    assert turn.prompt_ids == make_context(tokenizer, "你好", [], DEFAULT_SYSTEM_PROMPT)[1]
+    assert [list(words) for words in turn.stop_words_ids] == [[tokenizer.im_end_id], [tokenizer.im_start_id]]
+
+
+class _Seen(Exception):
+    pass
+
+
+def _prompt_fed_by_model_chat(model, tokenizer, history) -> list[int]:
+    """The ids `model.chat` feeds for "And now?" after `history`, read at its first forward (which then stops)."""
+    def capture(module, args, kwargs):
+        raise _Seen(kwargs["input_ids"][0].tolist())
+
+    hook = model.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        with pytest.raises(_Seen) as seen:
+            model.chat(tokenizer, "And now?", history=history)
+    finally:
+        hook.remove()
+    return seen.value.args[0]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_chat_model, tokenizer):
+    engine = GenerationEngine(tiny_chat_model, tokenizer, max_batch_size=1)
+    yield engine
+    engine.close()
+
+
+def _script(name: str):
+    sys.path.insert(0, str(REPO))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(REPO))
+
+
+def test_every_front_end_trims_a_long_history_the_same_way(tokenizer, tiny_chat_model, engine):
+    generation = tiny_chat_model.generation_config
+    expected = chat_turn(tokenizer, "And now?", LONG_HISTORY, DEFAULT_SYSTEM_PROMPT, generation,
+                         context_length(tiny_chat_model.config)).prompt_ids
+    with torch.no_grad():
+        assert _prompt_fed_by_model_chat(tiny_chat_model, tokenizer, LONG_HISTORY) == expected
+
+    cli_demo = _script("cli_demo")
+    session = cli_demo.ChatSession(engine, tokenizer, generation)
+    session.history = list(LONG_HISTORY)
+    assert session.prompt_ids("And now?", session.sampling_params()) == expected
+
+    web_demo = _script("web_demo")
+    params = SamplingParams.from_generation_config(generation, stop_token_ids=chat_stop_token_ids(tokenizer))
+    chat = web_demo.WebChat(engine, tokenizer, params, max_window_size=generation.max_window_size)
+    messages = [message for question, answer in LONG_HISTORY
+                for message in ({"role": "user", "content": question}, {"role": "assistant", "content": answer})]
+    assert chat.prompt_ids([*messages, {"role": "user", "content": "And now?"}]) == expected
