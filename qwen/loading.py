@@ -21,10 +21,11 @@ from .checkpoint_folder import (
     check_checkpoint_folder,
     ensure_demo_checkpoint,
     is_demo_checkpoint,
+    read_json_object,
     resolve_checkpoint,
 )
 from .gptq import check_gptq_checkpoint, require_gptq_stack
-from .modeling_qwen import QWenLMHeadModel
+from .modeling_qwen import QWenLMHeadModel, resolve_dtype
 from .tokenization_qwen import QWenTokenizer
 
 # What `-c` means when it is not given, as in the original cli_demo.py, web_demo.py and openai_api.py.
@@ -42,6 +43,25 @@ USAGE_NOTICE = (
 )
 
 
+def inference_dtype(folder: Path, requested: torch.dtype | None, device_map: str | dict[str, Any]) -> torch.dtype:
+    """The precision every script loads a checkpoint in: the one requested, else the released rule for the config's
+    bf16/fp16/fp32 flags (`modeling_qwen.resolve_dtype`: bf16 where the GPU has it, else fp16, fp32 on the CPU).
+
+    On the CPU, fp16 is refused when requested, and a config's fp16 flag (every released -Int4 config sets it) gives
+    fp32: CPU kernels for fp16 matmuls are slow or missing. `QWenLMHeadModel.from_pretrained` on its own keeps the
+    released behaviour there (fp16, with a warning), as code written for the released model expects.
+    """
+    on_cpu = device_map in ("cpu", {"": "cpu"})
+    if requested is not None:
+        if requested == torch.float16 and on_cpu:
+            raise LoadError("float16 matmuls are slow or unsupported on the CPU; use float32 or bfloat16 there.")
+        return requested
+    flags = {name: bool(read_json_object(folder / "config.json").get(name)) for name in ("bf16", "fp16", "fp32")}
+    if on_cpu:
+        return torch.bfloat16 if flags["bf16"] else torch.float32
+    return resolve_dtype(**flags, device_map=device_map)
+
+
 def load_model_and_tokenizer(
     folder: str | Path,
     cpu_only: bool = False,
@@ -51,7 +71,7 @@ def load_model_and_tokenizer(
     """Load a checkpoint (a folder, a hub id or `demo`) for inference, with the generation config it ships.
 
     Without `device_map`, the model goes on the GPU(s) when there are any (`"auto"`) and `cpu_only` is not set, else
-    on the CPU. Without `dtype`, the released rule applies: bf16 or fp16 on a GPU, fp32 on the CPU.
+    on the CPU. The precision is `inference_dtype`'s.
     """
     path = resolve_checkpoint(folder)
     if isinstance(dtype, str):
@@ -60,12 +80,9 @@ def load_model_and_tokenizer(
         dtype = None if dtype == "auto" else getattr(torch, dtype)
     if device_map is None:
         device_map = "cpu" if cpu_only or not torch.cuda.is_available() else "auto"
-    if dtype == torch.float16 and device_map == "cpu":
-        raise LoadError("float16 matmuls are slow or unsupported on the CPU; use float32 or bfloat16 there.")
+    dtype = inference_dtype(path, dtype, device_map)
     if check_gptq_checkpoint(path) is not None:
         require_gptq_stack()
-        if dtype is None and device_map == "cpu":
-            dtype = torch.float32  # the released -Int4 configs set fp16, which the model would otherwise honour here
     tokenizer = QWenTokenizer.from_pretrained(path)
     model = QWenLMHeadModel.from_pretrained(path, device_map=device_map, dtype=dtype).eval()
     if (path / "generation_config.json").is_file():
@@ -111,6 +128,6 @@ def load_from_args(args: argparse.Namespace) -> tuple[QWenLMHeadModel, QWenToken
 
 __all__ = [
     "DEFAULT_CHAT_CHECKPOINT", "DEMO_CHECKPOINT", "DEMO_NOTICE", "USAGE_NOTICE", "CheckpointError", "LoadError",
-    "add_model_arguments", "check_checkpoint_folder", "ensure_demo_checkpoint", "is_demo_checkpoint", "load_from_args",
-    "load_model_and_tokenizer", "resolve_checkpoint",
+    "add_model_arguments", "check_checkpoint_folder", "ensure_demo_checkpoint", "inference_dtype", "is_demo_checkpoint",
+    "load_from_args", "load_model_and_tokenizer", "resolve_checkpoint",
 ]

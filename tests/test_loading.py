@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -212,6 +213,23 @@ def test_loader_refuses_fp16_on_the_cpu_and_unknown_dtypes(tiny_chat_dir):
         load_model_and_tokenizer(tiny_chat_dir, cpu_only=True, dtype="float16")
     with pytest.raises(LoadError, match="Unknown dtype"):
         load_model_and_tokenizer(tiny_chat_dir, cpu_only=True, dtype="float8")
+
+
+def test_scripts_load_a_checkpoint_flagged_fp16_in_fp32_on_the_cpu_and_from_pretrained_keeps_fp16(tmp_path,
+                                                                                                      tiny_chat_dir):
+    # One precision policy for every script (qwen.loading.inference_dtype): a config's fp16 flag, which every released
+    # -Int4 config carries, is for GPUs. from_pretrained alone honours it, as the released model did.
+    from qwen.loading import inference_dtype, load_model_and_tokenizer
+
+    folder = Path(shutil.copytree(tiny_chat_dir, tmp_path / "fp16-flag"))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "fp16": True, "bf16": False, "fp32": False}))
+    model, _ = load_model_and_tokenizer(folder, cpu_only=True)
+    assert model.dtype == torch.float32
+    assert QWenLMHeadModel.from_pretrained(folder, device_map="cpu").dtype == torch.float16
+    assert inference_dtype(folder, torch.bfloat16, "cpu") == torch.bfloat16
+    (folder / "config.json").write_text(json.dumps({**config, "bf16": True, "fp16": False, "fp32": False}))
+    assert inference_dtype(folder, None, "cpu") == torch.bfloat16
 
 
 def test_a_hub_id_that_cannot_be_fetched_is_one_clear_error(monkeypatch, tmp_path):
