@@ -4,6 +4,10 @@
 arguments and loads the checkpoint. Generation never runs on the event loop: the engine's thread decodes every request
 together and hands events back with `call_soon_threadsafe`. Tokenizing a large prompt runs in a worker thread.
 
+As in vLLM's serving layer, requests and replies are pydantic models (below: request bodies, then response bodies);
+a route checks its request and settles a `RequestContext`, `fan_out` submits the request's choices (`n` per prompt,
+seeded one apart), and a `Serving` subclass per endpoint turns their events into chunks or one whole reply.
+
 What one client may cost is bounded in `ServerSettings` (body size, body upload time, choices per request), and
 abandoned work is cancelled: a client that hangs up, streaming or not, frees its slots at once, and SIGTERM ends every
 request before uvicorn waits for connections to close.
@@ -191,7 +195,7 @@ class ResponseModel(BaseModel):
 
     # No return annotation: with one, the serialization schema (and /docs) would show a bare dict.
     @model_serializer(mode="wrap")
-    def _leave_out_absent(self, handler: SerializerFunctionWrapHandler):  # noqa: ANN202
+    def _leave_out_absent(self, handler: SerializerFunctionWrapHandler):
         data = handler(self)
         for name in self.omitted_when_none:
             if name in data and data[name] is None:
@@ -613,12 +617,12 @@ def create_app(engine: GenerationEngine, settings: ServerSettings | None = None)
         return await asyncio.to_thread(work)
 
     def new_context(prompts: list[PromptJob], body: SamplingFields, id_prefix: str, model: str,
-                    **chat: Any) -> RequestContext:
+                    functions: list[dict[str, Any]] | None = None, legacy_functions: bool = False) -> RequestContext:
         return RequestContext(
             engine=engine, prompts=prompts, n=body.n, completion_id=f"{id_prefix}-{uuid.uuid4().hex}",
             created=int(time.time()), model=model,
             include_usage=body.stream_options is not None and body.stream_options.include_usage,
-            streaming=streaming, **chat,
+            streaming=streaming, functions=functions, legacy_functions=legacy_functions,
         )
 
     async def reply(serving: Serving, stream: bool, request: Request) -> Response:
@@ -831,6 +835,8 @@ class Serving(ABC):
                         raise error
                     finals[index] = event
         done = [final for final in finals if final is not None]
+        if len(done) != count:  # fan_out ends only once every choice has had its last event
+            raise RuntimeError("the engine ended a request without a final event")
         usage = UsageInfo.of(self.context.prompt_tokens, sum(final.completion_tokens for final in done))
         return self.response(["".join(parts) for parts in pieces], done, usage)
 
@@ -1044,4 +1050,8 @@ def serve(engine: GenerationEngine, settings: ServerSettings, host: str, port: i
             signal.signal(sig, handler)
 
 
-__all__ = ["APIError", "RequestGate", "ServerSettings", "chat_prompt_ids", "create_app", "serve"]
+__all__ = [
+    "APIError", "ChatCompletionChunk", "ChatCompletionRequest", "ChatCompletionResponse", "CompletionChunk",
+    "CompletionRequest", "CompletionResponse", "ErrorResponse", "HealthStatus", "ModelList", "RequestContext",
+    "RequestGate", "ServerSettings", "UsageInfo", "chat_prompt_ids", "create_app", "fan_out", "serve",
+]
