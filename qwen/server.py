@@ -4,6 +4,10 @@
 arguments and loads the checkpoint. Generation never runs on the event loop: the engine's thread decodes every request
 together and hands events back with `call_soon_threadsafe`. Tokenizing a large prompt runs in a worker thread.
 
+As in vLLM's serving layer, requests and replies are pydantic models (below: request bodies, then response bodies);
+a route checks its request and settles a `RequestContext`, `fan_out` submits the request's choices (`n` per prompt,
+seeded one apart), and a `Serving` subclass per endpoint turns their events into chunks or one whole reply.
+
 What one client may cost is bounded in `ServerSettings` (body size, body upload time, choices per request), and
 abandoned work is cancelled: a client that hangs up, streaming or not, frees its slots at once, and SIGTERM ends every
 request before uvicorn waits for connections to close.
@@ -14,17 +18,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import gc
-import json
 import secrets
 import signal
 import threading
 import time
 import uuid
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from types import FrameType
-from typing import Any, ContextManager, TypeVar
+from typing import Any, ClassVar, ContextManager, Literal, TypeVar
 
 import torch
 import uvicorn
@@ -32,7 +37,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer
 from sse_starlette.sse import EventSourceResponse
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -40,7 +45,8 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import react
-from .engine import GenerationEngine, GenerationEvent, SamplingParamError, SamplingParams, chat_stop_token_ids
+from .engine import (GenerationEngine, GenerationEvent, RequestHandle, SamplingParamError, SamplingParams,
+                     chat_stop_token_ids)
 from .qwen_generation_utils import make_context
 
 
@@ -100,11 +106,11 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
 
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+    def body(self) -> ErrorResponse:
+        return ErrorResponse(error=ErrorInfo(message=self.message, type=self.kind, param=self.param, code=self.code))
 
     def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+        return JSONResponse(self.body().model_dump(mode="json"), status_code=self.status, headers=headers)
 
 
 SHUTTING_DOWN = "The server is shutting down; send the request again (to another instance, or once it is back)."
@@ -169,6 +175,176 @@ class ChatCompletionRequest(SamplingFields):
 class CompletionRequest(SamplingFields):
     prompt: str | list[str]
     echo: bool = False
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Response bodies: what goes on the wire, field for field, as OpenAI's API sends it
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class ResponseModel(BaseModel):
+    """A reply body. Unknown fields are refused, so that validating a reply against its model checks every field.
+
+    OpenAI leaves some fields out of a reply when they do not apply (a message's `function_call`, a chunk's `usage`)
+    and sends others as null (`logprobs`); the names in `omitted_when_none` are left out when None. (Pydantic's own
+    per-field rule for that is newer than the versions requirements.txt allows.)
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    omitted_when_none: ClassVar[frozenset[str]] = frozenset()
+
+    # No return annotation: with one, the serialization schema (and /docs) would show a bare dict.
+    @model_serializer(mode="wrap")
+    def _leave_out_absent(self, handler: SerializerFunctionWrapHandler):
+        data = handler(self)
+        for name in self.omitted_when_none:
+            if name in data and data[name] is None:
+                del data[name]
+        return data
+
+
+class UsageInfo(ResponseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> UsageInfo:
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens)
+
+
+class FunctionCall(ResponseModel):
+    name: str
+    arguments: str  # the JSON text the model wrote, as OpenAI sends it: not parsed, possibly not valid JSON
+
+
+class ToolCall(ResponseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class DeltaToolCall(ToolCall):
+    index: int  # which of the reply's calls this piece belongs to; a ReAct reply makes one call, sent whole
+
+
+# Why a choice ended: `function_call` answers a request that gave `functions`, `tool_calls` one that gave `tools`.
+ChatFinishReason = Literal["stop", "length", "function_call", "tool_calls"]
+CompletionFinishReason = Literal["stop", "length"]
+
+
+class ChatMessage(ResponseModel):
+    omitted_when_none = frozenset({"function_call", "tool_calls"})
+
+    role: Literal["assistant"] = "assistant"
+    content: str | None  # null only beside a call that came without a thought
+    function_call: FunctionCall | None = None
+    tool_calls: list[ToolCall] | None = None
+
+
+class ChatCompletionChoice(ResponseModel):
+    index: int
+    message: ChatMessage
+    finish_reason: ChatFinishReason
+    logprobs: None = None
+
+
+class ChatCompletionResponse(ResponseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: UsageInfo
+
+
+class DeltaMessage(ResponseModel):
+    """What a chunk adds to a choice's message: the role once, then content pieces, or a whole call."""
+
+    omitted_when_none = frozenset({"role", "content", "function_call", "tool_calls"})
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    function_call: FunctionCall | None = None
+    tool_calls: list[DeltaToolCall] | None = None
+
+
+class ChatCompletionStreamChoice(ResponseModel):
+    index: int
+    delta: DeltaMessage
+    finish_reason: ChatFinishReason | None = None
+
+
+class ChatCompletionChunk(ResponseModel):
+    omitted_when_none = frozenset({"usage"})
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatCompletionStreamChoice]  # empty in the usage chunk
+    usage: UsageInfo | None = None  # only in the last chunk, when stream_options.include_usage asks for it
+
+
+class CompletionStreamChoice(ResponseModel):
+    index: int
+    text: str
+    finish_reason: CompletionFinishReason | None = None
+    logprobs: None = None
+
+
+class CompletionChoice(CompletionStreamChoice):
+    finish_reason: CompletionFinishReason
+
+
+class CompletionResponse(ResponseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo
+
+
+class CompletionChunk(ResponseModel):
+    omitted_when_none = frozenset({"usage"})
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"  # as OpenAI names its completion chunks
+    created: int
+    model: str
+    choices: list[CompletionStreamChoice]
+    usage: UsageInfo | None = None
+
+
+class ModelCard(ResponseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "qwen"
+
+
+class ModelList(ResponseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class HealthStatus(ResponseModel):
+    status: Literal["ok"] = "ok"
+    running: int  # requests being decoded
+    waiting: int  # requests queued for a slot
+
+
+class ErrorInfo(ResponseModel):
+    message: str
+    type: str  # invalid_request_error, authentication_error, server_error
+    param: str | None = None  # the request field at fault
+    code: str | None = None
+
+
+class ErrorResponse(ResponseModel):
+    error: ErrorInfo
 
 
 def chat_prompt_ids(
@@ -359,13 +535,12 @@ def create_app(engine: GenerationEngine, settings: ServerSettings | None = None)
         return APIError(error.status_code, str(error.detail), kind="invalid_request_error").response()
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "running": engine.running, "waiting": engine.waiting}
+    async def health() -> HealthStatus:
+        return HealthStatus(running=engine.running, waiting=engine.waiting)
 
     @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        card = {"id": settings.model_name, "object": "model", "created": 0, "owned_by": "qwen"}
-        return {"object": "list", "data": [card]}
+    async def models() -> ModelList:
+        return ModelList(data=[ModelCard(id=settings.model_name)])
 
     def reply_model(name: str | None) -> str:
         """The model name a reply reports: the one the request gave (as the original server and vLLM report it), else
@@ -441,8 +616,26 @@ def create_app(engine: GenerationEngine, settings: ServerSettings | None = None)
             return work()
         return await asyncio.to_thread(work)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
+    def new_context(prompts: list[PromptJob], body: SamplingFields, id_prefix: str, model: str,
+                    functions: list[dict[str, Any]] | None = None, legacy_functions: bool = False) -> RequestContext:
+        return RequestContext(
+            engine=engine, prompts=prompts, n=body.n, completion_id=f"{id_prefix}-{uuid.uuid4().hex}",
+            created=int(time.time()), model=model,
+            include_usage=body.stream_options is not None and body.stream_options.include_usage,
+            streaming=streaming, functions=functions, legacy_functions=legacy_functions,
+        )
+
+    async def reply(serving: Serving, stream: bool, request: Request) -> Response:
+        if stream:
+            return EventSourceResponse(serving.stream(), ping=15)
+        try:
+            response = await _unless_disconnected(request, serving.whole())
+        finally:
+            after_request()
+        return JSONResponse(response.model_dump(mode="json"))
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         model = reply_model(body.model)
         check_choices(body.n, "n")
         try:
@@ -456,37 +649,12 @@ def create_app(engine: GenerationEngine, settings: ServerSettings | None = None)
         except ValueError as error:
             raise APIError(400, str(error), param="messages") from error
         params = sampling(body, len(prompt_ids), react.stop_words(functions))
-        legacy = body.functions is not None
-        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-        created = int(time.time())
-        seeds = [_choice_seed(params.seed, i) for i in range(body.n)]
-        choices_params = [_with_seed(params, seed) for seed in seeds]
+        context = new_context([PromptJob(prompt_ids, params)], body, "chatcmpl", model, functions=functions,
+                              legacy_functions=body.functions is not None)
+        return await reply(ChatServing(context), body.stream, request)
 
-        if body.stream:
-            return EventSourceResponse(
-                _stream_chat(engine, prompt_ids, choices_params, functions, legacy, completion_id, created,
-                             model, body.stream_options, streaming),
-                ping=15,
-            )
-        try:
-            results = await _unless_disconnected(
-                request, asyncio.gather(*[_run_to_end(engine, prompt_ids, p) for p in choices_params]))
-        finally:
-            after_request()
-        choices, completion_tokens = [], 0
-        for index, (text, event) in enumerate(results):
-            if (error := _engine_error(event)) is not None:
-                raise error
-            completion_tokens += event.completion_tokens
-            message, finish_reason = _chat_message(text, event.finish_reason, functions, legacy)
-            choices.append({"index": index, "message": message, "finish_reason": finish_reason, "logprobs": None})
-        return {
-            "id": completion_id, "object": "chat.completion", "created": created, "model": model,
-            "choices": choices, "usage": _usage(len(prompt_ids), completion_tokens),
-        }
-
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
+    @app.post("/v1/completions", response_model=CompletionResponse)
+    async def completions(body: CompletionRequest, request: Request) -> Response:
         model = reply_model(body.model)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts or any(not p for p in prompts):
@@ -496,38 +664,9 @@ def create_app(engine: GenerationEngine, settings: ServerSettings | None = None)
         check_choices(len(prompts) * body.n, "n" if body.n > 1 else "prompt")
         encoded = await off_loop_if_large(
             request, lambda: [tokenizer.encode(p, allowed_special=set(), disallowed_special=()) for p in prompts])
-        completion_id = f"cmpl-{uuid.uuid4().hex}"
-        created = int(time.time())
-        jobs = []
-        for ids in encoded:
-            params = sampling(body, len(ids), [])
-            for i in range(body.n):
-                jobs.append((ids, _with_seed(params, _choice_seed(params.seed, i))))
-        if body.stream:
-            ids, params = jobs[0]
-            return EventSourceResponse(
-                _stream_completion(engine, ids, [p for _, p in jobs], completion_id, created, model,
-                                   body.stream_options, prompts[0] if body.echo else "", streaming),
-                ping=15,
-            )
-        try:
-            results = await _unless_disconnected(
-                request, asyncio.gather(*[_run_to_end(engine, ids, p) for ids, p in jobs]))
-        finally:
-            after_request()
-        choices, completion_tokens = [], 0
-        for index, ((text, event), (ids, _)) in enumerate(zip(results, jobs)):
-            if (error := _engine_error(event)) is not None:
-                raise error
-            completion_tokens += event.completion_tokens
-            prefix = prompts[index // body.n] if body.echo else ""
-            choices.append({"index": index, "text": prefix + text, "finish_reason": _finish(event.finish_reason),
-                            "logprobs": None})
-        prompt_tokens = sum(len(ids) for ids in encoded)
-        return {
-            "id": completion_id, "object": "text_completion", "created": created, "model": model,
-            "choices": choices, "usage": _usage(prompt_tokens, completion_tokens),
-        }
+        jobs = [PromptJob(ids, sampling(body, len(ids), []), echo=text if body.echo else "")
+                for ids, text in zip(encoded, prompts)]
+        return await reply(CompletionServing(new_context(jobs, body, "cmpl", model)), body.stream, request)
 
     app.state.engine = engine
     app.state.settings = settings
@@ -536,8 +675,52 @@ def create_app(engine: GenerationEngine, settings: ServerSettings | None = None)
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Engine <-> asyncio
+# Serving: one request's choices, from the engine to the reply
 # --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PromptJob:
+    """One prompt of a request and how to decode it; each of the request's `n` choices decodes it once."""
+
+    ids: list[int]
+    params: SamplingParams
+    echo: str = ""  # completions asked to echo: the prompt's text, sent before each of its choices' text
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    """Everything a reply is made from, settled before the engine sees the request.
+
+    Choice `i` decodes prompt `i // n` with seed `_choice_seed(seed, i % n)`: a chat request has one prompt, a
+    completion request one or more (one, when streamed).
+    """
+
+    engine: GenerationEngine
+    prompts: list[PromptJob]
+    n: int  # choices per prompt
+    completion_id: str
+    created: int  # Unix time, the same in every chunk
+    model: str  # the name the reply reports
+    include_usage: bool  # stream_options.include_usage: a last chunk with the token counts
+    streaming: Callable[[], ContextManager[None]]  # held open while a stream is being sent (see `create_app`)
+    functions: list[dict[str, Any]] | None = None  # chat: the functions the model may call (ReAct)
+    legacy_functions: bool = False  # chat: the request gave `functions`, so calls come back as `function_call`
+
+    @property
+    def choice_count(self) -> int:
+        return len(self.prompts) * self.n
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(prompt.ids) for prompt in self.prompts)
+
+    def prompt_of(self, index: int) -> PromptJob:
+        return self.prompts[index // self.n]
+
+    def choice_params(self, index: int) -> SamplingParams:
+        params = self.prompt_of(index).params
+        return replace(params, seed=_choice_seed(params.seed, index % self.n))
 
 
 def _choice_seed(seed: int | None, index: int) -> int | None:
@@ -546,37 +729,223 @@ def _choice_seed(seed: int | None, index: int) -> int | None:
     return None if seed is None else (seed + index) % 2**64
 
 
-def _with_seed(params: SamplingParams, seed: int | None) -> SamplingParams:
-    return replace(params, seed=seed)
-
-
-async def _events(engine: GenerationEngine, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[GenerationEvent]:
-    """The engine's events for one request, as an async iterator; leaving early cancels the request."""
+async def fan_out(context: RequestContext) -> AsyncIterator[tuple[int, GenerationEvent]]:
+    """Submit every choice of the request to the engine and yield `(choice index, event)` in the order the engine
+    produces them, until every choice has had its last event. Leaving early (an error, a client gone, the generator
+    closed) cancels every choice, freeing its slot or its place in the queue."""
     loop = asyncio.get_running_loop()
-    events: asyncio.Queue[GenerationEvent] = asyncio.Queue()
+    events: asyncio.Queue[tuple[int, GenerationEvent]] = asyncio.Queue()
+    handles: list[RequestHandle] = []
     try:
-        handle = engine.submit(prompt_ids, params, on_event=lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
-    except ValueError as error:
-        raise APIError(400, str(error), param="messages", code="context_length_exceeded") from error
-    except RuntimeError as error:  # the engine is shut down
-        raise APIError(503, SHUTTING_DOWN, kind="server_error") from error
-    try:
-        while True:
-            event = await events.get()
-            yield event
+        for index in range(context.choice_count):
+            deliver = functools.partial(_deliver, loop, events, index)
+            try:
+                handles.append(context.engine.submit(context.prompt_of(index).ids, context.choice_params(index),
+                                                     on_event=deliver))
+            except ValueError as error:
+                raise APIError(400, str(error), param="messages", code="context_length_exceeded") from error
+            except RuntimeError as error:  # the engine is shut down
+                raise APIError(503, SHUTTING_DOWN, kind="server_error") from error
+        unfinished = len(handles)
+        while unfinished:
+            index, event = await events.get()
             if event.finish_reason is not None:
-                return
+                unfinished -= 1
+            yield index, event
     finally:
-        handle.cancel()  # a no-op once finished; frees the slot when the client went away
+        for handle in handles:
+            handle.cancel()  # a no-op once finished
 
 
-async def _run_to_end(engine: GenerationEngine, prompt_ids: list[int], params: SamplingParams) -> tuple[str, GenerationEvent]:
-    text = ""
-    async for event in _events(engine, prompt_ids, params):
-        text += event.text
+def _deliver(loop: asyncio.AbstractEventLoop, events: asyncio.Queue[tuple[int, GenerationEvent]], index: int,
+             event: GenerationEvent) -> None:
+    """Runs on the engine's thread: hands one choice's event to the event loop."""
+    loop.call_soon_threadsafe(events.put_nowait, (index, event))
+
+
+def _engine_error(event: GenerationEvent) -> APIError | None:
+    """The error a request's last event stands for, if any."""
+    if event.finish_reason == "error":
+        return APIError(500, f"Generation failed: {event.error}", kind="server_error")
+    if event.finish_reason == "cancelled":  # only the engine's shutdown cancels a request whose client is still here
+        return APIError(503, SHUTTING_DOWN, kind="server_error")
+    return None
+
+
+def _finish(reason: str | None) -> CompletionFinishReason:
+    return "length" if reason == "length" else "stop"
+
+
+class Serving(ABC):
+    """One endpoint's replies to one request: the events `fan_out` yields become a stream of chunks or one whole
+    response. Subclasses say only how events become chunks and choices."""
+
+    def __init__(self, context: RequestContext) -> None:
+        self.context = context
+
+    @abstractmethod
+    def opening_chunks(self) -> list[ResponseModel]:
+        """Chunks sent before any generated text."""
+
+    @abstractmethod
+    def event_chunks(self, index: int, event: GenerationEvent) -> list[ResponseModel]:
+        """The chunks for one event of choice `index` (its last one, finished without error, included)."""
+
+    @abstractmethod
+    def usage_chunk(self, usage: UsageInfo) -> ResponseModel:
+        """The last chunk, when the request asked for usage."""
+
+    @abstractmethod
+    def response(self, texts: list[str], finals: list[GenerationEvent], usage: UsageInfo) -> ResponseModel:
+        """The whole reply, from each choice's text and last event."""
+
+    async def stream(self) -> AsyncIterator[str]:
+        """The reply as server-sent event data: chunks, then `[DONE]`; or an error event once the status is sent."""
+        context = self.context
+        completion_tokens = 0
+        with context.streaming():
+            try:
+                for chunk in self.opening_chunks():
+                    yield chunk.model_dump_json()
+                async with contextlib.aclosing(fan_out(context)) as events:
+                    async for index, event in events:
+                        if event.finish_reason is not None:
+                            if (error := _engine_error(event)) is not None:
+                                yield error.body().model_dump_json()
+                                return
+                            completion_tokens += event.completion_tokens
+                        for chunk in self.event_chunks(index, event):
+                            yield chunk.model_dump_json()
+                if context.include_usage:
+                    yield self.usage_chunk(UsageInfo.of(context.prompt_tokens, completion_tokens)).model_dump_json()
+                yield "[DONE]"
+            except APIError as error:  # the engine refused the request (shut down) after the stream's status was sent
+                yield error.body().model_dump_json()
+
+    async def whole(self) -> ResponseModel:
+        """The reply once every choice has finished; APIError at the first choice that failed."""
+        count = self.context.choice_count
+        pieces: list[list[str]] = [[] for _ in range(count)]
+        finals: list[GenerationEvent | None] = [None] * count
+        async with contextlib.aclosing(fan_out(self.context)) as events:
+            async for index, event in events:
+                pieces[index].append(event.text)
+                if event.finish_reason is not None:
+                    if (error := _engine_error(event)) is not None:
+                        raise error
+                    finals[index] = event
+        done = [final for final in finals if final is not None]
+        if len(done) != count:  # fan_out ends only once every choice has had its last event
+            raise RuntimeError("the engine ended a request without a final event")
+        usage = UsageInfo.of(self.context.prompt_tokens, sum(final.completion_tokens for final in done))
+        return self.response(["".join(parts) for parts in pieces], done, usage)
+
+
+class ChatServing(Serving):
+    """/v1/chat/completions: text becomes message content; with functions, the ReAct text is parsed into a call."""
+
+    def __init__(self, context: RequestContext) -> None:
+        super().__init__(context)
+        self._parsers = [react.ReActStreamParser() if context.functions else None
+                         for _ in range(context.choice_count)]
+
+    def _chunk(self, choices: list[ChatCompletionStreamChoice], usage: UsageInfo | None = None) -> ChatCompletionChunk:
+        context = self.context
+        return ChatCompletionChunk(id=context.completion_id, created=context.created, model=context.model,
+                                   choices=choices, usage=usage)
+
+    def _call_finish(self) -> ChatFinishReason:
+        return "function_call" if self.context.legacy_functions else "tool_calls"
+
+    def opening_chunks(self) -> list[ResponseModel]:
+        return [self._chunk([ChatCompletionStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""))])
+                for index in range(self.context.choice_count)]
+
+    def event_chunks(self, index: int, event: GenerationEvent) -> list[ResponseModel]:
+        parser = self._parsers[index]
+        if parser is None:
+            deltas = [DeltaMessage(content=event.text)] if event.text else []
+        else:
+            items = parser.feed(event.text) if event.text else []
+            if event.finish_reason is not None:
+                items += parser.finish()
+            deltas = [self._delta(item) for item in items]
+        chunks: list[ResponseModel] = [self._chunk([ChatCompletionStreamChoice(index=index, delta=delta)])
+                                       for delta in deltas]
         if event.finish_reason is not None:
-            return text, event
-    raise RuntimeError("the engine ended a request without a final event")
+            reason = self._call_finish() if parser is not None and parser.called else _finish(event.finish_reason)
+            chunks.append(self._chunk([ChatCompletionStreamChoice(index=index, delta=DeltaMessage(),
+                                                                  finish_reason=reason)]))
+        return chunks
+
+    def _delta(self, item: react.StreamEvent) -> DeltaMessage:
+        """One ReAct stream event as a delta: content text, or a whole function/tool call."""
+        if item.kind == "content":
+            return DeltaMessage(content=item.text)
+        call = FunctionCall(name=item.name, arguments=item.arguments)
+        if self.context.legacy_functions:
+            return DeltaMessage(function_call=call)
+        return DeltaMessage(tool_calls=[DeltaToolCall(index=0, id=react.new_tool_call_id(), function=call)])
+
+    def usage_chunk(self, usage: UsageInfo) -> ResponseModel:
+        return self._chunk([], usage=usage)
+
+    def response(self, texts: list[str], finals: list[GenerationEvent], usage: UsageInfo) -> ResponseModel:
+        choices = [self._choice(index, text, final.finish_reason)
+                   for index, (text, final) in enumerate(zip(texts, finals))]
+        context = self.context
+        return ChatCompletionResponse(id=context.completion_id, created=context.created, model=context.model,
+                                      choices=choices, usage=usage)
+
+    def _choice(self, index: int, text: str, reason: str | None) -> ChatCompletionChoice:
+        """A finished choice's message, with the call parsed out of ReAct text when there are functions."""
+        if not self.context.functions:
+            return ChatCompletionChoice(index=index, message=ChatMessage(content=text), finish_reason=_finish(reason))
+        parsed = react.parse_react_output(text)
+        if parsed.function_name is None:
+            return ChatCompletionChoice(index=index, message=ChatMessage(content=parsed.content),
+                                        finish_reason=_finish(reason))
+        call = FunctionCall(name=parsed.function_name, arguments=parsed.arguments)
+        if self.context.legacy_functions:
+            message = ChatMessage(content=parsed.content, function_call=call)
+        else:
+            message = ChatMessage(content=parsed.content, tool_calls=[ToolCall(id=react.new_tool_call_id(), function=call)])
+        return ChatCompletionChoice(index=index, message=message, finish_reason=self._call_finish())
+
+
+class CompletionServing(Serving):
+    """/v1/completions: text is sent as it comes, after the prompt when the request asked for an echo."""
+
+    def _chunk(self, choices: list[CompletionStreamChoice], usage: UsageInfo | None = None) -> CompletionChunk:
+        context = self.context
+        return CompletionChunk(id=context.completion_id, created=context.created, model=context.model,
+                               choices=choices, usage=usage)
+
+    def opening_chunks(self) -> list[ResponseModel]:
+        return [self._chunk([CompletionStreamChoice(index=index, text=self.context.prompt_of(index).echo)])
+                for index in range(self.context.choice_count) if self.context.prompt_of(index).echo]
+
+    def event_chunks(self, index: int, event: GenerationEvent) -> list[ResponseModel]:
+        finish = None if event.finish_reason is None else _finish(event.finish_reason)
+        if not event.text and finish is None:
+            return []
+        return [self._chunk([CompletionStreamChoice(index=index, text=event.text, finish_reason=finish)])]
+
+    def usage_chunk(self, usage: UsageInfo) -> ResponseModel:
+        return self._chunk([], usage=usage)
+
+    def response(self, texts: list[str], finals: list[GenerationEvent], usage: UsageInfo) -> ResponseModel:
+        choices = [CompletionChoice(index=index, text=self.context.prompt_of(index).echo + text,
+                                    finish_reason=_finish(final.finish_reason))
+                   for index, (text, final) in enumerate(zip(texts, finals))]
+        context = self.context
+        return CompletionResponse(id=context.completion_id, created=context.created, model=context.model,
+                                  choices=choices, usage=usage)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Engine <-> asyncio
+# --------------------------------------------------------------------------------------------------------------------
 
 
 async def _wait_for_disconnect(receive: Receive) -> None:
@@ -602,157 +971,6 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
         return task.result()
     await asyncio.gather(task, return_exceptions=True)  # its `finally`s cancel the engine requests
     raise ClientDisconnected
-
-
-def _engine_error(event: GenerationEvent) -> APIError | None:
-    """The error a request's last event stands for, if any."""
-    if event.finish_reason == "error":
-        return APIError(500, f"Generation failed: {event.error}", kind="server_error")
-    if event.finish_reason == "cancelled":  # only the engine's shutdown cancels a request whose client is still here
-        return APIError(503, SHUTTING_DOWN, kind="server_error")
-    return None
-
-
-def _finish(reason: str | None) -> str:
-    return "length" if reason == "length" else "stop"
-
-
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-def _chat_message(text: str, reason: str | None, functions: list[dict] | None, legacy: bool) -> tuple[dict, str]:
-    """The assistant message and finish reason for a finished reply, tool calls parsed out of ReAct text."""
-    if not functions:
-        return {"role": "assistant", "content": text}, _finish(reason)
-    parsed = react.parse_react_output(text)
-    if parsed.function_name is None:
-        return {"role": "assistant", "content": parsed.content}, _finish(reason)
-    call = {"name": parsed.function_name, "arguments": parsed.arguments}
-    if legacy:
-        return {"role": "assistant", "content": parsed.content, "function_call": call}, "function_call"
-    tool_call = {"id": react.new_tool_call_id(), "type": "function", "function": call}
-    return {"role": "assistant", "content": parsed.content, "tool_calls": [tool_call]}, "tool_calls"
-
-
-def _chunk(kind: str, completion_id: str, created: int, model: str, choices: list[dict], usage: dict | None = None) -> str:
-    chunk = {"id": completion_id, "object": kind, "created": created, "model": model, "choices": choices}
-    if usage is not None:
-        chunk["usage"] = usage
-    return json.dumps(chunk, ensure_ascii=False)
-
-
-async def _merge(streams: list[AsyncIterator[GenerationEvent]]) -> AsyncIterator[tuple[int, GenerationEvent]]:
-    """Events of several requests as they come, tagged with the request's index."""
-    if len(streams) == 1:
-        async for event in streams[0]:
-            yield 0, event
-        return
-    queue: asyncio.Queue[tuple[int, GenerationEvent | None]] = asyncio.Queue()
-
-    async def pump(index: int, stream: AsyncIterator[GenerationEvent]) -> None:
-        try:
-            async for event in stream:
-                await queue.put((index, event))
-        finally:
-            await queue.put((index, None))
-
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            index, event = await queue.get()
-            if event is None:
-                remaining -= 1
-            else:
-                yield index, event
-    finally:
-        for task in tasks:
-            task.cancel()
-
-
-async def _stream_chat(engine, prompt_ids, choice_params, functions, legacy, completion_id, created, model,
-                       stream_options, streaming: Callable[[], ContextManager[None]]) -> AsyncIterator[str]:
-    parsers = [react.ReActStreamParser() if functions else None for _ in choice_params]
-    completion_tokens = 0
-    with streaming():  # counted while open (see `serve`); the idle clean-up after it
-        try:
-            for index in range(len(choice_params)):
-                yield _chunk("chat.completion.chunk", completion_id, created, model,
-                             [{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-            streams = [_events(engine, prompt_ids, p) for p in choice_params]
-            async for index, event in _merge(streams):
-                parser = parsers[index]
-                deltas: list[dict] = []
-                called = False
-                if parser is None:
-                    if event.text:
-                        deltas.append({"content": event.text})
-                else:
-                    events = parser.feed(event.text) if event.text else []
-                    if event.finish_reason is not None:
-                        events += parser.finish()
-                    for item in events:
-                        delta, is_call = _stream_delta(item, legacy)
-                        deltas.append(delta)
-                        called = called or is_call
-                for delta in deltas:
-                    yield _chunk("chat.completion.chunk", completion_id, created, model,
-                                 [{"index": index, "delta": delta, "finish_reason": None}])
-                if event.finish_reason is not None:
-                    if (error := _engine_error(event)) is not None:  # the stream's status was sent: an error event
-                        yield json.dumps(error.body())
-                        return
-                    completion_tokens += event.completion_tokens
-                    reason = ("function_call" if legacy else "tool_calls") if (called or (parser and parser.called)) \
-                        else _finish(event.finish_reason)
-                    yield _chunk("chat.completion.chunk", completion_id, created, model,
-                                 [{"index": index, "delta": {}, "finish_reason": reason}])
-            if stream_options is not None and stream_options.include_usage:
-                yield _chunk("chat.completion.chunk", completion_id, created, model, [],
-                             usage=_usage(len(prompt_ids), completion_tokens))
-            yield "[DONE]"
-        except APIError as error:  # the engine refused the request (shut down) after the stream's status was sent
-            yield json.dumps(error.body())
-
-
-def _stream_delta(item: Any, legacy: bool) -> tuple[dict, bool]:
-    """One ReAct stream event as an OpenAI delta: content text, or a whole function/tool call."""
-    if item.kind == "content":
-        return {"content": item.text}, False
-    call = {"name": item.name, "arguments": item.arguments}
-    if legacy:
-        return {"function_call": call}, True
-    return {"tool_calls": [{"index": 0, "id": react.new_tool_call_id(), "type": "function", "function": call}]}, True
-
-
-async def _stream_completion(engine, prompt_ids, choice_params, completion_id, created, model, stream_options,
-                             echo: str, streaming: Callable[[], ContextManager[None]]) -> AsyncIterator[str]:
-    completion_tokens = 0
-    with streaming():  # counted while open (see `serve`); the idle clean-up after it
-        try:
-            if echo:
-                for index in range(len(choice_params)):
-                    yield _chunk("text_completion", completion_id, created, model,
-                                 [{"index": index, "text": echo, "finish_reason": None, "logprobs": None}])
-            async for index, event in _merge([_events(engine, prompt_ids, p) for p in choice_params]):
-                finish = None
-                if event.finish_reason is not None:
-                    if (error := _engine_error(event)) is not None:  # the stream's status was sent: an error event
-                        yield json.dumps(error.body())
-                        return
-                    completion_tokens += event.completion_tokens
-                    finish = _finish(event.finish_reason)
-                if event.text or finish:
-                    yield _chunk("text_completion", completion_id, created, model,
-                                 [{"index": index, "text": event.text, "finish_reason": finish, "logprobs": None}])
-            if stream_options is not None and stream_options.include_usage:
-                yield _chunk("text_completion", completion_id, created, model, [],
-                             usage=_usage(len(prompt_ids), completion_tokens))
-            yield "[DONE]"
-        except APIError as error:  # the engine refused the request (shut down) after the stream's status was sent
-            yield json.dumps(error.body())
 
 
 def _authorized(headers: Headers, settings: ServerSettings) -> bool:
@@ -832,4 +1050,8 @@ def serve(engine: GenerationEngine, settings: ServerSettings, host: str, port: i
             signal.signal(sig, handler)
 
 
-__all__ = ["APIError", "RequestGate", "ServerSettings", "chat_prompt_ids", "create_app", "serve"]
+__all__ = [
+    "APIError", "ChatCompletionChunk", "ChatCompletionRequest", "ChatCompletionResponse", "CompletionChunk",
+    "CompletionRequest", "CompletionResponse", "ErrorResponse", "HealthStatus", "ModelList", "RequestContext",
+    "RequestGate", "ServerSettings", "UsageInfo", "chat_prompt_ids", "create_app", "fan_out", "serve",
+]

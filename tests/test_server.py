@@ -641,3 +641,115 @@ def test_function_call_example_script_runs_against_the_server(tool_client, legac
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"-> get_weather({WEATHER_ARGUMENTS})" in result.stdout
     assert result.stdout.strip().endswith(WEATHER_ANSWER)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The wire format: every reply body is its typed model, and the field names are OpenAI's
+# --------------------------------------------------------------------------------------------------------------------
+
+USAGE_FIELDS = {"usage", "usage.prompt_tokens", "usage.completion_tokens", "usage.total_tokens"}
+REPLY_FIELDS = {"id", "object", "created", "model", "choices"}
+CHAT_FIELDS = REPLY_FIELDS | USAGE_FIELDS | {
+    "choices[].index", "choices[].message", "choices[].finish_reason", "choices[].logprobs",
+    "choices[].message.role", "choices[].message.content"}
+CHAT_CHUNK_FIELDS = REPLY_FIELDS | {
+    "choices[].index", "choices[].delta", "choices[].finish_reason", "choices[].delta.role", "choices[].delta.content"}
+CALL_FIELDS = {"function", "function.name", "function.arguments"}
+TOOL_CALL_FIELDS = {"id", "type"} | CALL_FIELDS
+COMPLETION_FIELDS = REPLY_FIELDS | USAGE_FIELDS | {
+    "choices[].index", "choices[].text", "choices[].finish_reason", "choices[].logprobs"}
+
+
+def field_names(value: object, path: str = "") -> set[str]:
+    """Every key of a JSON value as a dotted path, list items as `[]`: {"a": [{"b": 1}]} -> {"a", "a[].b"}."""
+    if isinstance(value, dict):
+        names = set()
+        for key, item in value.items():
+            name = f"{path}.{key}" if path else key
+            names |= {name} | field_names(item, name)
+        return names
+    if isinstance(value, list):
+        return set().union(*(field_names(item, path + "[]") for item in value)) if value else set()
+    return set()
+
+
+def prefixed(prefix: str, names: set[str]) -> set[str]:
+    return {f"{prefix}.{name}" for name in names}
+
+
+def is_model(model: type, raw: str) -> dict:
+    """The body `raw`, checked to be exactly `model`: no field unknown to it, none missing, none that it would write
+    differently (a null where the wire leaves a field out, or the reverse)."""
+    body = json.loads(raw)
+    assert model.model_validate_json(raw).model_dump(mode="json") == body, raw
+    return body
+
+
+def raw_stream(base: str, path: str, body: dict, headers: dict[str, str]) -> list[str]:
+    response = httpx.post(f"{base}{path}", json={**body, "stream": True}, headers=headers, timeout=120)
+    assert response.status_code == 200, response.text
+    data = [line[len("data:"):].strip() for line in response.text.splitlines() if line.startswith("data:")]
+    assert data[-1] == "[DONE]"
+    return data[:-1]
+
+
+def test_every_reply_is_its_typed_model_with_openais_field_names(server, tool_client):
+    """Real replies of every kind, validated against the server's response models; their field names are pinned here
+    too, so that renaming a model's field (which the server's replies would follow) fails."""
+    from qwen.server import (ChatCompletionChunk, ChatCompletionResponse, CompletionChunk, CompletionResponse,
+                             ErrorResponse, HealthStatus, ModelList)
+
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "你好"}], "max_tokens": 5, "n": 2, "seed": 5,
+            "temperature": 0.9}
+    whole = is_model(ChatCompletionResponse,
+                     httpx.post(f"{server}/v1/chat/completions", json=chat, headers=headers, timeout=120).text)
+    assert field_names(whole) == CHAT_FIELDS
+    chunks = [is_model(ChatCompletionChunk, data) for data in raw_stream(
+        server, "/v1/chat/completions", {**chat, "stream_options": {"include_usage": True}}, headers)]
+    assert set().union(*map(field_names, chunks)) == CHAT_CHUNK_FIELDS | USAGE_FIELDS
+    assert [field_names(c) & USAGE_FIELDS for c in chunks].count(USAGE_FIELDS) == 1 and chunks[-1]["usage"]
+    # Streamed or not, choice i is decoded with the same seed: the pieces add up to the whole reply's choices.
+    for index, choice in enumerate(whole["choices"]):
+        pieces = [c["choices"][0]["delta"].get("content", "") for c in chunks
+                  if c["choices"] and c["choices"][0]["index"] == index]
+        assert "".join(pieces) == choice["message"]["content"]
+    assert whole["choices"][0]["message"]["content"] != whole["choices"][1]["message"]["content"]
+
+    # Completions: two identical prompts, two choices each; each prompt's choices take seed, seed + 1.
+    completion = {"model": MODEL, "prompt": ["Hello", "Hello"], "max_tokens": 4, "n": 2, "seed": 5,
+                  "temperature": 0.9, "echo": True}
+    whole = is_model(CompletionResponse,
+                     httpx.post(f"{server}/v1/completions", json=completion, headers=headers, timeout=120).text)
+    assert field_names(whole) == COMPLETION_FIELDS
+    texts = [choice["text"] for choice in whole["choices"]]
+    assert texts[:2] == texts[2:] and texts[0] != texts[1] and all(text.startswith("Hello") for text in texts)
+    chunks = [is_model(CompletionChunk, data) for data in raw_stream(
+        server, "/v1/completions", {**completion, "prompt": "Hello", "stream_options": {"include_usage": True}},
+        headers)]
+    assert set().union(*map(field_names, chunks)) == COMPLETION_FIELDS
+    for index in range(2):
+        assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"] and c["choices"][0]["index"] == index) \
+            == texts[index]
+
+    models = is_model(ModelList, httpx.get(f"{server}/v1/models", headers=headers).text)
+    assert field_names(models) == {"object", "data", "data[].id", "data[].object", "data[].created", "data[].owned_by"}
+    assert field_names(is_model(HealthStatus, httpx.get(f"{server}/health").text)) == {"status", "running", "waiting"}
+    error = is_model(ErrorResponse, httpx.post(f"{server}/v1/chat/completions", json={**chat, "n": 99},
+                                               headers=headers).text)
+    assert field_names(error) == {"error", "error.message", "error.type", "error.param", "error.code"}
+
+    # Calls: `tool_calls` for `tools`, `function_call` for the legacy `functions`, whole and streamed.
+    base = str(tool_client.base_url).rstrip("/").removesuffix("/v1")
+    weather = {"model": MODEL, "messages": [{"role": "user", "content": WEATHER_QUESTION}], "temperature": 0,
+               "repetition_penalty": 1.0}
+    message = "choices[].message"
+    for field, calls in [("tools", {"tool_calls"} | prefixed("tool_calls[]", TOOL_CALL_FIELDS)),
+                         ("functions", {"function_call"} | prefixed("function_call", {"name", "arguments"}))]:
+        body = {**weather, field: WEATHER_TOOLS if field == "tools" else LEGACY_FUNCTIONS}
+        reply = is_model(ChatCompletionResponse, httpx.post(f"{base}/v1/chat/completions", json=body, timeout=120).text)
+        assert field_names(reply) == CHAT_FIELDS | prefixed(message, calls)
+        chunks = [is_model(ChatCompletionChunk, data) for data in raw_stream(base, "/v1/chat/completions", body, {})]
+        delta_calls = {"tool_calls", "tool_calls[].index"} | prefixed("tool_calls[]", TOOL_CALL_FIELDS) \
+            if field == "tools" else calls
+        assert set().union(*map(field_names, chunks)) == CHAT_CHUNK_FIELDS | prefixed("choices[].delta", delta_calls)
