@@ -31,7 +31,6 @@ from qwen import react
 from qwen.engine import GenerationEngine, SamplingParams, chat_stop_token_ids
 from qwen.loading import add_model_arguments, load_from_args
 from qwen.qwen_generation_utils import DEFAULT_MAX_WINDOW_SIZE, history_window
-from qwen.server import chat_prompt_ids
 
 # --------------------------------------------------------------------------------------------------------------------
 # Tools
@@ -312,7 +311,8 @@ def react_loop(
     messages: list[dict[str, Any]] = [{"role": "user", "content": query}]
     result = AgentResult(answer=None)
     for step_number in range(max_steps):
-        reply = react.parse_react_output(generate(chat_prompt_ids(tokenizer, messages, functions, max_window_size)))
+        prompt_ids = react.chat_prompt_ids(tokenizer, messages, functions, max_window_size)
+        reply = react.parse_react_output(generate(prompt_ids))
         if reply.function_name is None:
             # A final answer, or a reply that ignored the format: either way the model is done.
             result.answer = (reply.content or "").strip()

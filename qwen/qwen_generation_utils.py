@@ -15,7 +15,7 @@ Also copied into checkpoint folders for `trust_remote_code=True`: imports only p
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from numbers import Integral
 from typing import Any, Literal, TypedDict
@@ -180,6 +180,24 @@ def history_window(max_window_size: int | None, context: int, max_new_tokens: in
     return max(1, min(window, context - min(max_new_tokens, context // 2)))
 
 
+def prompt_within_window(
+    build: Callable[[int], tuple[str, list[int]]], max_window_size: int | None, context: int, max_new_tokens: int
+) -> tuple[str, list[int]]:
+    """`build(window)` (a prompt whose history is trimmed to `window`, as `make_context` trims it) with the window of
+    `history_window`, narrowed further when the new question's own turn would still leave the reply less room than
+    that policy promises: the window counts the system turn and history, the question comes on top."""
+    window = history_window(max_window_size, context, max_new_tokens)
+    limit = context - min(max_new_tokens, context // 2)
+    text, ids = build(window)
+    while len(ids) > limit:  # rare: a long question; each pass narrows the window
+        overflow = len(ids) - limit
+        if overflow >= window:  # the question alone is too long: no trimming of the history makes room
+            break
+        window -= overflow
+        text, ids = build(window)
+    return text, ids
+
+
 @dataclass(frozen=True)
 class ChatTurn:
     """The prompt of one chat turn and what ends its reply."""
@@ -208,9 +226,11 @@ def chat_turn(
     overrides the latter, as `chat(..., max_window_size=)` did."""
     chat_format = getattr(generation_config, "chat_format", None) or "chatml"
     wanted = max_new_tokens or getattr(generation_config, "max_new_tokens", None) or 512
-    window = history_window(max_window_size or getattr(generation_config, "max_window_size", None), context, wanted)
-    text, ids = make_context(tokenizer, query, history=history, system=system, max_window_size=window,
-                             chat_format=chat_format)
+    text, ids = prompt_within_window(
+        lambda window: make_context(tokenizer, query, history=history, system=system, max_window_size=window,
+                                    chat_format=chat_format),
+        max_window_size or getattr(generation_config, "max_window_size", None), context, wanted,
+    )
     return ChatTurn(
         prompt_text=text,
         prompt_ids=ids,
@@ -454,6 +474,7 @@ __all__ = [
     "history_window",
     "make_context",
     "pad_batch",
+    "prompt_within_window",
     "reply_end_ids",
     "switch",
     "top_k_logits",

@@ -47,7 +47,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import react
 from .engine import (GenerationEngine, GenerationEvent, RequestHandle, SamplingParamError, SamplingParams,
                      chat_stop_token_ids)
-from .qwen_generation_utils import make_context
+from .qwen_generation_utils import prompt_within_window
 
 
 T = TypeVar("T")
@@ -347,22 +347,6 @@ class ErrorResponse(ResponseModel):
     error: ErrorInfo
 
 
-def chat_prompt_ids(
-    tokenizer: Any, messages: list[dict[str, Any]], functions: list[dict[str, Any]] | None, max_window_size: int
-) -> list[int]:
-    """ChatML prompt ids for OpenAI-style messages, with the ReAct transcript when there are functions.
-
-    Raises ValueError for a conversation that cannot be written as a prompt (the message says which entry).
-    """
-    system, history, query = react.build_react_conversation(messages, functions)
-    if query is not None:
-        return make_context(tokenizer, query, history=history, system=system, max_window_size=max_window_size)[1]
-    # After a tool result (or an assistant message) the model continues the last assistant turn.
-    earlier, question, partial = react.continuation_parts(history)
-    _, ids = make_context(tokenizer, question, history=earlier, system=system, max_window_size=max_window_size)
-    return ids + tokenizer.encode(partial, allowed_special=set(), disallowed_special=())
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # In front of the routes: authentication and the request body
 # --------------------------------------------------------------------------------------------------------------------
@@ -642,10 +626,17 @@ def create_app(engine: GenerationEngine, settings: ServerSettings | None = None)
             functions = react.normalize_tools(body.functions, body.tools, body.tool_choice, body.function_call)
         except ValueError as error:
             raise APIError(400, str(error), param="tools" if body.tools is not None else "functions") from error
-        max_window = min(getattr(generation_config, "max_window_size", None) or engine.max_context, engine.max_context)
+        limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        wanted = limit or getattr(generation_config, "max_new_tokens", None) or 512
+        # The library's window policy, as every front end: the checkpoint's window, leaving the reply room.
+        max_window_size = getattr(generation_config, "max_window_size", None)
+
+        def build(window: int) -> tuple[str, list[int]]:
+            return "", react.chat_prompt_ids(tokenizer, body.messages, functions, window)
+
         try:
-            prompt_ids = await off_loop_if_large(
-                request, lambda: chat_prompt_ids(tokenizer, body.messages, functions, max_window))
+            _, prompt_ids = await off_loop_if_large(
+                request, lambda: prompt_within_window(build, max_window_size, engine.max_context, wanted))
         except ValueError as error:
             raise APIError(400, str(error), param="messages") from error
         params = sampling(body, len(prompt_ids), react.stop_words(functions))
@@ -1053,5 +1044,5 @@ def serve(engine: GenerationEngine, settings: ServerSettings, host: str, port: i
 __all__ = [
     "APIError", "ChatCompletionChunk", "ChatCompletionRequest", "ChatCompletionResponse", "CompletionChunk",
     "CompletionRequest", "CompletionResponse", "ErrorResponse", "HealthStatus", "ModelList", "RequestContext",
-    "RequestGate", "ServerSettings", "UsageInfo", "chat_prompt_ids", "create_app", "fan_out", "serve",
+    "RequestGate", "ServerSettings", "UsageInfo", "create_app", "fan_out", "serve",
 ]

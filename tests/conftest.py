@@ -94,7 +94,7 @@ def weather_messages(with_result: bool) -> list[dict]:
 def tool_chat_dir(tmp_path_factory, tokenizer, vocab_file) -> Path:
     """A tiny chat checkpoint trained to call get_weather for WEATHER_QUESTION, then answer from the result."""
     from qwen.react import normalize_tools
-    from qwen.server import chat_prompt_ids
+    from qwen.react import chat_prompt_ids
     from trained_checkpoint import memorizing_checkpoint_cached
 
     functions = normalize_tools(tools=WEATHER_TOOLS)

@@ -119,3 +119,19 @@ def test_every_front_end_trims_a_long_history_the_same_way(tokenizer, tiny_chat_
     messages = [message for question, answer in LONG_HISTORY
                 for message in ({"role": "user", "content": question}, {"role": "assistant", "content": answer})]
     assert chat.prompt_ids([*messages, {"role": "user", "content": "And now?"}]) == expected
+
+
+def test_a_long_question_narrows_the_window_so_the_reply_still_fits(tokenizer, tiny_chat_model):
+    generation = tiny_chat_model.generation_config
+    context = context_length(tiny_chat_model.config)
+    question = "Please answer this at length: " + "why " * 150
+    turn = chat_turn(tokenizer, question, LONG_HISTORY, DEFAULT_SYSTEM_PROMPT, generation, context,
+                     max_new_tokens=300)
+    plain = make_context(tokenizer, question, LONG_HISTORY, DEFAULT_SYSTEM_PROMPT,
+                         max_window_size=history_window(generation.max_window_size, context, 300))[1]
+    assert len(plain) + 300 > context  # the window alone counts no question: the reply would not fit
+    assert len(turn.prompt_ids) + 300 <= context and turn.max_new_tokens == 300
+    assert "Answer 11" in turn.prompt_text  # only the oldest turns went
+    # A question longer than the whole context is left for the engine to refuse; no history is trimmed for nothing.
+    huge = chat_turn(tokenizer, "why " * 2000, LONG_HISTORY[:1], DEFAULT_SYSTEM_PROMPT, generation, context)
+    assert huge.max_new_tokens == 0 and "Question 0" in huge.prompt_text

@@ -12,7 +12,7 @@ from support import REPO
 
 from qwen import QWenTokenizer
 from qwen.react import parse_react_output
-from qwen.server import chat_prompt_ids
+from qwen.react import chat_prompt_ids
 from qwen.sft import load_samples, tokenize_sample
 
 sys.path.insert(0, str(REPO / "examples"))

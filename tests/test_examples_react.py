@@ -193,7 +193,7 @@ def test_command_line_with_a_model_trained_on_the_demos_own_tools(tmp_path_facto
     # return exactly "84", or the second prompt is one the model never saw and the answer is noise.
     from trained_checkpoint import memorizing_checkpoint_cached
 
-    from qwen.server import chat_prompt_ids
+    from qwen.react import chat_prompt_ids
 
     question = "What is (3 + 4) * 12?"
     call = {"id": "call_0", "type": "function",

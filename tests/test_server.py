@@ -26,7 +26,7 @@ import pytest
 import torch
 from openai import OpenAI
 
-from qwen.qwen_generation_utils import make_context
+from qwen.qwen_generation_utils import chat_turn, context_length, make_context
 from qwen.server import ServerSettings
 from support import STOP_IDS, greedy_reference, start_openai_api, stop
 
@@ -753,3 +753,20 @@ def test_every_reply_is_its_typed_model_with_openais_field_names(server, tool_cl
         delta_calls = {"tool_calls", "tool_calls[].index"} | prefixed("tool_calls[]", TOOL_CALL_FIELDS) \
             if field == "tools" else calls
         assert set().union(*map(field_names, chunks)) == CHAT_CHUNK_FIELDS | prefixed("choices[].delta", delta_calls)
+
+
+def test_a_long_conversation_is_trimmed_as_every_front_end_trims_it(client, tokenizer, tiny_chat_model):
+    # The server builds its prompt with the library's window policy (qwen_generation_utils.history_window), as chat(),
+    # the demos and eval do: the tiny model's 1024-token context keeps only the latest turns and room for the reply.
+    history = [(f"Question {i}: " + "tell me more " * 20 + "?", f"Answer {i}: " + "here is more " * 20 + ".")
+               for i in range(30)]  # no surrounding spaces: the server strips message text, as the original did
+    messages = [{"role": "system", "content": "You are a helpful assistant."}]
+    for question, answer in history:
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    messages.append({"role": "user", "content": "And now?"})
+    # 300 new tokens: a prompt trimmed to the whole context (as this server once did) would leave them no room.
+    reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=300, **GREEDY)
+    turn = chat_turn(tokenizer, "And now?", history, "You are a helpful assistant.", tiny_chat_model.generation_config,
+                     context_length(tiny_chat_model.config), max_new_tokens=300)
+    assert "Question 0:" not in turn.prompt_text and "Answer 29" in turn.prompt_text
+    assert reply.usage.prompt_tokens == len(turn.prompt_ids) <= 1024 - 300
