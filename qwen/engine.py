@@ -13,6 +13,7 @@ batch's cache is a view, never a copy. With `use_cache_quantization` the buffers
 
 from __future__ import annotations
 
+import codecs
 import logging
 import math
 import queue
@@ -30,7 +31,6 @@ from .qwen_generation_utils import reply_end_ids
 logger = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
-REPLACEMENT_CHARACTER = "\ufffd"
 # Most prompt tokens (rows x longest prompt) prefilled in one forward; bounds the activations of a batched prefill.
 PREFILL_TOKEN_BUDGET = 4096
 
@@ -280,45 +280,163 @@ class SlotKVCache(Cache):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Sampling
+# Sampling: one batched pass for every row of a step, per-row parameters as tensors
 # --------------------------------------------------------------------------------------------------------------------
 
+# The nucleus (top-p) cut is found without sorting the vocabulary: probabilities are bucketed by log-probability
+# below the row's largest, the bucket where the mass reaches top_p is located from the bucket sums, and only that
+# bucket's members are sorted. A sort of 150k probabilities per row per token cost more than the model's decode step
+# on a CPU for the flat distributions of small or random checkpoints.
+NUCLEUS_BUCKETS = 4096
+NUCLEUS_SPAN = 16.0  # nats below the largest log-probability covered by the buckets; the rest share the last one
 
-def apply_penalties(logits: torch.Tensor, seen: list[int], generated_counts: dict[int, int], params: SamplingParams):
-    """Repetition penalty over prompt and reply (as transformers does), presence/frequency over the reply (OpenAI)."""
-    if params.repetition_penalty != 1.0 and seen:
-        index = torch.tensor(sorted(set(seen)), device=logits.device)
-        chosen = logits[index]
-        logits[index] = torch.where(chosen < 0, chosen * params.repetition_penalty, chosen / params.repetition_penalty)
-    if (params.presence_penalty or params.frequency_penalty) and generated_counts:
-        index = torch.tensor(list(generated_counts), device=logits.device)
-        counts = torch.tensor(list(generated_counts.values()), dtype=logits.dtype, device=logits.device)
-        logits[index] -= params.presence_penalty + params.frequency_penalty * counts
+_SPLITMIX_GAMMA = 0x9E3779B97F4A7C15 - 2**64  # SplitMix64's constants as the signed int64 values torch holds
+_SPLITMIX_MIX1 = 0xBF58476D1CE4E5B9 - 2**64
+_SPLITMIX_MIX2 = 0x94D049BB133111EB - 2**64
+
+
+def seed_as_int64(seed: int) -> int:
+    """A seed from SEED_RANGE as the int64 with the same 64 bits (seeds equal modulo 2**64 are the same stream)."""
+    seed %= 2**64
+    return seed - 2**64 if seed >= 2**63 else seed
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    # torch's >> on int64 keeps the sign; SplitMix64 shifts zeros in.
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def seeded_uniforms(seeds: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+    """For each row, the `draws`-th number of the SplitMix64 stream started at its seed, as a float32 in [0, 1).
+
+    A request's random numbers depend on its seed and on how many it has drawn, never on the requests decoding
+    beside it, and every row of a step gets its number in one vectorized pass (int64 arithmetic wraps as C does).
+    """
+    z = seeds + (draws + 1) * _SPLITMIX_GAMMA
+    z = (z ^ _shift_right(z, 30)) * _SPLITMIX_MIX1
+    z = (z ^ _shift_right(z, 27)) * _SPLITMIX_MIX2
+    z = z ^ _shift_right(z, 31)
+    return _shift_right(z, 40).to(torch.float32) * 2.0**-24  # 24 bits: every value exact in float32, below 1
+
+
+@dataclass(frozen=True)
+class BatchSampling:
+    """The SamplingParams of a batch's rows as (B,) tensors, and which stages any row needs (known on the host, so a
+    step skips a stage no row uses without asking the device)."""
+
+    greedy: torch.Tensor  # bool
+    temperature: torch.Tensor  # float32; 1 for greedy rows
+    top_k: torch.Tensor  # int64; 0 = no cut
+    top_p: torch.Tensor  # float32
+    repetition_penalty: torch.Tensor  # float32
+    presence_penalty: torch.Tensor  # float32
+    frequency_penalty: torch.Tensor  # float32
+    any_sampled: bool
+    max_top_k: int
+    any_top_p: bool
+    any_repetition_penalty: bool
+    any_presence_or_frequency: bool
+
+    @classmethod
+    def of(cls, params: list[SamplingParams], device: torch.device) -> BatchSampling:
+        def column(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        sampled = [not p.greedy for p in params]
+        return cls(
+            greedy=column([p.greedy for p in params], torch.bool),
+            temperature=column([1.0 if p.greedy else p.temperature for p in params], torch.float32),
+            top_k=column([0 if p.greedy else p.top_k for p in params], torch.int64),
+            top_p=column([1.0 if p.greedy else p.top_p for p in params], torch.float32),
+            repetition_penalty=column([p.repetition_penalty for p in params], torch.float32),
+            presence_penalty=column([p.presence_penalty for p in params], torch.float32),
+            frequency_penalty=column([p.frequency_penalty for p in params], torch.float32),
+            any_sampled=any(sampled),
+            max_top_k=max((p.top_k for p, s in zip(params, sampled) if s), default=0),
+            any_top_p=any(s and p.top_p < 1.0 for p, s in zip(params, sampled)),
+            any_repetition_penalty=any(p.repetition_penalty != 1.0 for p in params),
+            any_presence_or_frequency=any(p.presence_penalty or p.frequency_penalty for p in params),
+        )
+
+
+def apply_penalties(logits: torch.Tensor, batch: BatchSampling, history: torch.Tensor,
+                    generated_counts: torch.Tensor) -> torch.Tensor:
+    """Penalise fp32 `logits` (B, V) in place: the repetition penalty on every id in `history` (B, L), the prompt and
+    the reply so far (as transformers does; ids may repeat), then presence and frequency penalties from
+    `generated_counts` (B, V), the reply's own tokens (as OpenAI defines them)."""
+    if batch.any_repetition_penalty:
+        chosen = logits.gather(1, history)
+        penalty = batch.repetition_penalty[:, None]
+        # A repeated id writes the same value each time, so duplicates in `history` are harmless.
+        logits.scatter_(1, history, torch.where(chosen < 0, chosen * penalty, chosen / penalty))
+    if batch.any_presence_or_frequency:
+        penalty = generated_counts * batch.frequency_penalty[:, None] + batch.presence_penalty[:, None]
+        logits -= torch.where(generated_counts > 0, penalty, 0.0)
     return logits
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """One token id from fp32 `logits` (V,): temperature, then top-k, then top-p (nucleus), as transformers orders them."""
-    if params.greedy:
-        return int(torch.argmax(logits))
-    logits = logits / params.temperature
-    candidates = None  # vocabulary ids of `probs`' entries; None means all of them, in order
-    if params.top_k:
-        logits, candidates = torch.topk(logits, min(params.top_k, logits.shape[-1]))
-    probs = torch.softmax(logits, dim=-1)
-    if params.top_p < 1.0:
-        # Nucleus sampling only needs the head of the distribution: look at the likeliest 1024 first, and sort
-        # everything only when they do not reach top_p (a flat distribution).
-        head_probs, head = torch.topk(probs, min(1024, probs.shape[-1]))
-        if float(head_probs.sum()) < params.top_p:
-            head_probs, head = torch.sort(probs, descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (the token that crosses it included).
-        keep = (torch.cumsum(head_probs, dim=-1) - head_probs) < params.top_p
-        keep[0] = True
-        probs = torch.where(keep, head_probs, torch.zeros_like(head_probs))
-        candidates = head if candidates is None else candidates[head]
-    choice = int(torch.multinomial(probs, 1, generator=generator))
-    return choice if candidates is None else int(candidates[choice])
+def _nucleus_thresholds(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Per row, the smallest probability inside the nucleus: the tokens whose probability is at least it are those
+    whose likelier tokens hold less than `top_p` of the mass (the one that crosses top_p included; tokens of equal
+    probability are in or out together). 0 (everything) for rows with top_p 1."""
+    log_probs = probs.log()
+    top = log_probs.amax(dim=-1, keepdim=True)
+    scale = NUCLEUS_BUCKETS / NUCLEUS_SPAN
+    bucket = ((top - log_probs) * scale).clamp_(0, NUCLEUS_BUCKETS - 1).long()  # 0: the likeliest tokens
+    mass = torch.zeros(probs.shape[0], NUCLEUS_BUCKETS, dtype=torch.float64, device=probs.device)
+    mass.scatter_add_(1, bucket, probs.double())
+    through = mass.cumsum(dim=-1)  # mass of buckets 0..b
+    wanted = top_p.double()[:, None]
+    crossing = (through < wanted).sum(dim=-1).clamp_(max=NUCLEUS_BUCKETS - 1)
+    crossing = torch.where(top_p < 1.0, crossing, -1)  # rows with top_p 1 keep everything: no bucket to sort
+    before = torch.where(crossing > 0, through.gather(1, (crossing - 1).clamp(min=0)[:, None])[:, 0], 0.0)
+    in_crossing = bucket == crossing[:, None]
+    widest = int(in_crossing.sum(dim=-1).max())  # the step's one look at the device for top-p
+    if widest == 0:
+        return torch.zeros_like(top_p)
+    members = torch.topk(torch.where(in_crossing, probs, -1.0), widest, dim=-1).values  # descending; -1: not one
+    member_probs = members.clamp(min=0).double()
+    exclusive = before[:, None] + member_probs.cumsum(dim=-1) - member_probs  # mass of the likelier tokens
+    kept = ((exclusive < wanted) & (members >= 0)).sum(dim=-1).clamp_(min=1)
+    threshold = members.gather(1, (kept - 1)[:, None])[:, 0]
+    return torch.where(top_p < 1.0, threshold, 0.0)
+
+
+def sampling_probs(logits: torch.Tensor, batch: BatchSampling) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (B, V) unnormalised probabilities each row samples from (temperature, then top-k, then top-p, the order
+    transformers applies them; zero outside the cut) and whether each row's logits were usable (no NaN, no +inf,
+    not all -inf). An unusable row gets a harmless stand-in so that it cannot disturb the others."""
+    row_max = logits.amax(dim=-1)
+    usable = torch.isfinite(row_max)
+    scaled = logits.masked_fill(~usable[:, None], 0.0) / batch.temperature[:, None]
+    if batch.max_top_k:
+        k = batch.top_k.clamp(max=min(batch.max_top_k, scaled.shape[-1]))
+        kth = torch.topk(scaled, int(k.max()), dim=-1).values.gather(1, (k - 1).clamp(min=0)[:, None])
+        scaled = scaled.masked_fill((batch.top_k > 0)[:, None] & (scaled < kth), -math.inf)
+    probs = torch.softmax(scaled, dim=-1)
+    if batch.any_top_p:
+        probs = probs.masked_fill(probs < _nucleus_thresholds(probs, batch.top_p)[:, None], 0.0)
+    return probs, usable
+
+
+def pick(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One id per row of (B, V) unnormalised `probs`: the first whose running sum in vocabulary order passes
+    `uniforms` (B,) times the row's total (inverse-CDF sampling with one uniform number per row)."""
+    cumulative = probs.cumsum(dim=-1)
+    total = cumulative[:, -1:]
+    # A product that rounds up to the total would point past the last token with any mass.
+    target = torch.minimum(uniforms[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cumulative, target, right=True)[:, 0].clamp_(max=probs.shape[-1] - 1)
+
+
+def next_tokens(logits: torch.Tensor, batch: BatchSampling, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next id of every row of penalised fp32 `logits` (B, V): greedy rows take the argmax, the others sample
+    with their uniform number. Also returns which rows' logits were usable (see `sampling_probs`)."""
+    greedy_tokens = logits.argmax(dim=-1)
+    if not batch.any_sampled:
+        return greedy_tokens, torch.isfinite(logits.amax(dim=-1))
+    probs, usable = sampling_probs(logits, batch)
+    return torch.where(batch.greedy, greedy_tokens, pick(probs, uniforms)), usable
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -327,34 +445,41 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
 
 
 class TextAssembler:
-    """Turns a growing list of token ids into safe text deltas.
+    """Turns token ids, one at a time, into safe text deltas, decoding only the new token's bytes.
 
-    Text is held back while it ends in a partial UTF-8 character (decoded as U+FFFD) or in what may become a stop
-    string; a stop string ends the reply before it.
+    An incremental UTF-8 decoder keeps the bytes of a partial character until the rest arrives; decoded text is held
+    back while it ends in what may become a stop string, and a stop string ends the reply before it. The text given
+    out (deltas, then `flush`) is the tokenizer's `decode(ids, skip_special_tokens=True, errors="replace")` of the
+    whole reply, cut before the first stop string.
     """
 
     def __init__(self, tokenizer: Any, stop_strings: tuple[str, ...]):
         self.tokenizer = tokenizer
         self.stop_strings = tuple(s for s in stop_strings if s)
-        self.token_ids: list[int] = []
-        self.emitted = ""
+        self._bytes = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._unsent = ""  # decoded, not given out yet: the tail that may begin a stop string
+
+    def _token_bytes(self, token_id: int) -> bytes:
+        pieces = self.tokenizer.convert_ids_to_tokens([token_id], skip_special_tokens=True)
+        return b"".join(p.encode("utf-8") if isinstance(p, str) else p for p in pieces)
 
     def add(self, token_id: int) -> tuple[str, bool]:
         """Append a token; return (new safe text, whether a stop string was reached)."""
-        self.token_ids.append(token_id)
-        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True, errors="replace")
+        self._unsent += self._bytes.decode(self._token_bytes(token_id))
+        # Text already given out never ends in the start of a stop string, so a stop can only begin in the unsent part.
         for stop in self.stop_strings:
-            position = text.find(stop, max(0, len(self.emitted) - len(stop)))
+            position = self._unsent.find(stop)
             if position != -1:
-                return self._advance(text[:position]), True
-        safe = text.rstrip(REPLACEMENT_CHARACTER)
-        held = max((self._partial_stop_length(safe, stop) for stop in self.stop_strings), default=0)
-        return self._advance(safe[: len(safe) - held]), False
+                text, self._unsent = self._unsent[:position], ""
+                return text, True
+        held = max((self._partial_stop_length(self._unsent, stop) for stop in self.stop_strings), default=0)
+        text, self._unsent = self._unsent[: len(self._unsent) - held], self._unsent[len(self._unsent) - held:]
+        return text, False
 
     def flush(self) -> str:
         """The rest of the text at the end of a reply (a held-back stop-string prefix was not a stop after all)."""
-        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True, errors="replace")
-        return self._advance(text)
+        text, self._unsent = self._unsent + self._bytes.decode(b"", final=True), ""
+        return text
 
     @staticmethod
     def _partial_stop_length(text: str, stop: str) -> int:
@@ -362,12 +487,6 @@ class TextAssembler:
             if text.endswith(stop[:length]):
                 return length
         return 0
-
-    def _advance(self, text: str) -> str:
-        if len(text) <= len(self.emitted) or not text.startswith(self.emitted):
-            return ""
-        delta, self.emitted = text[len(self.emitted):], text
-        return delta
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -379,13 +498,10 @@ class TextAssembler:
 class _Running:
     handle: RequestHandle
     assembler: TextAssembler
-    generator: torch.Generator | None
     length: int  # tokens in the KV cache
     next_token: int  # sampled, not yet fed to the model
-    seen: list[int]
-    row: int  # its row in the slot cache
+    row: int  # its row in the slot cache and in the engine's per-row sampling state
     ntk_alpha: float  # chosen at prefill, kept while decoding (as the released model does)
-    generated_counts: dict[int, int] = field(default_factory=dict)
     completion_tokens: int = 0
     unsent_ids: list[int] = field(default_factory=list)  # tokens whose text is still held back
 
@@ -419,6 +535,16 @@ class GenerationEngine:
             next(model.parameters()).dtype, self.device,
             quantized=bool(getattr(config, "use_cache_quantization", False)),
         )
+        # Per-row sampling state, in the cache's row order: prompt + reply ids (what the repetition penalty sees;
+        # past a row's length they repeat its first prompt id), how many there are, how often each id occurs in the
+        # reply (presence and frequency penalties), and each request's seed and count of random numbers drawn.
+        slots, vocab = max_batch_size, config.vocab_size
+        self._history = torch.zeros(slots, self.max_context + 1, dtype=torch.long, device=self.device)
+        self._history_lengths = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self._generated_counts = torch.zeros(slots, vocab, dtype=torch.float32, device=self.device)
+        self._seeds = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self._draws = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self._batch_sampling: tuple[tuple[SamplingParams, ...], BatchSampling] | None = None
         self._waiting: queue.SimpleQueue[RequestHandle] = queue.SimpleQueue()
         self._running: list[_Running] = []
         self._wake = threading.Event()
@@ -572,33 +698,42 @@ class GenerationEngine:
         last = torch.tensor(lengths, device=self.device) - 1
         logits = project(self.model.lm_head, hidden[torch.arange(len(handles), device=self.device), last]).float()
         ntk_alpha = (getattr(prefilled, "qwen_ntk_alphas", None) or [1.0])[0]
+        started: list[_Running] = []
+        kept_rows: list[int] = []
         for index, (handle, length) in enumerate(zip(handles, lengths)):
-            params = handle.params
             row = len(self._running)
             try:
                 self.cache.store(row, prefilled, index, length)
-                generator = None
-                if params.seed is not None:
-                    generator = torch.Generator(device=logits.device).manual_seed(params.seed)
+                self._start_row(row, handle)
             except Exception as error:  # this request's own setup: the others of the group go on
                 logger.exception("starting a request failed")
                 handle._emit(GenerationEvent(finish_reason="error", error=f"{type(error).__name__}: {error}",
                                              prompt_tokens=length))
                 continue
-            running = _Running(
-                handle=handle,
-                assembler=TextAssembler(self.tokenizer, params.stop_strings),
-                generator=generator,
-                length=length,
-                next_token=-1,
-                seen=list(handle.prompt_ids),
-                row=row,
-                ntk_alpha=ntk_alpha,
-            )
+            running = _Running(handle=handle, assembler=TextAssembler(self.tokenizer, handle.params.stop_strings),
+                               length=length, next_token=-1, row=row, ntk_alpha=ntk_alpha)
             self._running.append(running)
-            self._accept(running, logits[index])
+            started.append(running)
+            kept_rows.append(index)
+        if started:
+            if len(kept_rows) != len(handles):
+                logits = logits[torch.tensor(kept_rows, device=logits.device)]
+            self._accept(started, logits)
         self._running = [r for r in self._running if not r.handle.finished.is_set()]
         self._compact()
+
+    def _start_row(self, row: int, handle: RequestHandle) -> None:
+        """Set row `row`'s sampling state for a request that starts there."""
+        prompt = torch.tensor(handle.prompt_ids, dtype=torch.long, device=self.device)
+        self._history[row] = prompt[0]
+        self._history[row, : len(prompt)] = prompt
+        self._history_lengths[row] = len(prompt)
+        self._generated_counts[row] = 0
+        seed = handle.params.seed
+        if seed is None:  # from torch's global generator, so torch.manual_seed makes unseeded runs repeatable
+            seed = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.long))
+        self._seeds[row] = seed_as_int64(seed)
+        self._draws[row] = 0
 
     @torch.inference_mode()
     def _decode_step(self) -> None:
@@ -620,37 +755,55 @@ class GenerationEngine:
             cache=self.cache,
             use_cache=True,
         ).logits[:, -1].float()
-        for row, running in enumerate(list(self._running)):
+        for running in self._running:
             running.length += 1
-            self._accept(running, logits[row])
+        self._accept(list(self._running), logits)
         self._running = [r for r in self._running if not r.handle.finished.is_set()]
         self._compact()
 
-    def _accept(self, running: _Running, logits: torch.Tensor) -> None:
-        """Sample the next token for one request from its logits, stream its text, and finish it when due.
+    def _sampling_for(self, rows: list[_Running]) -> BatchSampling:
+        """The batch's parameters as tensors, made again only when the batch's requests change."""
+        params = tuple(running.handle.params for running in rows)
+        if self._batch_sampling is None or self._batch_sampling[0] != params:
+            self._batch_sampling = (params, BatchSampling.of(list(params), self.device))
+        return self._batch_sampling[1]
 
-        Whatever fails here (NaN logits, a client callback that raises) ends this request alone with an error; the
-        rows decoding beside it are untouched.
+    def _accept(self, rows: list[_Running], logits: torch.Tensor) -> None:
+        """Choose the next token of `rows` (consecutive rows of the cache; `logits` (B, V) is theirs, changed in
+        place) in one batched pass, then stream each request's text and finish those that are due.
+
+        A row whose logits are unusable (NaN or infinite) ends alone with an error, as does one whose text or
+        callback fails; the rows decoding beside it are untouched.
         """
-        try:
-            self._sample_and_emit(running, logits)
-        except Exception as error:
-            logger.exception("sampling a request's next token failed")
-            self._finish(running, "error", error=f"{type(error).__name__}: {error}")
-
-    def _sample_and_emit(self, running: _Running, logits: torch.Tensor) -> None:
-        params = running.handle.params
-        # `logits` is this request's own row of the step's output, so it is changed in place.
-        logits = apply_penalties(logits, running.seen, running.generated_counts, params)
+        first = rows[0].row
+        batch = slice(first, first + len(rows))
+        history = self._history[batch, : int(max(len(r.handle.prompt_ids) + r.completion_tokens for r in rows))]
+        logits = apply_penalties(logits, self._sampling_for(rows), history, self._generated_counts[batch])
         # Ids past the tokenizer (embedding padding) have no text; a reply must always decode.
-        logits[len(self.tokenizer):] = -math.inf
-        token = sample(logits, params, running.generator)
+        logits[:, len(self.tokenizer):] = -math.inf
+        uniforms = seeded_uniforms(self._seeds[batch], self._draws[batch])
+        tokens, usable = next_tokens(logits, self._sampling_for(rows), uniforms)
+        # The per-row state advances for every row at once; a row that finishes now is reset when reused.
+        positions = torch.arange(first, first + len(rows), device=self.device)
+        self._history[positions, self._history_lengths[batch]] = tokens
+        self._history_lengths[batch] += 1
+        self._generated_counts[positions, tokens] += 1
+        self._draws[batch] += 1
+        for running, token, ok in zip(rows, tokens.tolist(), usable.tolist()):  # the step's one copy to the host
+            try:
+                if not ok:
+                    raise FloatingPointError("the logits hold NaN or infinite values; no token can be chosen")
+                self._emit_token(running, token)
+            except Exception as error:
+                logger.exception("choosing or streaming a request's next token failed")
+                self._finish(running, "error", error=f"{type(error).__name__}: {error}")
+
+    def _emit_token(self, running: _Running, token: int) -> None:
+        params = running.handle.params
         if token in params.stop_token_ids:
             self._finish(running, "stop")
             return
         running.completion_tokens += 1
-        running.seen.append(token)
-        running.generated_counts[token] = running.generated_counts.get(token, 0) + 1
         text, stopped = running.assembler.add(token)
         running.unsent_ids.append(token)
         if text:
@@ -689,9 +842,11 @@ class GenerationEngine:
             self._compact()
 
     def _compact(self) -> None:
-        """Keep running requests in rows 0..B-1 of the cache, in `self._running` order."""
+        """Keep running requests in rows 0..B-1 of the cache and of the sampling state, in `self._running` order."""
         # Survivors keep their order, so each moves to a row no later one still occupies.
         for row, running in enumerate(self._running):
             if running.row != row:
                 self.cache.move_row(running.row, row)
+                for state in (self._history, self._history_lengths, self._generated_counts, self._seeds, self._draws):
+                    state[row] = state[running.row]
                 running.row = row
