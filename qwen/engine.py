@@ -332,6 +332,8 @@ class BatchSampling:
     presence_penalty: torch.Tensor  # float32
     frequency_penalty: torch.Tensor  # float32
     any_sampled: bool
+    any_greedy: bool
+    any_temperature: bool  # a sampled row's temperature is not 1
     max_top_k: int
     any_top_p: bool
     any_repetition_penalty: bool
@@ -352,6 +354,8 @@ class BatchSampling:
             presence_penalty=column([p.presence_penalty for p in params], torch.float32),
             frequency_penalty=column([p.frequency_penalty for p in params], torch.float32),
             any_sampled=any(sampled),
+            any_greedy=not all(sampled),
+            any_temperature=any(s and p.temperature != 1.0 for p, s in zip(params, sampled)),
             max_top_k=max((p.top_k for p, s in zip(params, sampled) if s), default=0),
             any_top_p=any(s and p.top_p < 1.0 for p, s in zip(params, sampled)),
             any_repetition_penalty=any(p.repetition_penalty != 1.0 for p in params),
@@ -375,68 +379,96 @@ def apply_penalties(logits: torch.Tensor, batch: BatchSampling, history: torch.T
     return logits
 
 
-def _nucleus_thresholds(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Per row, the smallest probability inside the nucleus: the tokens whose probability is at least it are those
-    whose likelier tokens hold less than `top_p` of the mass (the one that crosses top_p included; tokens of equal
-    probability are in or out together). 0 (everything) for rows with top_p 1."""
-    log_probs = probs.log()
-    top = log_probs.amax(dim=-1, keepdim=True)
-    scale = NUCLEUS_BUCKETS / NUCLEUS_SPAN
-    bucket = ((top - log_probs) * scale).clamp_(0, NUCLEUS_BUCKETS - 1).long()  # 0: the likeliest tokens
-    mass = torch.zeros(probs.shape[0], NUCLEUS_BUCKETS, dtype=torch.float64, device=probs.device)
-    mass.scatter_add_(1, bucket, probs.double())
-    through = mass.cumsum(dim=-1)  # mass of buckets 0..b
-    wanted = top_p.double()[:, None]
+def _nucleus_thresholds(shifted: torch.Tensor, weights: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Per row, the smallest weight inside the nucleus: the tokens weighing at least it are those whose likelier
+    tokens hold less than `top_p` of the row's mass (the token that crosses top_p included; tokens of equal weight
+    are in or out together). 0 (everything) for rows with top_p 1.
+
+    `shifted` is the row's logits minus its largest (<= 0; overwritten here) and `weights` their exp.
+    """
+    rows = weights.shape[0]
+    # Bucket b of row r is number r * NUCLEUS_BUCKETS + b, so that one flat int32 index (a float converts to int32
+    # several times faster than to int64 on a CPU) sums every row's buckets at once.
+    first_bucket = torch.arange(rows, device=weights.device, dtype=weights.dtype)[:, None] * NUCLEUS_BUCKETS
+    bucket = shifted.mul_(-NUCLEUS_BUCKETS / NUCLEUS_SPAN).clamp_(max=NUCLEUS_BUCKETS - 1).add_(first_bucket).int()
+    mass = torch.zeros(rows * NUCLEUS_BUCKETS, dtype=weights.dtype, device=weights.device)
+    mass.index_add_(0, bucket.reshape(-1), weights.reshape(-1))
+    through = mass.view(rows, NUCLEUS_BUCKETS).double().cumsum(dim=-1)  # mass of buckets 0..b
+    wanted = (top_p.double() * through[:, -1])[:, None]
     crossing = (through < wanted).sum(dim=-1).clamp_(max=NUCLEUS_BUCKETS - 1)
     crossing = torch.where(top_p < 1.0, crossing, -1)  # rows with top_p 1 keep everything: no bucket to sort
     before = torch.where(crossing > 0, through.gather(1, (crossing - 1).clamp(min=0)[:, None])[:, 0], 0.0)
-    in_crossing = bucket == crossing[:, None]
-    widest = int(in_crossing.sum(dim=-1).max())  # the step's one look at the device for top-p
+    inside = bucket == (crossing + first_bucket[:, 0].long()).int()[:, None]
+    widest = int(torch.count_nonzero(inside, dim=-1).max())  # the step's one look at the device for top-p
     if widest == 0:
         return torch.zeros_like(top_p)
-    members = torch.topk(torch.where(in_crossing, probs, -1.0), widest, dim=-1).values  # descending; -1: not one
-    member_probs = members.clamp(min=0).double()
-    exclusive = before[:, None] + member_probs.cumsum(dim=-1) - member_probs  # mass of the likelier tokens
+    members = torch.topk(torch.where(inside, weights, -1.0), widest, dim=-1).values  # descending; -1: not one
+    member_weights = members.clamp(min=0).double()
+    exclusive = before[:, None] + member_weights.cumsum(dim=-1) - member_weights  # mass of the likelier tokens
     kept = ((exclusive < wanted) & (members >= 0)).sum(dim=-1).clamp_(min=1)
     threshold = members.gather(1, (kept - 1)[:, None])[:, 0]
     return torch.where(top_p < 1.0, threshold, 0.0)
 
 
-def sampling_probs(logits: torch.Tensor, batch: BatchSampling) -> tuple[torch.Tensor, torch.Tensor]:
+def sampling_weights(logits: torch.Tensor, batch: BatchSampling) -> tuple[torch.Tensor, torch.Tensor]:
     """The (B, V) unnormalised probabilities each row samples from (temperature, then top-k, then top-p, the order
     transformers applies them; zero outside the cut) and whether each row's logits were usable (no NaN, no +inf,
-    not all -inf). An unusable row gets a harmless stand-in so that it cannot disturb the others."""
+    not all -inf). An unusable row gets harmless stand-in values, so it cannot disturb the others.
+    """
     row_max = logits.amax(dim=-1)
     usable = torch.isfinite(row_max)
-    scaled = logits.masked_fill(~usable[:, None], 0.0) / batch.temperature[:, None]
+    # Shifted by the row's largest logit, the exp cannot overflow; this is softmax without its division.
+    shifted = (logits - torch.where(usable, row_max, 0.0)[:, None]).nan_to_num_(nan=0.0, posinf=0.0, neginf=-math.inf)
+    if batch.any_temperature:
+        shifted /= batch.temperature[:, None]
     if batch.max_top_k:
-        k = batch.top_k.clamp(max=min(batch.max_top_k, scaled.shape[-1]))
-        kth = torch.topk(scaled, int(k.max()), dim=-1).values.gather(1, (k - 1).clamp(min=0)[:, None])
-        scaled = scaled.masked_fill((batch.top_k > 0)[:, None] & (scaled < kth), -math.inf)
-    probs = torch.softmax(scaled, dim=-1)
+        k = batch.top_k.clamp(max=min(batch.max_top_k, shifted.shape[-1]))
+        kth = torch.topk(shifted, int(k.max()), dim=-1).values.gather(1, (k - 1).clamp(min=0)[:, None])
+        shifted.masked_fill_((batch.top_k > 0)[:, None] & (shifted < kth), -math.inf)
+    weights = shifted.exp()
     if batch.any_top_p:
-        probs = probs.masked_fill(probs < _nucleus_thresholds(probs, batch.top_p)[:, None], 0.0)
-    return probs, usable
+        weights = torch.where(weights >= _nucleus_thresholds(shifted, weights, batch.top_p)[:, None], weights, 0.0)
+    return weights, usable
 
 
-def pick(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """One id per row of (B, V) unnormalised `probs`: the first whose running sum in vocabulary order passes
-    `uniforms` (B,) times the row's total (inverse-CDF sampling with one uniform number per row)."""
-    cumulative = probs.cumsum(dim=-1)
-    total = cumulative[:, -1:]
-    # A product that rounds up to the total would point past the last token with any mass.
-    target = torch.minimum(uniforms[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cumulative, target, right=True)[:, 0].clamp_(max=probs.shape[-1] - 1)
+PICK_CHUNK = 128
 
 
-def next_tokens(logits: torch.Tensor, batch: BatchSampling, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def pick(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One id per row of (B, V) unnormalised `weights`: the first whose running sum in vocabulary order passes
+    `uniforms` (B,) times the row's total (inverse-CDF sampling, one uniform number per row).
+
+    The running sum is taken in two levels, over chunks of PICK_CHUNK ids and then inside the chosen chunk, in
+    float64: one float32 cumsum over a vocabulary of 150k ids would be off by about a percent of a token's weight.
+    """
+    rows, vocab = weights.shape
+    whole = vocab // PICK_CHUNK * PICK_CHUNK
+    chunk_sums = weights[:, :whole].reshape(rows, -1, PICK_CHUNK).sum(dim=-1)
+    if whole < vocab:
+        chunk_sums = torch.cat([chunk_sums, weights[:, whole:].sum(dim=-1, keepdim=True)], dim=-1)
+    through = chunk_sums.double().cumsum(dim=-1)
+    total = through[:, -1:]
+    # A product that rounds up to the total would point past the last id with any weight.
+    target = torch.minimum(uniforms.double()[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    chunk = torch.searchsorted(through, target, right=True).clamp_(max=through.shape[-1] - 1)  # (B, 1)
+    remainder = target - torch.where(chunk > 0, through.gather(1, (chunk - 1).clamp(min=0)), 0.0)
+    ids = chunk * PICK_CHUNK + torch.arange(PICK_CHUNK, device=weights.device)  # (B, PICK_CHUNK)
+    inside = weights.gather(1, ids.clamp(max=vocab - 1)).masked_fill(ids >= vocab, 0.0).double().cumsum(dim=-1)
+    remainder = torch.minimum(remainder, torch.nextafter(inside[:, -1:], torch.zeros_like(remainder)))
+    position = torch.searchsorted(inside, remainder, right=True).clamp_(max=PICK_CHUNK - 1)
+    return ids.gather(1, position)[:, 0].clamp_(max=vocab - 1)  # a row with no weight at all still gets an id
+
+
+def next_tokens(
+    logits: torch.Tensor, batch: BatchSampling, uniforms: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The next id of every row of penalised fp32 `logits` (B, V): greedy rows take the argmax, the others sample
-    with their uniform number. Also returns which rows' logits were usable (see `sampling_probs`)."""
-    greedy_tokens = logits.argmax(dim=-1)
+    with their uniform number. Also returns which rows' logits were usable (see `sampling_weights`)."""
     if not batch.any_sampled:
-        return greedy_tokens, torch.isfinite(logits.amax(dim=-1))
-    probs, usable = sampling_probs(logits, batch)
-    return torch.where(batch.greedy, greedy_tokens, pick(probs, uniforms)), usable
+        return logits.argmax(dim=-1), torch.isfinite(logits.amax(dim=-1))
+    weights, usable = sampling_weights(logits, batch)
+    sampled = pick(weights, uniforms)
+    return (torch.where(batch.greedy, logits.argmax(dim=-1), sampled) if batch.any_greedy else sampled), usable
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -778,7 +810,9 @@ class GenerationEngine:
         first = rows[0].row
         batch = slice(first, first + len(rows))
         history = self._history[batch, : int(max(len(r.handle.prompt_ids) + r.completion_tokens for r in rows))]
-        logits = apply_penalties(logits, self._sampling_for(rows), history, self._generated_counts[batch])
+        # A prefill's projection can come back transposed in memory; every pass below walks rows.
+        logits = apply_penalties(logits.contiguous(), self._sampling_for(rows), history,
+                                 self._generated_counts[batch])
         # Ids past the tokenizer (embedding padding) have no text; a reply must always decode.
         logits[:, len(self.tokenizer):] = -math.inf
         uniforms = seeded_uniforms(self._seeds[batch], self._draws[batch])
