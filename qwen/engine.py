@@ -336,6 +336,7 @@ class BatchSampling:
     any_temperature: bool  # a sampled row's temperature is not 1
     max_top_k: int
     any_top_p: bool
+    any_uncut: bool  # a sampled row has top_p 1
     any_repetition_penalty: bool
     any_presence_or_frequency: bool
 
@@ -358,6 +359,7 @@ class BatchSampling:
             any_temperature=any(s and p.temperature != 1.0 for p, s in zip(params, sampled)),
             max_top_k=max((p.top_k for p, s in zip(params, sampled) if s), default=0),
             any_top_p=any(s and p.top_p < 1.0 for p, s in zip(params, sampled)),
+            any_uncut=any(s and p.top_p == 1.0 for p, s in zip(params, sampled)),
             any_repetition_penalty=any(p.repetition_penalty != 1.0 for p in params),
             any_presence_or_frequency=any(p.presence_penalty or p.frequency_penalty for p in params),
         )
@@ -379,42 +381,71 @@ def apply_penalties(logits: torch.Tensor, batch: BatchSampling, history: torch.T
     return logits
 
 
-def _nucleus_thresholds(shifted: torch.Tensor, weights: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Per row, the smallest weight inside the nucleus: the tokens weighing at least it are those whose likelier
-    tokens hold less than `top_p` of the row's mass (the token that crosses top_p included; tokens of equal weight
-    are in or out together). 0 (everything) for rows with top_p 1.
+@dataclass(frozen=True)
+class _Nucleus:
+    """Where each row's top-p cut falls, in terms of log-probability buckets (see NUCLEUS_BUCKETS)."""
 
-    `shifted` is the row's logits minus its largest (<= 0; overwritten here) and `weights` their exp.
-    """
+    bucket: torch.Tensor  # (B, V) int32: row r's bucket b is number r * NUCLEUS_BUCKETS + b; 0 holds the likeliest
+    first_bucket: torch.Tensor  # (B,) int64: r * NUCLEUS_BUCKETS
+    through: torch.Tensor  # (B, NUCLEUS_BUCKETS) float64: the mass of buckets 0..b
+    before: torch.Tensor  # (B,) float64: the mass of the buckets before the one where the mass reaches top_p
+    threshold: torch.Tensor  # (B,): the smallest weight kept; 0 for rows without a cut
+    member_ids: torch.Tensor  # (B, W) ids in the crossing bucket, heaviest first
+    kept_weights: torch.Tensor  # (B, W) float64: their weights where kept, else 0
+
+
+def _rows_block(row: torch.Tensor, column: torch.Tensor, values: torch.Tensor, rows: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`torch.nonzero`'s (row, column) pairs and a value for each, as (rows, widest) blocks of ids and values, each
+    row's in its order of `column`; padded with id -1 and value -1. Each row is then worked on alone, so no
+    rounding of one row's sums reaches another's."""
+    per_row = torch.bincount(row, minlength=rows)
+    slot = torch.arange(row.numel(), device=row.device) - (per_row.cumsum(dim=0) - per_row)[row]
+    width = int(per_row.max())
+    ids = torch.full((rows, width), -1, dtype=torch.long, device=row.device)
+    ids[row, slot] = column
+    block = torch.full((rows, width), -1.0, dtype=values.dtype, device=values.device)
+    block[row, slot] = values
+    return ids, block
+
+
+def _nucleus(shifted: torch.Tensor, weights: torch.Tensor, top_p: torch.Tensor) -> _Nucleus | None:
+    """The nucleus of every row with top_p < 1: the tokens whose likelier tokens hold less than `top_p` of the row's
+    mass (the token that crosses top_p included; tokens of equal weight are in or out together). None when no row
+    cuts. `shifted` is the rows' logits minus their largest (<= 0; overwritten here) and `weights` their exp."""
     rows = weights.shape[0]
-    # Bucket b of row r is number r * NUCLEUS_BUCKETS + b, so that one flat int32 index (a float converts to int32
-    # several times faster than to int64 on a CPU) sums every row's buckets at once.
-    first_bucket = torch.arange(rows, device=weights.device, dtype=weights.dtype)[:, None] * NUCLEUS_BUCKETS
-    bucket = shifted.mul_(-NUCLEUS_BUCKETS / NUCLEUS_SPAN).clamp_(max=NUCLEUS_BUCKETS - 1).add_(first_bucket).int()
+    # One flat int32 index (a float converts to int32 several times faster than to int64 on a CPU) sums every
+    # row's buckets at once. The row's offset is added after the conversion, so that a row's buckets never depend
+    # on its place in the batch.
+    first_bucket = torch.arange(rows, device=weights.device, dtype=torch.int32) * NUCLEUS_BUCKETS
+    bucket = shifted.mul_(-NUCLEUS_BUCKETS / NUCLEUS_SPAN).clamp_(max=NUCLEUS_BUCKETS - 1).int()
+    bucket += first_bucket[:, None]
     mass = torch.zeros(rows * NUCLEUS_BUCKETS, dtype=weights.dtype, device=weights.device)
     mass.index_add_(0, bucket.reshape(-1), weights.reshape(-1))
-    through = mass.view(rows, NUCLEUS_BUCKETS).double().cumsum(dim=-1)  # mass of buckets 0..b
+    through = mass.view(rows, NUCLEUS_BUCKETS).double().cumsum(dim=-1)
     wanted = (top_p.double() * through[:, -1])[:, None]
-    crossing = (through < wanted).sum(dim=-1).clamp_(max=NUCLEUS_BUCKETS - 1)
-    crossing = torch.where(top_p < 1.0, crossing, -1)  # rows with top_p 1 keep everything: no bucket to sort
+    cuts = top_p < 1.0
+    crossing = torch.where(cuts, (through < wanted).sum(dim=-1).clamp_(max=NUCLEUS_BUCKETS - 1), -1)
     before = torch.where(crossing > 0, through.gather(1, (crossing - 1).clamp(min=0)[:, None])[:, 0], 0.0)
-    inside = bucket == (crossing + first_bucket[:, 0].long()).int()[:, None]
-    widest = int(torch.count_nonzero(inside, dim=-1).max())  # the step's one look at the device for top-p
-    if widest == 0:
-        return torch.zeros_like(top_p)
-    members = torch.topk(torch.where(inside, weights, -1.0), widest, dim=-1).values  # descending; -1: not one
-    member_weights = members.clamp(min=0).double()
-    exclusive = before[:, None] + member_weights.cumsum(dim=-1) - member_weights  # mass of the likelier tokens
-    kept = ((exclusive < wanted) & (members >= 0)).sum(dim=-1).clamp_(min=1)
-    threshold = members.gather(1, (kept - 1)[:, None])[:, 0]
-    return torch.where(top_p < 1.0, threshold, 0.0)
+    first_bucket = first_bucket.long()
+    # The crossing bucket's members, gathered into a (B, W) block and sorted there: a few hundred ids at most, where
+    # a top-k over the whole vocabulary would cost a pass of its own.
+    row, column = torch.nonzero(bucket == (crossing + first_bucket).int()[:, None], as_tuple=True)
+    if row.numel() == 0:  # the step's one look at the device for top-p: this nonzero
+        return None
+    member_ids, member_weights = _rows_block(row, column, weights[row, column], rows)
+    member_weights, order = member_weights.sort(dim=-1, descending=True)  # -1 pads sort last
+    member_ids = member_ids.gather(1, order).clamp_(min=0)
+    exact = member_weights.clamp(min=0).double()
+    exclusive = before[:, None] + exact.cumsum(dim=-1) - exact  # the mass of the likelier tokens
+    kept = ((exclusive < wanted) & (member_weights >= 0)).sum(dim=-1).clamp_(min=1)
+    threshold = torch.where(cuts, member_weights.gather(1, (kept - 1)[:, None])[:, 0], 0.0)
+    kept_weights = torch.where((member_weights >= threshold[:, None]) & cuts[:, None], exact, 0.0)
+    return _Nucleus(bucket, first_bucket, through, before, threshold, member_ids, kept_weights)
 
 
-def sampling_weights(logits: torch.Tensor, batch: BatchSampling) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (B, V) unnormalised probabilities each row samples from (temperature, then top-k, then top-p, the order
-    transformers applies them; zero outside the cut) and whether each row's logits were usable (no NaN, no +inf,
-    not all -inf). An unusable row gets harmless stand-in values, so it cannot disturb the others.
-    """
+def _shifted_weights(logits: torch.Tensor, batch: BatchSampling) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits minus each row's largest, after temperature and top-k; their exp; whether each row was usable)."""
     row_max = logits.amax(dim=-1)
     usable = torch.isfinite(row_max)
     # Shifted by the row's largest logit, the exp cannot overflow; this is softmax without its division.
@@ -425,10 +456,50 @@ def sampling_weights(logits: torch.Tensor, batch: BatchSampling) -> tuple[torch.
         k = batch.top_k.clamp(max=min(batch.max_top_k, shifted.shape[-1]))
         kth = torch.topk(shifted, int(k.max()), dim=-1).values.gather(1, (k - 1).clamp(min=0)[:, None])
         shifted.masked_fill_((batch.top_k > 0)[:, None] & (shifted < kth), -math.inf)
-    weights = shifted.exp()
-    if batch.any_top_p:
-        weights = torch.where(weights >= _nucleus_thresholds(shifted, weights, batch.top_p)[:, None], weights, 0.0)
+    return shifted, shifted.exp(), usable
+
+
+def sampling_weights(logits: torch.Tensor, batch: BatchSampling) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (B, V) unnormalised probabilities each row samples from (temperature, then top-k, then top-p, the order
+    transformers applies them; zero outside the cut) and whether each row's logits were usable (no NaN, no +inf,
+    not all -inf). An unusable row gets harmless stand-in values, so it cannot disturb the others.
+
+    `next_tokens` samples from exactly these weights without writing them out: the same `_nucleus` decides the cut.
+    """
+    shifted, weights, usable = _shifted_weights(logits, batch)
+    nucleus = _nucleus(shifted, weights, batch.top_p) if batch.any_top_p else None
+    if nucleus is not None:
+        weights = torch.where(weights >= nucleus.threshold[:, None], weights, 0.0)
     return weights, usable
+
+
+def _pick_in_nucleus(weights: torch.Tensor, nucleus: _Nucleus, uniforms: torch.Tensor) -> torch.Tensor:
+    """One id per row drawn from the nucleus by inverse CDF, taking the buckets in order (inside an earlier bucket
+    the ids go in vocabulary order, inside the crossing bucket heaviest first): only two buckets' members are ever
+    looked at one by one, never the whole vocabulary."""
+    rows = weights.shape[0]
+    total = nucleus.before + nucleus.kept_weights.sum(dim=-1)
+    target = torch.minimum(uniforms.double() * total, torch.nextafter(total, torch.zeros_like(total)))
+    in_crossing = target >= nucleus.before
+    # Inside the crossing bucket.
+    running = nucleus.kept_weights.cumsum(dim=-1)
+    slot = torch.searchsorted(running, (target - nucleus.before).clamp(min=0)[:, None], right=True)
+    crossing_ids = nucleus.member_ids.gather(1, slot.clamp_(max=running.shape[-1] - 1))[:, 0]
+    # Inside an earlier bucket: the first whose running mass passes the target.
+    earlier = torch.searchsorted(nucleus.through, target[:, None], right=True)[:, 0]
+    earlier = torch.where(in_crossing, -1, earlier.clamp_(max=NUCLEUS_BUCKETS - 1))
+    remainder = target - torch.where(earlier > 0, nucleus.through.gather(1, (earlier - 1).clamp(min=0)[:, None])[:, 0],
+                                     0.0)
+    row, column = torch.nonzero(nucleus.bucket == (earlier + nucleus.first_bucket).int()[:, None], as_tuple=True)
+    if row.numel() == 0:
+        return crossing_ids
+    ids, block = _rows_block(row, column, weights[row, column].double(), rows)  # in vocabulary order
+    running = block.clamp(min=0).cumsum(dim=-1)
+    slot = torch.searchsorted(running, remainder[:, None], right=True)
+    # Rounding (bucket sums are float32) can leave the target past a bucket's last id: that id, then.
+    last = (ids >= 0).sum(dim=-1, keepdim=True) - 1
+    earlier_ids = ids.gather(1, torch.minimum(slot, last).clamp_(min=0))[:, 0]
+    return torch.where(in_crossing, crossing_ids, earlier_ids.clamp(min=0))
 
 
 PICK_CHUNK = 128
@@ -466,8 +537,14 @@ def next_tokens(
     with their uniform number. Also returns which rows' logits were usable (see `sampling_weights`)."""
     if not batch.any_sampled:
         return logits.argmax(dim=-1), torch.isfinite(logits.amax(dim=-1))
-    weights, usable = sampling_weights(logits, batch)
-    sampled = pick(weights, uniforms)
+    shifted, weights, usable = _shifted_weights(logits, batch)
+    nucleus = _nucleus(shifted, weights, batch.top_p) if batch.any_top_p else None
+    if nucleus is None:
+        sampled = pick(weights, uniforms)
+    else:
+        sampled = _pick_in_nucleus(weights, nucleus, uniforms)
+        if batch.any_uncut:
+            sampled = torch.where(batch.top_p < 1.0, sampled, pick(weights, uniforms))
     return (torch.where(batch.greedy, logits.argmax(dim=-1), sampled) if batch.any_greedy else sampled), usable
 
 

@@ -182,6 +182,22 @@ def test_sampled_frequencies_follow_the_cut_distribution():
     assert int(top1) == 1
 
 
+def test_sampled_frequencies_follow_a_flat_nucleus():
+    """A flat distribution (a random checkpoint's): the nucleus spans many buckets of the engine's search, and the
+    draws must still be spread over them, and inside each, as the per-row formula's probabilities say."""
+    logits = torch.randn(600, generator=torch.Generator().manual_seed(3)) * 0.5
+    params = SamplingParams(top_p=0.8, temperature=0.9)
+    draws = 3000
+    uniforms = seeded_uniforms(torch.full((draws,), 777), torch.arange(draws))
+    tokens, _ = next_tokens(logits.expand(draws, -1).clone(), BatchSampling.of([params] * draws, CPU), uniforms)
+    expected, ambiguous = probabilities_row(logits, params)
+    assert all(expected[token] > 0 or token in ambiguous for token in tokens.tolist())
+    frequencies = torch.bincount(tokens, minlength=600).double() / draws
+    by_likelihood = torch.argsort(expected, descending=True)
+    for group in (torch.arange(600).chunk(5) + by_likelihood.chunk(10)):  # by id range, by likelihood
+        assert abs(float(frequencies[group].sum() - expected[group].sum())) < 0.04, group[:3]
+
+
 def test_unusable_logits_are_flagged_for_their_row_alone():
     rows = mixed_rows(3000)[:4]
     logits, batch = batch_of(rows)
