@@ -5,10 +5,16 @@ iteration admits waiting requests (prompts admitted together are prefilled toget
 as their lengths allow), then decodes one token for every running request in a single batched forward, so a request that arrives while others are decoding joins the running batch at the next
 step instead of waiting for them to finish. Finished or cancelled requests free their slot at once.
 
-The layout follows gpt-fast: `prefill`, `decode_step` and `sample` are small functions; the KV cache is a
-preallocated buffer per layer, `(slots, heads, capacity, head_dim)`, where running requests occupy rows 0..B-1 so the
-batch's cache is a view, never a copy. With `use_cache_quantization` the buffers hold int8 keys and values packed as
-`modeling_qwen.quantize_kv` packs them, and each decode step reads them dequantized.
+The layout follows gpt-fast: `prefill`, `decode_step` and the sampling functions are small functions; the KV cache
+is a preallocated buffer per layer, `(slots, heads, capacity, head_dim)`, where running requests occupy rows 0..B-1
+so the batch's cache is a view, never a copy. With `use_cache_quantization` the buffers hold int8 keys and values
+packed as `modeling_qwen.quantize_kv` packs them, and each decode step reads them dequantized.
+
+Choosing the next tokens has no loop over rows: penalties, temperature, top-k, top-p and the draw run once over the
+step's (rows x vocabulary) logits with each request's parameters as a column (`BatchSampling`), from per-row state
+the engine updates in place (ids seen, reply counts, seeds). The host waits on the device a fixed number of times
+per step, never once per row: for the chosen ids and, with top-k or top-p, for the sizes of a few small gathers. Text
+is then decoded from each new token's bytes alone.
 """
 
 from __future__ import annotations
@@ -76,7 +82,12 @@ def _check_number(name: str, value: Any, low: float, high: float) -> None:
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request is decoded. `temperature == 0` (or below GREEDY_BELOW_TEMPERATURE, or `do_sample=False`) means
-    greedy. Every value is checked against the bounds above at construction: SamplingParamError names the field."""
+    greedy. Every value is checked against the bounds above at construction: SamplingParamError names the field.
+
+    `seed` fixes the request's random numbers: token n is drawn with the n-th number of the SplitMix64 stream of the
+    seed (`seeded_uniforms`), whatever else decodes beside it. Without a seed, one is taken from torch's global
+    generator when the request starts.
+    """
 
     max_new_tokens: int = 512
     do_sample: bool = True
