@@ -8,6 +8,11 @@ The server runs as users run it (a subprocess of `openai_api.py`), and every cli
 completion. Reported per concurrency level: aggregate completion tokens per second (from the
 `usage` the server reports), its ratio to one client in the same run, time to first token and the gap between
 streamed chunks (p50 / p95).
+
+A second table compares, in the same run and server, greedy decoding (`temperature=0`; the checkpoint's
+repetition_penalty still applies) with the checkpoint's own sampling (no sampling fields sent, so the server applies
+`generation_config.json`: top_p 0.8, repetition_penalty 1.1) at `--sampling-levels` clients: the ratio is sampled /
+greedy aggregate tokens per second.
 """
 
 from __future__ import annotations
@@ -66,12 +71,17 @@ def wait_until_serving(process: subprocess.Popen, port: int, log: Path | None = 
     raise SystemExit(f"the server did not start{tail()}")
 
 
-async def one_client(client: AsyncOpenAI, index: int, max_tokens: int) -> dict:
+GREEDY = {"temperature": 0}
+CHECKPOINT_SAMPLING: dict = {}  # nothing sent: the server samples as the checkpoint's generation_config says
+SAMPLINGS = {"greedy": GREEDY, "checkpoint": CHECKPOINT_SAMPLING}
+
+
+async def one_client(client: AsyncOpenAI, index: int, max_tokens: int, sampling: dict) -> dict:
     start = time.perf_counter()
     stamps, tokens = [], 0
     stream = await client.chat.completions.create(
         model="qwen", messages=[{"role": "user", "content": f"Client {index}: tell me a long story."}],
-        max_tokens=max_tokens, temperature=0, stream=True, stream_options={"include_usage": True},
+        max_tokens=max_tokens, stream=True, stream_options={"include_usage": True}, **sampling,
     )
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
@@ -89,9 +99,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def run_level(client: AsyncOpenAI, clients: int, max_tokens: int) -> dict:
+async def run_level(client: AsyncOpenAI, clients: int, max_tokens: int, sampling: dict) -> dict:
     start = time.perf_counter()
-    results = await asyncio.gather(*[one_client(client, i, max_tokens) for i in range(clients)])
+    results = await asyncio.gather(*[one_client(client, i, max_tokens, sampling) for i in range(clients)])
     wall = time.perf_counter() - start
     gaps = [gap for result in results for gap in result["gaps"]]
     ttfts = [result["ttft"] for result in results]
@@ -102,17 +112,18 @@ async def run_level(client: AsyncOpenAI, clients: int, max_tokens: int) -> dict:
     }
 
 
-async def measure(port: int, levels: list[int], max_tokens: int, rounds: int) -> dict[int, dict]:
-    """Every level `rounds` times, interleaved so that a slow spell of the machine hits all levels alike; the round
-    with the median tokens/s is reported per level."""
+async def measure(port: int, cases: list[tuple[str, int]], max_tokens: int, rounds: int) -> dict[tuple[str, int], dict]:
+    """Every case (sampling name, clients) `rounds` times, interleaved so that a slow spell of the machine hits all
+    cases alike; the round with the median tokens/s is reported per case."""
     client = AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=600)
-    await run_level(client, 1, 4)  # warm-up
-    runs: dict[int, list[dict]] = {clients: [] for clients in levels}
+    for sampling in dict.fromkeys(name for name, _ in cases):
+        await run_level(client, 1, 4, SAMPLINGS[sampling])  # warm-up
+    runs: dict[tuple[str, int], list[dict]] = {case: [] for case in cases}
     for _ in range(rounds):
-        for clients in levels:
-            runs[clients].append(await run_level(client, clients, max_tokens))
+        for sampling, clients in cases:
+            runs[sampling, clients].append(await run_level(client, clients, max_tokens, SAMPLINGS[sampling]))
     await client.close()
-    return {clients: sorted(rows, key=lambda row: row["tokens_per_s"])[len(rows) // 2] for clients, rows in runs.items()}
+    return {case: sorted(rows, key=lambda row: row["tokens_per_s"])[len(rows) // 2] for case, rows in runs.items()}
 
 
 def main() -> None:
@@ -121,20 +132,27 @@ def main() -> None:
     parser.add_argument("--levels", default="1,4,8,16", help="comma-separated client counts")
     parser.add_argument("--server-args", default="", help="more openai_api.py flags, e.g. --server-args=--disable-gc")
     parser.add_argument("--rounds", type=int, default=3, help="runs per level; the median is reported")
+    parser.add_argument("--sampling-levels", default="1,8",
+                        help="client counts at which greedy and the checkpoint's sampling are compared ('' for none)")
     args = parser.parse_args()
     levels = [int(level) for level in args.levels.split(",")]
+    sampling_levels = [int(level) for level in args.sampling_levels.split(",") if level]
     max_tokens = 16 if args.quick else 48
+    cases = [("greedy", clients) for clients in levels]
+    cases += [("greedy", clients) for clients in sampling_levels if clients not in levels]
+    cases += [("checkpoint", clients) for clients in sampling_levels]
 
     with tempfile.TemporaryDirectory() as folder:
         write_random_checkpoint(folder, size="mid")
         port = free_port()
-        server = start_server(folder, port, max(levels), shlex.split(args.server_args))
+        server = start_server(folder, port, max(levels + sampling_levels), shlex.split(args.server_args))
         try:
-            rows = asyncio.run(measure(port, levels, max_tokens, 1 if args.quick else args.rounds))
+            results = asyncio.run(measure(port, cases, max_tokens, 1 if args.quick else args.rounds))
         finally:
             server.terminate()
             server.wait(10)
 
+    rows = {clients: results["greedy", clients] for clients in levels}
     single = rows[levels[0]]["tokens_per_s"]
     print(f"mid checkpoint, {max_tokens} tokens per client, greedy, {os.cpu_count()} CPUs, median of "
           f"{1 if args.quick else args.rounds} rounds\n")
@@ -143,6 +161,14 @@ def main() -> None:
     for clients, row in rows.items():
         print(f"| {clients} | {row['tokens_per_s']:.1f} | {row['tokens_per_s'] / single:.2f}x | "
               f"{row['ttft_p50']:.2f} / {row['ttft_p95']:.2f} | {row['gap_p50']:.3f} / {row['gap_p95']:.3f} |")
+    if sampling_levels:
+        print("\ngreedy (temperature 0) against the checkpoint's generation_config (top_p 0.8, "
+              "repetition_penalty 1.1), same run\n")
+        print("| clients | greedy tokens/s | checkpoint sampling tokens/s | sampled / greedy |")
+        print("|---:|---:|---:|---:|")
+        for clients in sampling_levels:
+            greedy, sampled = results["greedy", clients]["tokens_per_s"], results["checkpoint", clients]["tokens_per_s"]
+            print(f"| {clients} | {greedy:.1f} | {sampled:.1f} | {sampled / greedy:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -5,14 +5,21 @@ iteration admits waiting requests (prompts admitted together are prefilled toget
 as their lengths allow), then decodes one token for every running request in a single batched forward, so a request that arrives while others are decoding joins the running batch at the next
 step instead of waiting for them to finish. Finished or cancelled requests free their slot at once.
 
-The layout follows gpt-fast: `prefill`, `decode_step` and `sample` are small functions; the KV cache is a
-preallocated buffer per layer, `(slots, heads, capacity, head_dim)`, where running requests occupy rows 0..B-1 so the
-batch's cache is a view, never a copy. With `use_cache_quantization` the buffers hold int8 keys and values packed as
-`modeling_qwen.quantize_kv` packs them, and each decode step reads them dequantized.
+The layout follows gpt-fast: `prefill`, `decode_step` and the sampling functions are small functions; the KV cache
+is a preallocated buffer per layer, `(slots, heads, capacity, head_dim)`, where running requests occupy rows 0..B-1
+so the batch's cache is a view, never a copy. With `use_cache_quantization` the buffers hold int8 keys and values
+packed as `modeling_qwen.quantize_kv` packs them, and each decode step reads them dequantized.
+
+Choosing the next tokens has no loop over rows: penalties, temperature, top-k, top-p and the draw run once over the
+step's (rows x vocabulary) logits with each request's parameters as a column (`BatchSampling`), from per-row state
+the engine updates in place (ids seen, reply counts, seeds). The host waits on the device a fixed number of times
+per step, never once per row: for the chosen ids and, with top-k or top-p, for the sizes of a few small gathers. Text
+is then decoded from each new token's bytes alone.
 """
 
 from __future__ import annotations
 
+import codecs
 import logging
 import math
 import queue
@@ -30,7 +37,6 @@ from .qwen_generation_utils import context_length, reply_end_ids
 logger = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
-REPLACEMENT_CHARACTER = "\ufffd"
 # Most prompt tokens (rows x longest prompt) prefilled in one forward; bounds the activations of a batched prefill.
 PREFILL_TOKEN_BUDGET = 4096
 
@@ -76,7 +82,12 @@ def _check_number(name: str, value: Any, low: float, high: float) -> None:
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request is decoded. `temperature == 0` (or below GREEDY_BELOW_TEMPERATURE, or `do_sample=False`) means
-    greedy. Every value is checked against the bounds above at construction: SamplingParamError names the field."""
+    greedy. Every value is checked against the bounds above at construction: SamplingParamError names the field.
+
+    `seed` fixes the request's random numbers: token n is drawn with the n-th number of the SplitMix64 stream of the
+    seed (`seeded_uniforms`), whatever else decodes beside it. Without a seed, one is taken from torch's global
+    generator when the request starts.
+    """
 
     max_new_tokens: int = 512
     do_sample: bool = True
@@ -284,45 +295,272 @@ class SlotKVCache(Cache):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Sampling
+# Sampling: one batched pass for every row of a step, per-row parameters as tensors
 # --------------------------------------------------------------------------------------------------------------------
 
+# The nucleus (top-p) cut is found without sorting the vocabulary: probabilities are bucketed by log-probability
+# below the row's largest, the bucket where the mass reaches top_p is located from the bucket sums, and only that
+# bucket's members are sorted. A sort of 150k probabilities per row per token cost more than the model's decode step
+# on a CPU for the flat distributions of small or random checkpoints.
+NUCLEUS_BUCKETS = 4096
+NUCLEUS_SPAN = 16.0  # nats below the largest log-probability covered by the buckets; the rest share the last one
 
-def apply_penalties(logits: torch.Tensor, seen: list[int], generated_counts: dict[int, int], params: SamplingParams):
-    """Repetition penalty over prompt and reply (as transformers does), presence/frequency over the reply (OpenAI)."""
-    if params.repetition_penalty != 1.0 and seen:
-        index = torch.tensor(sorted(set(seen)), device=logits.device)
-        chosen = logits[index]
-        logits[index] = torch.where(chosen < 0, chosen * params.repetition_penalty, chosen / params.repetition_penalty)
-    if (params.presence_penalty or params.frequency_penalty) and generated_counts:
-        index = torch.tensor(list(generated_counts), device=logits.device)
-        counts = torch.tensor(list(generated_counts.values()), dtype=logits.dtype, device=logits.device)
-        logits[index] -= params.presence_penalty + params.frequency_penalty * counts
+_SPLITMIX_GAMMA = 0x9E3779B97F4A7C15 - 2**64  # SplitMix64's constants as the signed int64 values torch holds
+_SPLITMIX_MIX1 = 0xBF58476D1CE4E5B9 - 2**64
+_SPLITMIX_MIX2 = 0x94D049BB133111EB - 2**64
+
+
+def seed_as_int64(seed: int) -> int:
+    """A seed from SEED_RANGE as the int64 with the same 64 bits (seeds equal modulo 2**64 are the same stream)."""
+    seed %= 2**64
+    return seed - 2**64 if seed >= 2**63 else seed
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    # torch's >> on int64 keeps the sign; SplitMix64 shifts zeros in.
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def seeded_uniforms(seeds: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+    """For each row, the `draws`-th number of the SplitMix64 stream started at its seed, as a float32 in [0, 1).
+
+    A request's random numbers depend on its seed and on how many it has drawn, never on the requests decoding
+    beside it, and every row of a step gets its number in one vectorized pass (int64 arithmetic wraps as C does).
+    """
+    z = seeds + (draws + 1) * _SPLITMIX_GAMMA
+    z = (z ^ _shift_right(z, 30)) * _SPLITMIX_MIX1
+    z = (z ^ _shift_right(z, 27)) * _SPLITMIX_MIX2
+    z = z ^ _shift_right(z, 31)
+    return _shift_right(z, 40).to(torch.float32) * 2.0**-24  # 24 bits: every value exact in float32, below 1
+
+
+@dataclass(frozen=True)
+class BatchSampling:
+    """The SamplingParams of a batch's rows as (B,) tensors, and which stages any row needs (known on the host, so a
+    step skips a stage no row uses without asking the device)."""
+
+    greedy: torch.Tensor  # bool
+    temperature: torch.Tensor  # float32; 1 for greedy rows
+    top_k: torch.Tensor  # int64; 0 = no cut
+    top_p: torch.Tensor  # float32
+    repetition_penalty: torch.Tensor  # float32
+    presence_penalty: torch.Tensor  # float32
+    frequency_penalty: torch.Tensor  # float32
+    any_sampled: bool
+    any_greedy: bool
+    any_temperature: bool  # a sampled row's temperature is not 1
+    max_top_k: int
+    any_top_p: bool
+    any_uncut: bool  # a sampled row has top_p 1
+    any_repetition_penalty: bool
+    any_presence_or_frequency: bool
+
+    @classmethod
+    def of(cls, params: list[SamplingParams], device: torch.device) -> BatchSampling:
+        def column(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        sampled = [not p.greedy for p in params]
+        return cls(
+            greedy=column([p.greedy for p in params], torch.bool),
+            temperature=column([1.0 if p.greedy else p.temperature for p in params], torch.float32),
+            top_k=column([0 if p.greedy else p.top_k for p in params], torch.int64),
+            top_p=column([1.0 if p.greedy else p.top_p for p in params], torch.float32),
+            repetition_penalty=column([p.repetition_penalty for p in params], torch.float32),
+            presence_penalty=column([p.presence_penalty for p in params], torch.float32),
+            frequency_penalty=column([p.frequency_penalty for p in params], torch.float32),
+            any_sampled=any(sampled),
+            any_greedy=not all(sampled),
+            any_temperature=any(s and p.temperature != 1.0 for p, s in zip(params, sampled)),
+            max_top_k=max((p.top_k for p, s in zip(params, sampled) if s), default=0),
+            any_top_p=any(s and p.top_p < 1.0 for p, s in zip(params, sampled)),
+            any_uncut=any(s and p.top_p == 1.0 for p, s in zip(params, sampled)),
+            any_repetition_penalty=any(p.repetition_penalty != 1.0 for p in params),
+            any_presence_or_frequency=any(p.presence_penalty or p.frequency_penalty for p in params),
+        )
+
+
+def apply_penalties(logits: torch.Tensor, batch: BatchSampling, history: torch.Tensor,
+                    generated_counts: torch.Tensor) -> torch.Tensor:
+    """Penalise fp32 `logits` (B, V) in place: the repetition penalty on every id in `history` (B, L), the prompt and
+    the reply so far (as transformers does; ids may repeat), then presence and frequency penalties from
+    `generated_counts` (B, V), the reply's own tokens (as OpenAI defines them)."""
+    if batch.any_repetition_penalty:
+        chosen = logits.gather(1, history)
+        penalty = batch.repetition_penalty[:, None]
+        # A repeated id writes the same value each time, so duplicates in `history` are harmless.
+        logits.scatter_(1, history, torch.where(chosen < 0, chosen * penalty, chosen / penalty))
+    if batch.any_presence_or_frequency:
+        penalty = generated_counts * batch.frequency_penalty[:, None] + batch.presence_penalty[:, None]
+        logits -= torch.where(generated_counts > 0, penalty, 0.0)
     return logits
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """One token id from fp32 `logits` (V,): temperature, then top-k, then top-p (nucleus), as transformers orders them."""
-    if params.greedy:
-        return int(torch.argmax(logits))
-    logits = logits / params.temperature
-    candidates = None  # vocabulary ids of `probs`' entries; None means all of them, in order
-    if params.top_k:
-        logits, candidates = torch.topk(logits, min(params.top_k, logits.shape[-1]))
-    probs = torch.softmax(logits, dim=-1)
-    if params.top_p < 1.0:
-        # Nucleus sampling only needs the head of the distribution: look at the likeliest 1024 first, and sort
-        # everything only when they do not reach top_p (a flat distribution).
-        head_probs, head = torch.topk(probs, min(1024, probs.shape[-1]))
-        if float(head_probs.sum()) < params.top_p:
-            head_probs, head = torch.sort(probs, descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (the token that crosses it included).
-        keep = (torch.cumsum(head_probs, dim=-1) - head_probs) < params.top_p
-        keep[0] = True
-        probs = torch.where(keep, head_probs, torch.zeros_like(head_probs))
-        candidates = head if candidates is None else candidates[head]
-    choice = int(torch.multinomial(probs, 1, generator=generator))
-    return choice if candidates is None else int(candidates[choice])
+@dataclass(frozen=True)
+class _Nucleus:
+    """Where each row's top-p cut falls, in terms of log-probability buckets (see NUCLEUS_BUCKETS)."""
+
+    bucket: torch.Tensor  # (B, V) int32: row r's bucket b is number r * NUCLEUS_BUCKETS + b; 0 holds the likeliest
+    first_bucket: torch.Tensor  # (B,) int64: r * NUCLEUS_BUCKETS
+    through: torch.Tensor  # (B, NUCLEUS_BUCKETS) float64: the mass of buckets 0..b
+    before: torch.Tensor  # (B,) float64: the mass of the buckets before the one where the mass reaches top_p
+    threshold: torch.Tensor  # (B,): the smallest weight kept; 0 for rows without a cut
+    member_ids: torch.Tensor  # (B, W) ids in the crossing bucket, heaviest first
+    kept_weights: torch.Tensor  # (B, W) float64: their weights where kept, else 0
+
+
+def _rows_block(row: torch.Tensor, column: torch.Tensor, values: torch.Tensor, rows: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`torch.nonzero`'s (row, column) pairs and a value for each, as (rows, widest) blocks of ids and values, each
+    row's in its order of `column`; padded with id -1 and value -1. Each row is then worked on alone, so no
+    rounding of one row's sums reaches another's."""
+    per_row = torch.bincount(row, minlength=rows)
+    slot = torch.arange(row.numel(), device=row.device) - (per_row.cumsum(dim=0) - per_row)[row]
+    width = int(per_row.max())
+    ids = torch.full((rows, width), -1, dtype=torch.long, device=row.device)
+    ids[row, slot] = column
+    block = torch.full((rows, width), -1.0, dtype=values.dtype, device=values.device)
+    block[row, slot] = values
+    return ids, block
+
+
+def _nucleus(shifted: torch.Tensor, weights: torch.Tensor, top_p: torch.Tensor) -> _Nucleus | None:
+    """The nucleus of every row with top_p < 1: the tokens whose likelier tokens hold less than `top_p` of the row's
+    mass (the token that crosses top_p included; tokens of equal weight are in or out together). None when no row
+    cuts. `shifted` is the rows' logits minus their largest (<= 0; overwritten here) and `weights` their exp."""
+    rows = weights.shape[0]
+    # One flat int32 index (a float converts to int32 several times faster than to int64 on a CPU) sums every
+    # row's buckets at once. The row's offset is added after the conversion, so that a row's buckets never depend
+    # on its place in the batch.
+    first_bucket = torch.arange(rows, device=weights.device, dtype=torch.int32) * NUCLEUS_BUCKETS
+    bucket = shifted.mul_(-NUCLEUS_BUCKETS / NUCLEUS_SPAN).clamp_(max=NUCLEUS_BUCKETS - 1).int()
+    bucket += first_bucket[:, None]
+    mass = torch.zeros(rows * NUCLEUS_BUCKETS, dtype=weights.dtype, device=weights.device)
+    mass.index_add_(0, bucket.reshape(-1), weights.reshape(-1))
+    through = mass.view(rows, NUCLEUS_BUCKETS).double().cumsum(dim=-1)
+    wanted = (top_p.double() * through[:, -1])[:, None]
+    cuts = top_p < 1.0
+    crossing = torch.where(cuts, (through < wanted).sum(dim=-1).clamp_(max=NUCLEUS_BUCKETS - 1), -1)
+    before = torch.where(crossing > 0, through.gather(1, (crossing - 1).clamp(min=0)[:, None])[:, 0], 0.0)
+    first_bucket = first_bucket.long()
+    # The crossing bucket's members, gathered into a (B, W) block and sorted there: a few hundred ids at most, where
+    # a top-k over the whole vocabulary would cost a pass of its own.
+    row, column = torch.nonzero(bucket == (crossing + first_bucket).int()[:, None], as_tuple=True)
+    if row.numel() == 0:  # the step's one look at the device for top-p: this nonzero
+        return None
+    member_ids, member_weights = _rows_block(row, column, weights[row, column], rows)
+    member_weights, order = member_weights.sort(dim=-1, descending=True)  # -1 pads sort last
+    member_ids = member_ids.gather(1, order).clamp_(min=0)
+    exact = member_weights.clamp(min=0).double()
+    exclusive = before[:, None] + exact.cumsum(dim=-1) - exact  # the mass of the likelier tokens
+    kept = ((exclusive < wanted) & (member_weights >= 0)).sum(dim=-1).clamp_(min=1)
+    threshold = torch.where(cuts, member_weights.gather(1, (kept - 1)[:, None])[:, 0], 0.0)
+    kept_weights = torch.where((member_weights >= threshold[:, None]) & cuts[:, None], exact, 0.0)
+    return _Nucleus(bucket, first_bucket, through, before, threshold, member_ids, kept_weights)
+
+
+def _shifted_weights(logits: torch.Tensor, batch: BatchSampling) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits minus each row's largest, after temperature and top-k; their exp; whether each row was usable)."""
+    row_max = logits.amax(dim=-1)
+    usable = torch.isfinite(row_max)
+    # Shifted by the row's largest logit, the exp cannot overflow; this is softmax without its division.
+    shifted = (logits - torch.where(usable, row_max, 0.0)[:, None]).nan_to_num_(nan=0.0, posinf=0.0, neginf=-math.inf)
+    if batch.any_temperature:
+        shifted /= batch.temperature[:, None]
+    if batch.max_top_k:
+        k = batch.top_k.clamp(max=min(batch.max_top_k, shifted.shape[-1]))
+        kth = torch.topk(shifted, int(k.max()), dim=-1).values.gather(1, (k - 1).clamp(min=0)[:, None])
+        shifted.masked_fill_((batch.top_k > 0)[:, None] & (shifted < kth), -math.inf)
+    return shifted, shifted.exp(), usable
+
+
+def sampling_weights(logits: torch.Tensor, batch: BatchSampling) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (B, V) unnormalised probabilities each row samples from (temperature, then top-k, then top-p, the order
+    transformers applies them; zero outside the cut) and whether each row's logits were usable (no NaN, no +inf,
+    not all -inf). An unusable row gets harmless stand-in values, so it cannot disturb the others.
+
+    `next_tokens` samples from exactly these weights without writing them out: the same `_nucleus` decides the cut.
+    """
+    shifted, weights, usable = _shifted_weights(logits, batch)
+    nucleus = _nucleus(shifted, weights, batch.top_p) if batch.any_top_p else None
+    if nucleus is not None:
+        weights = torch.where(weights >= nucleus.threshold[:, None], weights, 0.0)
+    return weights, usable
+
+
+def _pick_in_nucleus(weights: torch.Tensor, nucleus: _Nucleus, uniforms: torch.Tensor) -> torch.Tensor:
+    """One id per row drawn from the nucleus by inverse CDF, taking the buckets in order (inside an earlier bucket
+    the ids go in vocabulary order, inside the crossing bucket heaviest first): only two buckets' members are ever
+    looked at one by one, never the whole vocabulary."""
+    rows = weights.shape[0]
+    total = nucleus.before + nucleus.kept_weights.sum(dim=-1)
+    target = torch.minimum(uniforms.double() * total, torch.nextafter(total, torch.zeros_like(total)))
+    in_crossing = target >= nucleus.before
+    # Inside the crossing bucket.
+    running = nucleus.kept_weights.cumsum(dim=-1)
+    slot = torch.searchsorted(running, (target - nucleus.before).clamp(min=0)[:, None], right=True)
+    crossing_ids = nucleus.member_ids.gather(1, slot.clamp_(max=running.shape[-1] - 1))[:, 0]
+    # Inside an earlier bucket: the first whose running mass passes the target.
+    earlier = torch.searchsorted(nucleus.through, target[:, None], right=True)[:, 0]
+    earlier = torch.where(in_crossing, -1, earlier.clamp_(max=NUCLEUS_BUCKETS - 1))
+    remainder = target - torch.where(earlier > 0, nucleus.through.gather(1, (earlier - 1).clamp(min=0)[:, None])[:, 0],
+                                     0.0)
+    row, column = torch.nonzero(nucleus.bucket == (earlier + nucleus.first_bucket).int()[:, None], as_tuple=True)
+    if row.numel() == 0:
+        return crossing_ids
+    ids, block = _rows_block(row, column, weights[row, column].double(), rows)  # in vocabulary order
+    running = block.clamp(min=0).cumsum(dim=-1)
+    slot = torch.searchsorted(running, remainder[:, None], right=True)
+    # Rounding (bucket sums are float32) can leave the target past a bucket's last id: that id, then.
+    last = (ids >= 0).sum(dim=-1, keepdim=True) - 1
+    earlier_ids = ids.gather(1, torch.minimum(slot, last).clamp_(min=0))[:, 0]
+    return torch.where(in_crossing, crossing_ids, earlier_ids.clamp(min=0))
+
+
+PICK_CHUNK = 128
+
+
+def pick(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One id per row of (B, V) unnormalised `weights`: the first whose running sum in vocabulary order passes
+    `uniforms` (B,) times the row's total (inverse-CDF sampling, one uniform number per row).
+
+    The running sum is taken in two levels, over chunks of PICK_CHUNK ids and then inside the chosen chunk, in
+    float64: one float32 cumsum over a vocabulary of 150k ids would be off by about a percent of a token's weight.
+    """
+    rows, vocab = weights.shape
+    whole = vocab // PICK_CHUNK * PICK_CHUNK
+    chunk_sums = weights[:, :whole].reshape(rows, -1, PICK_CHUNK).sum(dim=-1)
+    if whole < vocab:
+        chunk_sums = torch.cat([chunk_sums, weights[:, whole:].sum(dim=-1, keepdim=True)], dim=-1)
+    through = chunk_sums.double().cumsum(dim=-1)
+    total = through[:, -1:]
+    # A product that rounds up to the total would point past the last id with any weight.
+    target = torch.minimum(uniforms.double()[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    chunk = torch.searchsorted(through, target, right=True).clamp_(max=through.shape[-1] - 1)  # (B, 1)
+    remainder = target - torch.where(chunk > 0, through.gather(1, (chunk - 1).clamp(min=0)), 0.0)
+    ids = chunk * PICK_CHUNK + torch.arange(PICK_CHUNK, device=weights.device)  # (B, PICK_CHUNK)
+    inside = weights.gather(1, ids.clamp(max=vocab - 1)).masked_fill(ids >= vocab, 0.0).double().cumsum(dim=-1)
+    remainder = torch.minimum(remainder, torch.nextafter(inside[:, -1:], torch.zeros_like(remainder)))
+    position = torch.searchsorted(inside, remainder, right=True).clamp_(max=PICK_CHUNK - 1)
+    return ids.gather(1, position)[:, 0].clamp_(max=vocab - 1)  # a row with no weight at all still gets an id
+
+
+def next_tokens(
+    logits: torch.Tensor, batch: BatchSampling, uniforms: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next id of every row of penalised fp32 `logits` (B, V): greedy rows take the argmax, the others sample
+    with their uniform number. Also returns which rows' logits were usable (see `sampling_weights`)."""
+    if not batch.any_sampled:
+        return logits.argmax(dim=-1), torch.isfinite(logits.amax(dim=-1))
+    shifted, weights, usable = _shifted_weights(logits, batch)
+    nucleus = _nucleus(shifted, weights, batch.top_p) if batch.any_top_p else None
+    if nucleus is None:
+        sampled = pick(weights, uniforms)
+    else:
+        sampled = _pick_in_nucleus(weights, nucleus, uniforms)
+        if batch.any_uncut:
+            sampled = torch.where(batch.top_p < 1.0, sampled, pick(weights, uniforms))
+    return (torch.where(batch.greedy, logits.argmax(dim=-1), sampled) if batch.any_greedy else sampled), usable
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -331,34 +569,41 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
 
 
 class TextAssembler:
-    """Turns a growing list of token ids into safe text deltas.
+    """Turns token ids, one at a time, into safe text deltas, decoding only the new token's bytes.
 
-    Text is held back while it ends in a partial UTF-8 character (decoded as U+FFFD) or in what may become a stop
-    string; a stop string ends the reply before it.
+    An incremental UTF-8 decoder keeps the bytes of a partial character until the rest arrives; decoded text is held
+    back while it ends in what may become a stop string, and a stop string ends the reply before it. The text given
+    out (deltas, then `flush`) is the tokenizer's `decode(ids, skip_special_tokens=True, errors="replace")` of the
+    whole reply, cut before the first stop string.
     """
 
     def __init__(self, tokenizer: Any, stop_strings: tuple[str, ...]):
         self.tokenizer = tokenizer
         self.stop_strings = tuple(s for s in stop_strings if s)
-        self.token_ids: list[int] = []
-        self.emitted = ""
+        self._bytes = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._unsent = ""  # decoded, not given out yet: the tail that may begin a stop string
+
+    def _token_bytes(self, token_id: int) -> bytes:
+        pieces = self.tokenizer.convert_ids_to_tokens([token_id], skip_special_tokens=True)
+        return b"".join(p.encode("utf-8") if isinstance(p, str) else p for p in pieces)
 
     def add(self, token_id: int) -> tuple[str, bool]:
         """Append a token; return (new safe text, whether a stop string was reached)."""
-        self.token_ids.append(token_id)
-        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True, errors="replace")
+        self._unsent += self._bytes.decode(self._token_bytes(token_id))
+        # Text already given out never ends in the start of a stop string, so a stop can only begin in the unsent part.
         for stop in self.stop_strings:
-            position = text.find(stop, max(0, len(self.emitted) - len(stop)))
+            position = self._unsent.find(stop)
             if position != -1:
-                return self._advance(text[:position]), True
-        safe = text.rstrip(REPLACEMENT_CHARACTER)
-        held = max((self._partial_stop_length(safe, stop) for stop in self.stop_strings), default=0)
-        return self._advance(safe[: len(safe) - held]), False
+                text, self._unsent = self._unsent[:position], ""
+                return text, True
+        held = max((self._partial_stop_length(self._unsent, stop) for stop in self.stop_strings), default=0)
+        text, self._unsent = self._unsent[: len(self._unsent) - held], self._unsent[len(self._unsent) - held:]
+        return text, False
 
     def flush(self) -> str:
         """The rest of the text at the end of a reply (a held-back stop-string prefix was not a stop after all)."""
-        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True, errors="replace")
-        return self._advance(text)
+        text, self._unsent = self._unsent + self._bytes.decode(b"", final=True), ""
+        return text
 
     @staticmethod
     def _partial_stop_length(text: str, stop: str) -> int:
@@ -366,12 +611,6 @@ class TextAssembler:
             if text.endswith(stop[:length]):
                 return length
         return 0
-
-    def _advance(self, text: str) -> str:
-        if len(text) <= len(self.emitted) or not text.startswith(self.emitted):
-            return ""
-        delta, self.emitted = text[len(self.emitted):], text
-        return delta
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -383,13 +622,10 @@ class TextAssembler:
 class _Running:
     handle: RequestHandle
     assembler: TextAssembler
-    generator: torch.Generator | None
     length: int  # tokens in the KV cache
     next_token: int  # sampled, not yet fed to the model
-    seen: list[int]
-    row: int  # its row in the slot cache
+    row: int  # its row in the slot cache and in the engine's per-row sampling state
     ntk_alpha: float  # chosen at prefill, kept while decoding (as the released model does)
-    generated_counts: dict[int, int] = field(default_factory=dict)
     completion_tokens: int = 0
     unsent_ids: list[int] = field(default_factory=list)  # tokens whose text is still held back
 
@@ -421,6 +657,16 @@ class GenerationEngine:
             next(model.parameters()).dtype, self.device,
             quantized=bool(getattr(config, "use_cache_quantization", False)),
         )
+        # Per-row sampling state, in the cache's row order: prompt + reply ids (what the repetition penalty sees;
+        # past a row's length they repeat its first prompt id), how many there are, how often each id occurs in the
+        # reply (presence and frequency penalties), and each request's seed and count of random numbers drawn.
+        slots, vocab = max_batch_size, config.vocab_size
+        self._history = torch.zeros(slots, self.max_context + 1, dtype=torch.long, device=self.device)
+        self._history_lengths = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self._generated_counts = torch.zeros(slots, vocab, dtype=torch.float32, device=self.device)
+        self._seeds = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self._draws = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self._batch_sampling: tuple[tuple[SamplingParams, ...], BatchSampling] | None = None
         self._waiting: queue.SimpleQueue[RequestHandle] = queue.SimpleQueue()
         self._running: list[_Running] = []
         self._wake = threading.Event()
@@ -575,33 +821,42 @@ class GenerationEngine:
         done = self._counters
         self._counters = replace(done, prefill_forwards=done.prefill_forwards + 1,
                                  prefilled_prompts=done.prefilled_prompts + len(handles))
+        started: list[_Running] = []
+        kept_rows: list[int] = []
         for index, (handle, length) in enumerate(zip(handles, lengths)):
-            params = handle.params
             row = len(self._running)
             try:
                 self.cache.store(row, prefilled, index, length)
-                generator = None
-                if params.seed is not None:
-                    generator = torch.Generator(device=logits.device).manual_seed(params.seed)
+                self._start_row(row, handle)
             except Exception as error:  # this request's own setup: the others of the group go on
                 logger.exception("starting a request failed")
                 handle._emit(GenerationEvent(finish_reason="error", error=f"{type(error).__name__}: {error}",
                                              prompt_tokens=length))
                 continue
-            running = _Running(
-                handle=handle,
-                assembler=TextAssembler(self.tokenizer, params.stop_strings),
-                generator=generator,
-                length=length,
-                next_token=-1,
-                seen=list(handle.prompt_ids),
-                row=row,
-                ntk_alpha=ntk_alpha,
-            )
+            running = _Running(handle=handle, assembler=TextAssembler(self.tokenizer, handle.params.stop_strings),
+                               length=length, next_token=-1, row=row, ntk_alpha=ntk_alpha)
             self._running.append(running)
-            self._accept(running, logits[index])
+            started.append(running)
+            kept_rows.append(index)
+        if started:
+            if len(kept_rows) != len(handles):
+                logits = logits[torch.tensor(kept_rows, device=logits.device)]
+            self._accept(started, logits)
         self._running = [r for r in self._running if not r.handle.finished.is_set()]
         self._compact()
+
+    def _start_row(self, row: int, handle: RequestHandle) -> None:
+        """Set row `row`'s sampling state for a request that starts there."""
+        prompt = torch.tensor(handle.prompt_ids, dtype=torch.long, device=self.device)
+        self._history[row] = prompt[0]
+        self._history[row, : len(prompt)] = prompt
+        self._history_lengths[row] = len(prompt)
+        self._generated_counts[row] = 0
+        seed = handle.params.seed
+        if seed is None:  # from torch's global generator, so torch.manual_seed makes unseeded runs repeatable
+            seed = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.long))
+        self._seeds[row] = seed_as_int64(seed)
+        self._draws[row] = 0
 
     @torch.inference_mode()
     def _decode_step(self) -> None:
@@ -622,37 +877,57 @@ class GenerationEngine:
             position_ids=positions,
             ntk_alphas=[r.ntk_alpha for r in self._running],
         )
-        for row, running in enumerate(list(self._running)):
+        for running in self._running:
             running.length += 1
-            self._accept(running, logits[row])
+        self._accept(list(self._running), logits)
         self._running = [r for r in self._running if not r.handle.finished.is_set()]
         self._compact()
 
-    def _accept(self, running: _Running, logits: torch.Tensor) -> None:
-        """Sample the next token for one request from its logits, stream its text, and finish it when due.
+    def _sampling_for(self, rows: list[_Running]) -> BatchSampling:
+        """The batch's parameters as tensors, made again only when the batch's requests change."""
+        params = tuple(running.handle.params for running in rows)
+        if self._batch_sampling is None or self._batch_sampling[0] != params:
+            self._batch_sampling = (params, BatchSampling.of(list(params), self.device))
+        return self._batch_sampling[1]
 
-        Whatever fails here (NaN logits, a client callback that raises) ends this request alone with an error; the
-        rows decoding beside it are untouched.
+    def _accept(self, rows: list[_Running], logits: torch.Tensor) -> None:
+        """Choose the next token of `rows` (consecutive rows of the cache; `logits` (B, V) is theirs, changed in
+        place) in one batched pass, then stream each request's text and finish those that are due.
+
+        A row whose logits are unusable (NaN or infinite) ends alone with an error, as does one whose text or
+        callback fails; the rows decoding beside it are untouched.
         """
-        try:
-            self._sample_and_emit(running, logits)
-        except Exception as error:
-            logger.exception("sampling a request's next token failed")
-            self._finish(running, "error", error=f"{type(error).__name__}: {error}")
-
-    def _sample_and_emit(self, running: _Running, logits: torch.Tensor) -> None:
-        params = running.handle.params
-        # `logits` is this request's own row of the step's output, so it is changed in place.
-        logits = apply_penalties(logits, running.seen, running.generated_counts, params)
+        first = rows[0].row
+        batch = slice(first, first + len(rows))
+        history = self._history[batch, : int(max(len(r.handle.prompt_ids) + r.completion_tokens for r in rows))]
+        # A prefill's projection can come back transposed in memory; every pass below walks rows.
+        logits = apply_penalties(logits.contiguous(), self._sampling_for(rows), history,
+                                 self._generated_counts[batch])
         # Ids past the tokenizer (embedding padding) have no text; a reply must always decode.
-        logits[len(self.tokenizer):] = -math.inf
-        token = sample(logits, params, running.generator)
+        logits[:, len(self.tokenizer):] = -math.inf
+        uniforms = seeded_uniforms(self._seeds[batch], self._draws[batch])
+        tokens, usable = next_tokens(logits, self._sampling_for(rows), uniforms)
+        # The per-row state advances for every row at once; a row that finishes now is reset when reused.
+        positions = torch.arange(first, first + len(rows), device=self.device)
+        self._history[positions, self._history_lengths[batch]] = tokens
+        self._history_lengths[batch] += 1
+        self._generated_counts[positions, tokens] += 1
+        self._draws[batch] += 1
+        for running, token, ok in zip(rows, tokens.tolist(), usable.tolist()):  # the step's one copy to the host
+            try:
+                if not ok:
+                    raise FloatingPointError("the logits hold NaN or infinite values; no token can be chosen")
+                self._emit_token(running, token)
+            except Exception as error:
+                logger.exception("choosing or streaming a request's next token failed")
+                self._finish(running, "error", error=f"{type(error).__name__}: {error}")
+
+    def _emit_token(self, running: _Running, token: int) -> None:
+        params = running.handle.params
         if token in params.stop_token_ids:
             self._finish(running, "stop")
             return
         running.completion_tokens += 1
-        running.seen.append(token)
-        running.generated_counts[token] = running.generated_counts.get(token, 0) + 1
         text, stopped = running.assembler.add(token)
         running.unsent_ids.append(token)
         if text:
@@ -691,9 +966,11 @@ class GenerationEngine:
             self._compact()
 
     def _compact(self) -> None:
-        """Keep running requests in rows 0..B-1 of the cache, in `self._running` order."""
+        """Keep running requests in rows 0..B-1 of the cache and of the sampling state, in `self._running` order."""
         # Survivors keep their order, so each moves to a row no later one still occupies.
         for row, running in enumerate(self._running):
             if running.row != row:
                 self.cache.move_row(running.row, row)
+                for state in (self._history, self._history_lengths, self._generated_counts, self._seeds, self._draws):
+                    state[row] = state[running.row]
                 running.row = row
