@@ -193,6 +193,11 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+# How a folder's weights are stored: (single file, index of shards), safetensors first, as transformers looks for them.
+WEIGHT_LAYOUTS = (("model.safetensors", "model.safetensors.index.json"),
+                  ("pytorch_model.bin", "pytorch_model.bin.index.json"))
+
+
 class WeightFiles:
     """The tensors of a folder's weight files, read one at a time and never whole: safetensors or PyTorch `.bin`,
     one file or shards named by an index. Names and shapes come from the headers (safetensors) or a memory map."""
@@ -200,8 +205,7 @@ class WeightFiles:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self._handles: dict[Path, Any] = {}
-        for single, index in (("model.safetensors", "model.safetensors.index.json"),
-                              ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        for single, index in WEIGHT_LAYOUTS:
             if (folder / index).is_file():
                 weight_map = read_json_object(folder / index).get("weight_map")
                 if not isinstance(weight_map, dict):
@@ -229,8 +233,7 @@ class WeightFiles:
     def find(cls, folder: Path) -> WeightFiles | None:
         """The folder's weight files, or None when it holds none (a config-only folder); CheckpointError for an index
         that is damaged or names missing files."""
-        layouts = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-        return cls(folder) if any((folder / name).is_file() for name in layouts) else None
+        return cls(folder) if any((folder / name).is_file() for layout in WEIGHT_LAYOUTS for name in layout) else None
 
     def _open(self, path: Path) -> Any:
         if path not in self._handles:

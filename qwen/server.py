@@ -541,8 +541,14 @@ def create_app(engine: GenerationEngine, settings: ServerSettings | None = None)
             raise APIError(400, f"This request asks for {count} choices (n times the prompts); this server gives at "
                                 f"most {settings.max_choices} per request.", param=param)
 
+    # What a reply may take when the request names no max_tokens.
+    default_new_tokens = getattr(generation_config, "max_new_tokens", None) or 512
+
+    def requested_tokens(body: SamplingFields) -> int | None:
+        return body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+
     def sampling(body: SamplingFields, prompt_tokens: int, extra_stops: list[str]) -> SamplingParams:
-        limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        limit = requested_tokens(body)
         room = engine.max_context - prompt_tokens
         if room <= 0:
             raise APIError(400, f"The prompt has {prompt_tokens} tokens, more than this model's context of "
@@ -553,11 +559,10 @@ def create_app(engine: GenerationEngine, settings: ServerSettings | None = None)
             raise APIError(400, f"max_tokens={limit} plus the prompt's {prompt_tokens} tokens exceeds this model's "
                                 f"context of {engine.max_context}.", param="max_tokens",
                            code="context_length_exceeded")
-        default_max = getattr(generation_config, "max_new_tokens", None) or 512
         try:
             return SamplingParams.from_generation_config(
                 generation_config,
-                max_new_tokens=limit if limit is not None else min(default_max, room),
+                max_new_tokens=limit if limit is not None else min(default_new_tokens, room),
                 temperature=body.temperature,
                 top_p=body.top_p,
                 top_k=body.top_k,
@@ -626,8 +631,7 @@ def create_app(engine: GenerationEngine, settings: ServerSettings | None = None)
             functions = react.normalize_tools(body.functions, body.tools, body.tool_choice, body.function_call)
         except ValueError as error:
             raise APIError(400, str(error), param="tools" if body.tools is not None else "functions") from error
-        limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        wanted = limit or getattr(generation_config, "max_new_tokens", None) or 512
+        wanted = requested_tokens(body) or default_new_tokens
         # The library's window policy, as every front end: the checkpoint's window, leaving the reply room.
         max_window_size = getattr(generation_config, "max_window_size", None)
 
@@ -900,7 +904,8 @@ class ChatServing(Serving):
         if self.context.legacy_functions:
             message = ChatMessage(content=parsed.content, function_call=call)
         else:
-            message = ChatMessage(content=parsed.content, tool_calls=[ToolCall(id=react.new_tool_call_id(), function=call)])
+            call_id = react.new_tool_call_id()
+            message = ChatMessage(content=parsed.content, tool_calls=[ToolCall(id=call_id, function=call)])
         return ChatCompletionChoice(index=index, message=message, finish_reason=self._call_finish())
 
 
