@@ -26,9 +26,10 @@ from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from qwen.engine import GenerationEngine, RequestHandle, SamplingParams, chat_stop_token_ids
+from qwen.chat_turn import ChatTurn, SamplingParams, chat_turn
+from qwen.engine import GenerationEngine, RequestHandle
 from qwen.loading import USAGE_NOTICE, add_model_arguments, load_from_args
-from qwen.qwen_generation_utils import DEFAULT_MAX_WINDOW_SIZE, DEFAULT_SYSTEM_PROMPT, HistoryType, chat_turn
+from qwen.qwen_generation_utils import DEFAULT_MAX_WINDOW_SIZE, DEFAULT_SYSTEM_PROMPT, HistoryType
 
 DEFAULT_SEED = 1234  # the original cli_demo.py's default
 MAX_SEED = 2**64 - 1  # the largest seed torch.Generator.manual_seed takes
@@ -189,19 +190,18 @@ class ChatSession:
         # Copies: `:conf` edits never reach the model's own config, and `:reset-conf` has the original to go back to.
         self.default_conf = copy.deepcopy(generation_config)
         self.conf = copy.deepcopy(generation_config)
-        self.stop_token_ids = chat_stop_token_ids(tokenizer)
 
     # Generation -------------------------------------------------------------------------------------------------------
 
     def sampling_params(self, conf: Any = None) -> SamplingParams:
-        """The settings of the next reply; raises ValueError when `conf` holds a value the engine rejects."""
+        """The sampling settings of `conf` (else the session's) as the engine reads them, fallbacks filled in; raises
+        ValueError for a value the engine rejects. Each reply takes them from its turn (`turn`)."""
         conf = self.conf if conf is None else conf
-        return SamplingParams.from_generation_config(conf, seed=self.seed, stop_token_ids=self.stop_token_ids)
+        return SamplingParams.from_generation_config(conf, seed=self.seed)
 
-    def prompt_ids(self, query: str, params: SamplingParams) -> list[int]:
-        """The prompt of `query` after the history, trimmed by the library's one window policy (`history_window`)."""
-        return chat_turn(self.tokenizer, query, self.history, self.system, self.conf, self.engine.max_context,
-                         max_new_tokens=params.max_new_tokens).prompt_ids
+    def turn(self, query: str) -> ChatTurn:
+        """The library's chat turn answering `query` after the history: the one window policy, budget and stops."""
+        return chat_turn(self.tokenizer, query, self.history, self.system, self.conf, self.engine.max_context)
 
     def reply(self, query: str, safe: bool | None = None) -> Reply:
         """Stream the reply to `query` to `out` and, unless it was stopped or failed, add the turn to the history.
@@ -210,8 +210,8 @@ class ChatSession:
         """
         if safe is None:
             safe = self.out.isatty()
-        params = self.sampling_params()
-        handle = self.engine.submit(self.prompt_ids(query, params), params)
+        turn = self.turn(query)
+        handle = self.engine.submit(turn.prompt_ids, turn.sampling_params(seed=self.seed))
         writer = _ReplyWriter(self.out, safe)
         text, reason, error = "", "error", None
         with _ctrl_c_cancels(handle):

@@ -29,16 +29,12 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import gradio as gr  # noqa: E402
 
-from qwen.engine import GenerationEngine, RequestHandle, SamplingParams, chat_stop_token_ids  # noqa: E402
+from qwen.chat_turn import ChatTurn, SamplingParams, chat_turn  # noqa: E402
+from qwen.engine import GenerationEngine, RequestHandle  # noqa: E402
 from qwen.loading import (  # noqa: E402
     DEMO_NOTICE, USAGE_NOTICE, add_model_arguments, is_demo_checkpoint, load_from_args,
 )
-from qwen.qwen_generation_utils import (  # noqa: E402
-    DEFAULT_MAX_WINDOW_SIZE,
-    DEFAULT_SYSTEM_PROMPT,
-    HistoryType,
-    chat_turn,
-)
+from qwen.qwen_generation_utils import DEFAULT_SYSTEM_PROMPT, HistoryType  # noqa: E402
 
 
 ChatMessages = list[dict[str, Any]]  # the Chatbot's value: {"role": "user" | "assistant", "content": ...} dicts
@@ -109,25 +105,25 @@ class WebChat:
         self,
         engine: GenerationEngine,
         tokenizer: Any,
-        params: SamplingParams,
+        generation_config: Any,
         system: str = DEFAULT_SYSTEM_PROMPT,
-        max_window_size: int = DEFAULT_MAX_WINDOW_SIZE,
     ) -> None:
+        """`generation_config` (the checkpoint's, or any object with its fields) decides how every reply is sampled
+        and how much history its prompt keeps; a value the engine would refuse raises SamplingParamError here."""
+        SamplingParams.from_generation_config(generation_config)
         self.engine = engine
         self.tokenizer = tokenizer
-        self.params = params
+        self.generation_config = generation_config
         self.system = system
-        self.max_window_size = max_window_size  # the checkpoint's; each prompt keeps room for the reply within it
         self._lock = threading.Lock()
         # session hash -> its running requests, each with whether Clear was pressed while it ran
         self._running: dict[str, dict[RequestHandle, bool]] = {}
 
-    def prompt_ids(self, messages: ChatMessages) -> list[int]:
-        """The prompt answering the last message, the earlier ones as history trimmed by the library's window policy."""
+    def turn(self, messages: ChatMessages) -> ChatTurn:
+        """The library's chat turn answering the last message, the earlier ones as its history."""
         *earlier, question = messages
-        return chat_turn(self.tokenizer, message_text(question), history_pairs(earlier), self.system, None,
-                         self.engine.max_context, max_new_tokens=self.params.max_new_tokens,
-                         max_window_size=self.max_window_size).prompt_ids
+        return chat_turn(self.tokenizer, message_text(question), history_pairs(earlier), self.system,
+                         self.generation_config, self.engine.max_context)
 
     def reply(self, messages: ChatMessages, session: str = "") -> Iterator[ChatMessages]:
         """Answer the last message of `messages`, yielding the conversation with the reply so far as it grows.
@@ -136,9 +132,9 @@ class WebChat:
         closes it when the tab that started it goes away). A reply that fails, or a question the engine refuses,
         ends with an error message in place of the reply; the tab's chat goes on, and other tabs never notice.
         """
-        prompt_ids = self.prompt_ids(messages)
+        turn = self.turn(messages)
         try:
-            handle = self.engine.submit(prompt_ids, self.params)
+            handle = self.engine.submit(turn.prompt_ids, turn.sampling_params())
         except ValueError as error:  # one question longer than the model's context
             yield [*messages, error_message(str(error))]
             return
@@ -271,14 +267,13 @@ LATEX_DELIMITERS = [
 def build_demo(
     engine: GenerationEngine,
     tokenizer: Any,
-    params: SamplingParams,
+    generation_config: Any,
     model_name: str = "Qwen",
     demo_notice: bool = False,
     system: str = DEFAULT_SYSTEM_PROMPT,
-    max_window_size: int = DEFAULT_MAX_WINDOW_SIZE,
 ) -> gr.Blocks:
     """The chat page. Each tab's conversation lives in its Chatbot; all that tabs share is the engine."""
-    chat = WebChat(engine, tokenizer, params, system=system, max_window_size=max_window_size)
+    chat = WebChat(engine, tokenizer, generation_config, system=system)
     # The default theme's fonts are files Gradio serves itself (no font CDN), so the page stays offline as it is.
     with gr.Blocks(title="Qwen-Chat Bot", analytics_enabled=False) as demo:
         # The original page's header (without its logo, which came from another host) and model links.
@@ -370,18 +365,16 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: {args.checkpoint_path} is a base model (chat_format "
                          f"{generation_config.chat_format!r}); the web demo needs a -Chat checkpoint.")
     try:
-        params = SamplingParams.from_generation_config(generation_config, stop_token_ids=chat_stop_token_ids(tokenizer))
+        SamplingParams.from_generation_config(generation_config)
     except ValueError as error:  # every tab's every reply would fail with it
         raise SystemExit(f"error: the generation settings of {args.checkpoint_path} (generation_config.json) are "
                          f"unusable: {error}") from None
     engine = GenerationEngine(model, tokenizer, max_batch_size=8)
-    max_window_size = getattr(generation_config, "max_window_size", None) or DEFAULT_MAX_WINDOW_SIZE
     demo_notice = is_demo_checkpoint(args.checkpoint_path)
     demo = build_demo(
-        engine, tokenizer, params,
+        engine, tokenizer, generation_config,
         model_name="demo" if demo_notice else Path(args.checkpoint_path).name,
         demo_notice=demo_notice,
-        max_window_size=max_window_size,
     )
     try:
         launch_demo(demo, share=args.share, inbrowser=args.inbrowser, server_name=args.server_name,

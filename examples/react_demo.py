@@ -28,9 +28,9 @@ from pathlib import Path, PurePath
 from typing import Any, Literal
 
 from qwen import react
-from qwen.engine import GenerationEngine, SamplingParams, chat_stop_token_ids
+from qwen.chat_turn import SamplingParams, messages_turn
+from qwen.engine import GenerationEngine
 from qwen.loading import add_model_arguments, load_from_args
-from qwen.qwen_generation_utils import DEFAULT_MAX_WINDOW_SIZE, history_window
 
 # --------------------------------------------------------------------------------------------------------------------
 # Tools
@@ -287,16 +287,15 @@ class AgentResult:
     stopped_by: Literal["answer", "step_limit"] = "answer"
 
 
-Generate = Callable[[list[int]], str]  # prompt ids -> reply text, cut before a stop string
+# (messages, functions) -> the reply's text, cut before a stop string (`Observation:` where a tool's result goes)
+Generate = Callable[[list[dict[str, Any]], list[dict[str, Any]]], str]
 
 
 def react_loop(
     generate: Generate,
-    tokenizer: Any,
     query: str,
     tools: Sequence[Tool],
     max_steps: int = 5,
-    max_window_size: int = DEFAULT_MAX_WINDOW_SIZE,
     on_step: Callable[[Step], None] | None = None,
 ) -> AgentResult:
     """Ask `query`, running the tools the model calls, until it gives a final answer or `max_steps` replies passed.
@@ -311,8 +310,7 @@ def react_loop(
     messages: list[dict[str, Any]] = [{"role": "user", "content": query}]
     result = AgentResult(answer=None)
     for step_number in range(max_steps):
-        prompt_ids = react.chat_prompt_ids(tokenizer, messages, functions, max_window_size)
-        reply = react.parse_react_output(generate(prompt_ids))
+        reply = react.parse_react_output(generate(messages, functions))
         if reply.function_name is None:
             # A final answer, or a reply that ignored the format: either way the model is done.
             result.answer = (reply.content or "").strip()
@@ -332,21 +330,20 @@ def react_loop(
 
 
 class EngineGenerate:
-    """`Generate` on the shared generation engine, with the checkpoint's sampling settings and the ReAct stop words."""
+    """`Generate` on the shared generation engine: each step is the library's chat turn for the conversation (its
+    window, budget and ReAct stop words), sampled with the checkpoint's settings."""
 
     def __init__(self, model: Any, tokenizer: Any, seed: int | None = None, max_new_tokens: int | None = None) -> None:
+        SamplingParams.from_generation_config(model.generation_config)  # unusable settings fail here, not mid-run
         self.engine = GenerationEngine(model, tokenizer, max_batch_size=1)
-        self.params = SamplingParams.from_generation_config(
-            model.generation_config, seed=seed, max_new_tokens=max_new_tokens,
-            stop_token_ids=chat_stop_token_ids(tokenizer), stop_strings=tuple(react.STOP_WORDS),
-        )
-        # The library's window policy: the checkpoint's window, leaving the reply room in the context.
-        self.max_window_size = history_window(getattr(model.generation_config, "max_window_size", None),
-                                              self.engine.max_context, self.params.max_new_tokens)
+        self.tokenizer, self.generation_config = tokenizer, model.generation_config
+        self.seed, self.max_new_tokens = seed, max_new_tokens
 
-    def __call__(self, prompt_ids: list[int]) -> str:
+    def __call__(self, messages: list[dict[str, Any]], functions: list[dict[str, Any]]) -> str:
+        turn = messages_turn(self.tokenizer, messages, functions, self.generation_config, self.engine.max_context,
+                             max_new_tokens=self.max_new_tokens)
         text = ""
-        for event in self.engine.submit(prompt_ids, self.params):
+        for event in self.engine.submit(turn.prompt_ids, turn.sampling_params(seed=self.seed)):
             if event.finish_reason == "error":
                 raise RuntimeError(f"generation failed: {event.error}")
             text += event.text
@@ -389,8 +386,8 @@ def main(argv: list[str] | None = None) -> int:
         _show("Observation", step.observation)
 
     try:
-        result = react_loop(generate, tokenizer, args.query, default_tools(args.root), max_steps=args.max_steps,
-                            max_window_size=generate.max_window_size, on_step=show_step)
+        result = react_loop(generate, args.query, default_tools(args.root), max_steps=args.max_steps,
+                            on_step=show_step)
     except ValueError as error:  # the conversation outgrew the model's context
         print(f"error: {error}", file=sys.stderr)
         return 1

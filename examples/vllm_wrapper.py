@@ -9,9 +9,10 @@ code), or an original Qwen (v1) folder, which vLLM runs with its own QWenLMHeadM
 so keep prompts plus replies within the checkpoint's `seq_length` (the converted config says so as
 `max_position_embeddings`, which vLLM takes as its default `max_model_len`).
 
-The prompt is built by `qwen.qwen_generation_utils.make_context` with our tokenizer and handed to vLLM as token ids:
-history is trimmed to `max_window_size` the same way, text that looks like `<|im_end|>` inside a message stays text,
-and the reply stops on the same tokens (`<|im_end|>`, `<|im_start|>`, `<|endoftext|>`). vLLM only runs the model.
+The prompt is the library's chat turn (`qwen.chat_turn.chat_turn`) with our tokenizer, handed to vLLM as token ids:
+history is trimmed by the same window policy as every front end here (the checkpoint's `max_window_size`, leaving
+the reply room in the context vLLM runs), text that looks like `<|im_end|>` inside a message stays text, and the
+reply stops on the same tokens (`<|im_end|>`, `<|im_start|>`, `<|endoftext|>`). vLLM only runs the model.
 
 In Python:
 
@@ -37,6 +38,7 @@ import json
 import re
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from transformers import GenerationConfig
@@ -44,14 +46,8 @@ from transformers import GenerationConfig
 # Run as `python examples/vllm_wrapper.py` from a clone: the qwen package sits one folder up.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from qwen.qwen_generation_utils import (  # noqa: E402
-    DEFAULT_MAX_WINDOW_SIZE,
-    DEFAULT_SYSTEM_PROMPT,
-    HistoryType,
-    decode_tokens,
-    make_context,
-    reply_end_ids,
-)
+from qwen.chat_turn import ChatTurn, chat_turn  # noqa: E402
+from qwen.qwen_generation_utils import DEFAULT_SYSTEM_PROMPT, HistoryType, decode_tokens, reply_end_ids  # noqa: E402
 from qwen.tokenization_qwen import VOCAB_FILE_NAME, QWenTokenizer  # noqa: E402
 
 
@@ -90,12 +86,24 @@ def prompt_tokenizer(folder: str | Path) -> QWenTokenizer:
     return QWenTokenizer(str(vocab))
 
 
-def chat_prompt_ids(tokenizer: QWenTokenizer, generation: dict[str, Any], query: str,
+def checkpoint_context(folder: str | Path, max_model_len: int | None = None) -> int:
+    """Positions a prompt and its reply may take on vLLM: `max_model_len` when given, else the config's
+    `max_position_embeddings` (converted) or `seq_length` (original; vLLM has no dynamic NTK to stretch it)."""
+    config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    context = config["max_position_embeddings"] if config.get("model_type") == "qwen2" else config["seq_length"]
+    return min(context, max_model_len) if max_model_len else context
+
+
+def wrapper_turn(tokenizer: QWenTokenizer, generation: dict[str, Any], context: int, query: str,
+                 history: HistoryType | None = None, system: str = DEFAULT_SYSTEM_PROMPT) -> ChatTurn:
+    """The library's chat turn for `query`: the prompt `chat()` feeds the model, the reply's budget and stops."""
+    return chat_turn(tokenizer, query, history, system, SimpleNamespace(**generation), context)
+
+
+def chat_prompt_ids(tokenizer: QWenTokenizer, generation: dict[str, Any], context: int, query: str,
                     history: HistoryType | None = None, system: str = DEFAULT_SYSTEM_PROMPT) -> list[int]:
-    """The prompt ids `chat()` feeds the model for this turn, with the checkpoint's chat format and window."""
-    return make_context(tokenizer, query, history=history, system=system,
-                        max_window_size=generation.get("max_window_size", DEFAULT_MAX_WINDOW_SIZE),
-                        chat_format=generation.get("chat_format", "chatml"))[1]
+    """The prompt ids of `wrapper_turn`."""
+    return wrapper_turn(tokenizer, generation, context, query, history, system).prompt_ids
 
 
 def sampling_settings(generation: dict[str, Any], tokenizer: QWenTokenizer, **overrides: Any) -> dict[str, Any]:
@@ -134,6 +142,7 @@ class QwenVLLM:
         layout, self.generation = read_checkpoint(self.folder)
         self.chat_format = self.generation.get("chat_format", "chatml")
         self.tokenizer = prompt_tokenizer(self.folder)
+        self.context = checkpoint_context(self.folder, engine_options.get("max_model_len"))
         LLM = _vllm().LLM
         self.llm = LLM(
             model=str(self.folder),
@@ -157,11 +166,16 @@ class QwenVLLM:
     def chat_batch(self, conversations: list[tuple[str, HistoryType | None]], system: str = DEFAULT_SYSTEM_PROMPT,
                    **sampling: Any) -> list[str]:
         """Replies to several (query, history) pairs at once; vLLM batches them on the GPU(s)."""
-        prompts = [chat_prompt_ids(self.tokenizer, self.generation, query, history, system)
-                   for query, history in conversations]
-        generated = self.generate_ids(prompts, **sampling)
-        return [decode_tokens(prompt + ids, self.tokenizer, context_length=len(prompt), chat_format=self.chat_format)
-                for prompt, ids in zip(prompts, generated)]
+        turns = [wrapper_turn(self.tokenizer, self.generation, self.context, query, history, system)
+                 for query, history in conversations]
+        outputs = self.llm.generate(
+            [{"prompt_token_ids": turn.prompt_ids} for turn in turns],
+            [self.sampling_params(**{"max_tokens": turn.max_new_tokens, **sampling}) for turn in turns],
+            use_tqdm=False,
+        )
+        return [decode_tokens(turn.prompt_ids + list(output.outputs[0].token_ids), self.tokenizer,
+                              context_length=len(turn.prompt_ids), chat_format=self.chat_format)
+                for turn, output in zip(turns, outputs)]
 
     def chat(self, query: str, history: HistoryType | None = None, system: str = DEFAULT_SYSTEM_PROMPT,
              **sampling: Any) -> tuple[str, HistoryType]:
@@ -242,9 +256,11 @@ class vLLMWrapper:  # noqa: N801 - the original repository's name, kept so its c
                              f"{generation['chat_format']!r} (a base model). Use a -Chat checkpoint.")
         if max_window_size is not None:
             generation["max_window_size"] = max_window_size
-        prompt = chat_prompt_ids(tokenizer, generation, query, history, system)
-        stop_ids = list(dict.fromkeys(reply_end_ids("chatml", tokenizer) + [ids[0] for ids in extra_stops]))
-        params = _vllm().SamplingParams(**sampling_settings(generation, tokenizer, stop_token_ids=stop_ids))
+        turn = wrapper_turn(tokenizer, generation, self.engine.context, query, history, system)
+        prompt = turn.prompt_ids
+        stop_ids = list(dict.fromkeys(list(turn.stop_token_ids) + [ids[0] for ids in extra_stops]))
+        params = _vllm().SamplingParams(**sampling_settings(generation, tokenizer, stop_token_ids=stop_ids,
+                                                            max_tokens=turn.max_new_tokens))
         generated = list(self.model.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0]
                          .outputs[0].token_ids)
         if generated and generated[-1] in stop_ids:  # vLLM ends the ids with the stop token it stopped on

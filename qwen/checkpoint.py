@@ -42,7 +42,10 @@ SIZES: dict[str, dict[str, Any]] = {
                 rotary_emb_base=1000000, use_dynamic_ntk=False, use_logn_attn=False),
 }
 
-REMOTE_CODE_FILES = ("configuration_qwen.py", "modeling_qwen.py", "tokenization_qwen.py", "qwen_generation_utils.py")
+REMOTE_CODE_FILES = (
+    "configuration_qwen.py", "modeling_qwen.py", "tokenization_qwen.py", "qwen_generation_utils.py", "chat_turn.py",
+    "react.py",
+)
 AUTO_MAP_CONFIG = {
     "AutoConfig": "configuration_qwen.QWenConfig",
     "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel",

@@ -160,9 +160,10 @@ MODEL_FILE_PATTERNS = (
     "adapter_config.json", "adapter_model.*",
 )
 # Files of a checkpoint folder that are not weights and that a fine-tuned folder keeps from its base.
-# The tokenizer's remote code imports qwen_generation_utils (for its chat template), so that file goes with it.
+# The tokenizer's remote code imports qwen_generation_utils (for its chat template), so that file goes with it; the
+# model's imports chat_turn, which imports react.
 TOKENIZER_FILES = (VOCAB_FILE_NAME, "tokenizer_config.json", "tokenization_qwen.py", "qwen_generation_utils.py")
-MODEL_FILES = ("generation_config.json", "configuration_qwen.py", "modeling_qwen.py")
+MODEL_FILES = ("generation_config.json", "configuration_qwen.py", "modeling_qwen.py", "chat_turn.py", "react.py")
 
 
 def model_files_in(folder: str | Path) -> list[str]:

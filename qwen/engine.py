@@ -32,7 +32,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from .modeling_qwen import KV_PARAMS_BYTES, dequantize_kv, new_kv_cache, ntk_alpha_for_length, quantize_kv
-from .qwen_generation_utils import context_length, reply_end_ids
+from .chat_turn import SamplingParams, context_length
 
 logger = logging.getLogger(__name__)
 
@@ -54,97 +54,6 @@ class EngineCounters:
 # --------------------------------------------------------------------------------------------------------------------
 # Requests and what they report back
 # --------------------------------------------------------------------------------------------------------------------
-
-
-# Bounds of the sampling values, chosen so that no value inside them can overflow fp32 logits (a logit divided by a
-# temperature of 1e-39 is inf, and softmax over inf is NaN). Below GREEDY_BELOW_TEMPERATURE decoding is greedy, the
-# rule of the original Qwen server (it turned a temperature under 0.01 into top_k=1); sampling that cold differs from
-# greedy only in near-ties of the logits.
-GREEDY_BELOW_TEMPERATURE = 0.01
-REPETITION_PENALTY_RANGE = (0.01, 100.0)
-PRESENCE_FREQUENCY_RANGE = (-2.0, 2.0)  # OpenAI's range for presence_penalty and frequency_penalty
-SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
-
-
-class SamplingParamError(ValueError):
-    """A sampling value out of its bounds; `field` names the SamplingParams field."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
-
-
-def _check_number(name: str, value: Any, low: float, high: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise SamplingParamError(name, f"{name} must be a number from {low:g} to {high:g}, got {value!r}.")
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How one request is decoded. `temperature == 0` (or below GREEDY_BELOW_TEMPERATURE, or `do_sample=False`) means
-    greedy. Every value is checked against the bounds above at construction: SamplingParamError names the field.
-
-    `seed` fixes the request's random numbers: token n is drawn with the n-th number of the SplitMix64 stream of the
-    seed (`seeded_uniforms`), whatever else decodes beside it. Without a seed, one is taken from torch's global
-    generator when the request starts.
-    """
-
-    max_new_tokens: int = 512
-    do_sample: bool = True
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int | None = None
-    stop_token_ids: frozenset[int] = frozenset()
-    stop_strings: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise SamplingParamError("max_new_tokens", f"max_new_tokens must be a whole number >= 1, got "
-                                                       f"{self.max_new_tokens!r}.")
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
-                or not 0 <= self.temperature < math.inf:
-            raise SamplingParamError("temperature", f"temperature must be a finite number >= 0, got "
-                                                    f"{self.temperature!r}.")
-        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
-            raise SamplingParamError("top_p", f"top_p must be in (0, 1], got {self.top_p!r}.")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise SamplingParamError("top_k", f"top_k must be a whole number >= 0 (0 turns it off), got {self.top_k!r}.")
-        _check_number("repetition_penalty", self.repetition_penalty, *REPETITION_PENALTY_RANGE)
-        _check_number("presence_penalty", self.presence_penalty, *PRESENCE_FREQUENCY_RANGE)
-        _check_number("frequency_penalty", self.frequency_penalty, *PRESENCE_FREQUENCY_RANGE)
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
-                                      or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]):
-            raise SamplingParamError("seed", f"seed must be a whole number from -2**63 to 2**64 - 1, got {self.seed!r}.")
-
-    @property
-    def greedy(self) -> bool:
-        return not self.do_sample or self.temperature < GREEDY_BELOW_TEMPERATURE
-
-    @classmethod
-    def from_generation_config(cls, generation_config: Any, **overrides: Any) -> SamplingParams:
-        """The checkpoint's `generation_config.json` defaults, with every override that is not None on top.
-
-        Unset fields fall back as transformers would: no top-k/top-p cut, temperature 1, 512 new tokens.
-        """
-        defaults = {"max_new_tokens": 512, "do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 0,
-                    "repetition_penalty": 1.0}
-        values: dict[str, Any] = {}
-        for name, default in defaults.items():
-            # `is None`, not `or`: a configured 0 (greedy temperature, an invalid top_p) must reach the checks.
-            value = getattr(generation_config, name, None)
-            values[name] = default if value is None else value
-        values["do_sample"] = bool(values["do_sample"])
-        values.update({name: value for name, value in overrides.items() if value is not None})
-        return cls(**values)
-
-
-def chat_stop_token_ids(tokenizer: Any) -> frozenset[int]:
-    """The ids that end a ChatML reply (`reply_end_ids`), as the set a request's stop ids are."""
-    return frozenset(reply_end_ids("chatml", tokenizer))
 
 
 @dataclass

@@ -36,15 +36,9 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import logging
 
+from .chat_turn import chat_turn, context_length
 from .configuration_qwen import QWenConfig
-from .qwen_generation_utils import (
-    DEFAULT_SYSTEM_PROMPT,
-    HistoryType,
-    StopWordsLogitsProcessor,
-    chat_turn,
-    context_length,
-    decode_tokens,
-)
+from .qwen_generation_utils import DEFAULT_SYSTEM_PROMPT, HistoryType, StopWordsLogitsProcessor, decode_tokens
 
 logger = logging.get_logger(__name__)
 

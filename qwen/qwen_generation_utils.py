@@ -15,8 +15,7 @@ Also copied into checkpoint folders for `trust_remote_code=True`: imports only p
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from numbers import Integral
 from typing import Any, Literal, TypedDict
 
@@ -153,91 +152,6 @@ def reply_end_ids(chat_format: str, tokenizer: Any) -> list[int]:
     if chat_format == "chatml":
         return [tokenizer.im_end_id, tokenizer.im_start_id, tokenizer.eod_id]
     return [tokenizer.eod_id]
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# One chat turn: what every front end (chat(), the demos, the server, eval) asks the model with
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def context_length(config: Any) -> int:
-    """Longest prompt + reply a model takes: `seq_length`, or `max_position_embeddings` when dynamic NTK stretches the
-    rotary positions past it (the released 7B/14B/72B chat configs)."""
-    if getattr(config, "use_dynamic_ntk", False):
-        return max(config.seq_length, getattr(config, "max_position_embeddings", 0) or 0)
-    return config.seq_length
-
-
-def history_window(max_window_size: int | None, context: int, max_new_tokens: int) -> int:
-    """How many prompt tokens the system turn and the kept history may fill (`make_context`'s `max_window_size`).
-
-    The checkpoint's `max_window_size` (6144 when unset), but never so much that the reply would not fit: room is kept
-    for `max_new_tokens`, at most half the context, so a long conversation drops its oldest turns instead of leaving
-    the reply no room. The released chat() trimmed to `max_window_size` alone: with the August 2023 Qwen-7B-Chat
-    (window 6144, 6144 positions, 512 new tokens) the window here is 5632, so that prompt and reply fit together.
-    """
-    window = max_window_size or DEFAULT_MAX_WINDOW_SIZE
-    return max(1, min(window, context - min(max_new_tokens, context // 2)))
-
-
-def prompt_within_window(
-    build: Callable[[int], tuple[str, list[int]]], max_window_size: int | None, context: int, max_new_tokens: int
-) -> tuple[str, list[int]]:
-    """`build(window)` (a prompt whose history is trimmed to `window`, as `make_context` trims it) with the window of
-    `history_window`, narrowed further when the new question's own turn would still leave the reply less room than
-    that policy promises: the window counts the system turn and history, the question comes on top."""
-    window = history_window(max_window_size, context, max_new_tokens)
-    limit = context - min(max_new_tokens, context // 2)
-    text, ids = build(window)
-    while len(ids) > limit:  # rare: a long question; each pass narrows the window
-        overflow = len(ids) - limit
-        if overflow >= window:  # the question alone is too long: no trimming of the history makes room
-            break
-        window -= overflow
-        text, ids = build(window)
-    return text, ids
-
-
-@dataclass(frozen=True)
-class ChatTurn:
-    """The prompt of one chat turn and what ends its reply."""
-
-    prompt_text: str
-    prompt_ids: list[int]
-    max_new_tokens: int  # the reply's budget, cut to what the context has left after the prompt
-    stop_token_ids: tuple[int, ...]  # the single tokens that end a reply (`reply_end_ids`)
-    stop_words_ids: tuple[tuple[int, ...], ...]  # the released stop sequences, for `StopWordsLogitsProcessor`
-
-
-def chat_turn(
-    tokenizer: Any,
-    query: str,
-    history: HistoryType | None,
-    system: str,
-    generation_config: Any,
-    context: int,
-    max_new_tokens: int | None = None,
-    max_window_size: int | None = None,
-) -> ChatTurn:
-    """The turn that answers `query` after `history`: its prompt (history trimmed by `history_window`), the reply's
-    budget and its stop tokens. `max_new_tokens` (else the generation config's, else 512) is what the caller asks
-    for; the turn's is that, or what the context has left. `generation_config` gives `chat_format` and
-    `max_window_size` (any object with those attributes, or without them for the defaults); `max_window_size`
-    overrides the latter, as `chat(..., max_window_size=)` did."""
-    chat_format = getattr(generation_config, "chat_format", None) or "chatml"
-    wanted = max_new_tokens or getattr(generation_config, "max_new_tokens", None) or 512
-    text, ids = prompt_within_window(
-        lambda window: make_context(tokenizer, query, history=history, system=system, max_window_size=window,
-                                    chat_format=chat_format),
-        max_window_size or getattr(generation_config, "max_window_size", None), context, wanted,
-    )
-    return ChatTurn(
-        prompt_text=text,
-        prompt_ids=ids,
-        max_new_tokens=max(0, min(wanted, context - len(ids))),
-        stop_token_ids=tuple(reply_end_ids(chat_format, tokenizer)),
-        stop_words_ids=tuple(tuple(words) for words in get_stop_words_ids(chat_format, tokenizer)),
-    )
 
 
 def _token_list(tokens: torch.Tensor | Sequence[int]) -> list[int]:
@@ -457,24 +371,19 @@ def switch(val1: torch.Tensor, val2: torch.Tensor, boolean: torch.Tensor) -> tor
 
 __all__ = [
     "BatchTokensType",
-    "ChatTurn",
     "HistoryType",
     "Message",
     "Role",
     "StopWordsLogitsProcessor",
     "TokensType",
     "UnknownChatFormatError",
-    "chat_turn",
     "chatml_ids_for_messages",
-    "context_length",
     "decode_tokens",
     "get_batch",
     "get_ltor_masks_and_position_ids",
     "get_stop_words_ids",
-    "history_window",
     "make_context",
     "pad_batch",
-    "prompt_within_window",
     "reply_end_ids",
     "switch",
     "top_k_logits",

@@ -5,8 +5,8 @@ plain text inside ChatML turns: the tool list and the ReAct format go in front o
 answers with `Thought: ...\\nAction: name\\nAction Input: arguments`, generation stops at `Observation:`, the tool's
 result is written back as `\\nObservation: result` and the model ends with `Final Answer: ...`. This module turns
 OpenAI-style requests (`functions`/`function_call` or `tools`/`tool_choice`) into that transcript and reads the
-model's text back, and `chat_prompt_ids` turns a whole conversation into the prompt's token ids (with
-`make_context`); the rest is pure string work.
+model's text back, and `chat_prompt` turns a whole conversation into the prompt (with `make_context`); the rest is
+pure string work. `chat_turn.messages_turn` builds a whole turn (window, budget, stops, parser) on top of it.
 
 The two prompt templates are byte for byte those of the original, because the released weights learned them. The
 rules follow the original too, with these decisions where it was silent, ambiguous or failed on valid OpenAI input
@@ -433,21 +433,29 @@ def _close(turns: list[list[str]], pending: _Calls | None) -> None:
             turns[-1][1] += f"\nObservation: {call.observation}"
 
 
-def chat_prompt_ids(
+def chat_prompt(
     tokenizer: Any, messages: list[dict[str, Any]], functions: list[dict[str, Any]] | None, max_window_size: int
-) -> list[int]:
-    """ChatML prompt ids for OpenAI-style messages, with the ReAct transcript when there are functions; the history
-    is trimmed to `max_window_size` (`qwen_generation_utils.history_window` gives the one window policy).
+) -> tuple[str, list[int]]:
+    """The ChatML prompt (text, ids) for OpenAI-style messages, with the ReAct transcript when there are functions;
+    the history is trimmed to `max_window_size` as `make_context` trims it (`chat_turn.messages_turn` chooses the
+    window by the one window policy).
 
     Raises ValueError for a conversation that cannot be written as a prompt (the message says which entry).
     """
     system, history, query = build_react_conversation(messages, functions)
     if query is not None:
-        return make_context(tokenizer, query, history=history, system=system, max_window_size=max_window_size)[1]
+        return make_context(tokenizer, query, history=history, system=system, max_window_size=max_window_size)
     # After a tool result (or an assistant message) the model continues the last assistant turn.
     earlier, question, partial = continuation_parts(history)
-    _, ids = make_context(tokenizer, question, history=earlier, system=system, max_window_size=max_window_size)
-    return ids + tokenizer.encode(partial, allowed_special=set(), disallowed_special=())
+    text, ids = make_context(tokenizer, question, history=earlier, system=system, max_window_size=max_window_size)
+    return text + partial, ids + tokenizer.encode(partial, allowed_special=set(), disallowed_special=())
+
+
+def chat_prompt_ids(
+    tokenizer: Any, messages: list[dict[str, Any]], functions: list[dict[str, Any]] | None, max_window_size: int
+) -> list[int]:
+    """The ids of `chat_prompt`."""
+    return chat_prompt(tokenizer, messages, functions, max_window_size)[1]
 
 
 def stop_words(functions: Sequence[Mapping[str, Any]] | None) -> list[str]:

@@ -45,9 +45,9 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import react
-from .engine import (GenerationEngine, GenerationEvent, RequestHandle, SamplingParamError, SamplingParams,
-                     chat_stop_token_ids)
-from .qwen_generation_utils import prompt_within_window
+from .chat_turn import (ChatTurn, SamplingParamError, SamplingParams, chat_stop_token_ids, messages_turn,
+                        wanted_new_tokens)
+from .engine import GenerationEngine, GenerationEvent, RequestHandle
 
 
 T = TypeVar("T")
@@ -541,40 +541,44 @@ def create_app(engine: GenerationEngine, settings: ServerSettings | None = None)
             raise APIError(400, f"This request asks for {count} choices (n times the prompts); this server gives at "
                                 f"most {settings.max_choices} per request.", param=param)
 
-    # What a reply may take when the request names no max_tokens.
-    default_new_tokens = getattr(generation_config, "max_new_tokens", None) or 512
-
     def requested_tokens(body: SamplingFields) -> int | None:
-        return body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        if limit is not None and limit <= 0:
+            raise APIError(400, "max_tokens must be at least 1.", param="max_tokens")
+        return limit
 
-    def sampling(body: SamplingFields, prompt_tokens: int, extra_stops: list[str]) -> SamplingParams:
-        limit = requested_tokens(body)
+    def check_room(limit: int | None, prompt_tokens: int, param: str) -> None:
+        """A prompt that fills the context, or a max_tokens the context cannot hold, is the client's error (400), as
+        OpenAI's API has it; without max_tokens the reply takes what the context has left."""
         room = engine.max_context - prompt_tokens
         if room <= 0:
             raise APIError(400, f"The prompt has {prompt_tokens} tokens, more than this model's context of "
-                                f"{engine.max_context}.", param="messages", code="context_length_exceeded")
-        if limit is not None and limit <= 0:
-            raise APIError(400, "max_tokens must be at least 1.", param="max_tokens")
+                                f"{engine.max_context}.", param=param, code="context_length_exceeded")
         if limit is not None and limit > room:
             raise APIError(400, f"max_tokens={limit} plus the prompt's {prompt_tokens} tokens exceeds this model's "
                                 f"context of {engine.max_context}.", param="max_tokens",
                            code="context_length_exceeded")
+
+    def sampling_overrides(body: SamplingFields) -> dict[str, Any]:
+        return {"temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k,
+                "repetition_penalty": body.repetition_penalty, "presence_penalty": body.presence_penalty,
+                "frequency_penalty": body.frequency_penalty, "seed": body.seed}
+
+    def checked_sampling(make: Callable[[], SamplingParams]) -> SamplingParams:
         try:
-            return SamplingParams.from_generation_config(
-                generation_config,
-                max_new_tokens=limit if limit is not None else min(default_new_tokens, room),
-                temperature=body.temperature,
-                top_p=body.top_p,
-                top_k=body.top_k,
-                repetition_penalty=body.repetition_penalty,
-                presence_penalty=body.presence_penalty,
-                frequency_penalty=body.frequency_penalty,
-                seed=body.seed,
-                stop_token_ids=stop_token_ids,
-                stop_strings=tuple(body.stop or ()) + tuple(extra_stops),
-            )
+            return make()
         except SamplingParamError as error:
             raise APIError(400, str(error), param=REQUEST_FIELD.get(error.field, error.field)) from error
+
+    def completion_sampling(body: CompletionRequest, prompt_tokens: int) -> SamplingParams:
+        """A raw completion is not a chat turn: the chat stop ids and the request's stops, the reply's budget as a
+        turn's (`wanted_new_tokens`, cut to the context's room)."""
+        limit = requested_tokens(body)
+        check_room(limit, prompt_tokens, "prompt")
+        budget = min(wanted_new_tokens(limit, generation_config), engine.max_context - prompt_tokens)
+        return checked_sampling(lambda: SamplingParams.from_generation_config(
+            generation_config, **sampling_overrides(body), max_new_tokens=budget, stop_token_ids=stop_token_ids,
+            stop_strings=tuple(body.stop or ())))
 
     if settings.collect_garbage:
         # A full collection walks every tracked object: with the model, tokenizer and libraries loaded that took
@@ -606,12 +610,12 @@ def create_app(engine: GenerationEngine, settings: ServerSettings | None = None)
         return await asyncio.to_thread(work)
 
     def new_context(prompts: list[PromptJob], body: SamplingFields, id_prefix: str, model: str,
-                    functions: list[dict[str, Any]] | None = None, legacy_functions: bool = False) -> RequestContext:
+                    turn: ChatTurn | None = None, legacy_functions: bool = False) -> RequestContext:
         return RequestContext(
             engine=engine, prompts=prompts, n=body.n, completion_id=f"{id_prefix}-{uuid.uuid4().hex}",
             created=int(time.time()), model=model,
             include_usage=body.stream_options is not None and body.stream_options.include_usage,
-            streaming=streaming, functions=functions, legacy_functions=legacy_functions,
+            streaming=streaming, turn=turn, legacy_functions=legacy_functions,
         )
 
     async def reply(serving: Serving, stream: bool, request: Request) -> Response:
@@ -631,20 +635,18 @@ def create_app(engine: GenerationEngine, settings: ServerSettings | None = None)
             functions = react.normalize_tools(body.functions, body.tools, body.tool_choice, body.function_call)
         except ValueError as error:
             raise APIError(400, str(error), param="tools" if body.tools is not None else "functions") from error
-        wanted = requested_tokens(body) or default_new_tokens
-        # The library's window policy, as every front end: the checkpoint's window, leaving the reply room.
-        max_window_size = getattr(generation_config, "max_window_size", None)
-
-        def build(window: int) -> tuple[str, list[int]]:
-            return "", react.chat_prompt_ids(tokenizer, body.messages, functions, window)
-
+        limit = requested_tokens(body)
         try:
-            _, prompt_ids = await off_loop_if_large(
-                request, lambda: prompt_within_window(build, max_window_size, engine.max_context, wanted))
+            # The library's chat turn, as every front end builds it: the window policy, the reply's budget, the
+            # stops (with tools, where a tool's result would begin) and the ReAct parser.
+            turn = await off_loop_if_large(request, lambda: messages_turn(
+                tokenizer, body.messages, functions, generation_config, engine.max_context, max_new_tokens=limit,
+                stop_strings=body.stop or ()))
         except ValueError as error:
             raise APIError(400, str(error), param="messages") from error
-        params = sampling(body, len(prompt_ids), react.stop_words(functions))
-        context = new_context([PromptJob(prompt_ids, params)], body, "chatcmpl", model, functions=functions,
+        check_room(limit, len(turn.prompt_ids), "messages")
+        params = checked_sampling(lambda: turn.sampling_params(**sampling_overrides(body)))
+        context = new_context([PromptJob(turn.prompt_ids, params)], body, "chatcmpl", model, turn=turn,
                               legacy_functions=body.functions is not None)
         return await reply(ChatServing(context), body.stream, request)
 
@@ -659,7 +661,7 @@ def create_app(engine: GenerationEngine, settings: ServerSettings | None = None)
         check_choices(len(prompts) * body.n, "n" if body.n > 1 else "prompt")
         encoded = await off_loop_if_large(
             request, lambda: [tokenizer.encode(p, allowed_special=set(), disallowed_special=()) for p in prompts])
-        jobs = [PromptJob(ids, sampling(body, len(ids), []), echo=text if body.echo else "")
+        jobs = [PromptJob(ids, completion_sampling(body, len(ids)), echo=text if body.echo else "")
                 for ids, text in zip(encoded, prompts)]
         return await reply(CompletionServing(new_context(jobs, body, "cmpl", model)), body.stream, request)
 
@@ -699,7 +701,7 @@ class RequestContext:
     model: str  # the name the reply reports
     include_usage: bool  # stream_options.include_usage: a last chunk with the token counts
     streaming: Callable[[], ContextManager[None]]  # held open while a stream is being sent (see `create_app`)
-    functions: list[dict[str, Any]] | None = None  # chat: the functions the model may call (ReAct)
+    turn: ChatTurn | None = None  # chat: the turn answered (with tools, it gives each choice its ReAct parser)
     legacy_functions: bool = False  # chat: the request gave `functions`, so calls come back as `function_call`
 
     @property
@@ -841,7 +843,7 @@ class ChatServing(Serving):
 
     def __init__(self, context: RequestContext) -> None:
         super().__init__(context)
-        self._parsers = [react.ReActStreamParser() if context.functions else None
+        self._parsers = [context.turn.reply_parser() if context.turn is not None else None
                          for _ in range(context.choice_count)]
 
     def _chunk(self, choices: list[ChatCompletionStreamChoice], usage: UsageInfo | None = None) -> ChatCompletionChunk:
@@ -894,7 +896,7 @@ class ChatServing(Serving):
 
     def _choice(self, index: int, text: str, reason: str | None) -> ChatCompletionChoice:
         """A finished choice's message, with the call parsed out of ReAct text when there are functions."""
-        if not self.context.functions:
+        if self.context.turn is None or not self.context.turn.uses_tools:
             return ChatCompletionChoice(index=index, message=ChatMessage(content=text), finish_reason=_finish(reason))
         parsed = react.parse_react_output(text)
         if parsed.function_name is None:

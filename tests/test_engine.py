@@ -202,7 +202,7 @@ def test_cancelling_an_earlier_request_leaves_later_ones_intact(engine, tiny_cha
     ("max_new_tokens", 0), ("top_k", 2.5), ("seed", 1.5), ("temperature", "0.7"),
 ])
 def test_sampling_values_out_of_bounds_are_refused_naming_the_field(field, value):
-    from qwen.engine import SamplingParamError
+    from qwen.chat_turn import SamplingParamError
 
     with pytest.raises(SamplingParamError, match=field) as raised:
         SamplingParams(**{field: value})

@@ -145,15 +145,14 @@ def test_loop_routes_the_models_call_to_the_tool_and_returns_its_answer(tool_mod
     # calls get_weather, and its final answer is only right if the tool's real result went back as the observation.
     generate, tokenizer = tool_model
     seen = []
-    result = react_loop(generate, tokenizer, WEATHER_QUESTION, [weather_tool()], max_steps=3,
-                        max_window_size=generate.max_window_size, on_step=seen.append)
+    result = react_loop(generate, WEATHER_QUESTION, [weather_tool()], max_steps=3, on_step=seen.append)
     assert result.stopped_by == "answer" and result.answer == WEATHER_ANSWER
     assert result.steps == seen == [react_demo.Step(WEATHER_THOUGHT, "get_weather", WEATHER_ARGUMENTS, WEATHER_RESULT)]
 
 
 def test_loop_stops_at_the_step_limit(tool_model) -> None:
     generate, tokenizer = tool_model
-    result = react_loop(generate, tokenizer, WEATHER_QUESTION, [weather_tool()], max_steps=1)
+    result = react_loop(generate, WEATHER_QUESTION, [weather_tool()], max_steps=1)
     assert (result.stopped_by, result.answer, len(result.steps)) == ("step_limit", None, 1)
     assert result.steps[0].observation == WEATHER_RESULT
 
@@ -161,9 +160,9 @@ def test_loop_stops_at_the_step_limit(tool_model) -> None:
 def test_loop_argument_errors(tool_model) -> None:
     generate, tokenizer = tool_model
     with pytest.raises(ValueError, match="max_steps must be at least 1"):
-        react_loop(generate, tokenizer, "hi", [weather_tool()], max_steps=0)
+        react_loop(generate, "hi", [weather_tool()], max_steps=0)
     with pytest.raises(ValueError, match="unique"):
-        react_loop(generate, tokenizer, "hi", [weather_tool(), weather_tool()])
+        react_loop(generate, "hi", [weather_tool(), weather_tool()])
 
 
 def test_command_line_runs_the_loop(tiny_chat_dir, tmp_path: Path, capsys) -> None:

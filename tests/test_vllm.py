@@ -61,15 +61,23 @@ def test_prompts_are_our_chatml_ids(converted_chat_dir, tokenizer_facts):
     layout, generation = wrapper.read_checkpoint(chat_dir)
     assert layout == "qwen2" and generation["chat_format"] == "chatml"
     tokenizer = wrapper.prompt_tokenizer(chat_dir)
+    context = wrapper.checkpoint_context(chat_dir)
+    assert context == 256 and wrapper.checkpoint_context(chat_dir, max_model_len=128) == 128
     for case in tokenizer_facts["chatml_prompts"]:
         history = [tuple(pair) for pair in case["history"] or []]
-        ids = wrapper.chat_prompt_ids(tokenizer, generation, case["query"], history, case["system"])
+        ids = wrapper.chat_prompt_ids(tokenizer, generation, context, case["query"], history, case["system"])
         assert ids == case["prompt_ids"]
-    # History beyond max_window_size is dropped oldest first, as chat() does.
+    # History beyond max_window_size is dropped oldest first, as chat() does (a model with room for it all).
     long_history = [("q" * 50, "a" * 50)] * 200
-    ids = wrapper.chat_prompt_ids(tokenizer, {**generation, "max_window_size": 300}, "hi", long_history)
+    ids = wrapper.chat_prompt_ids(tokenizer, {**generation, "max_window_size": 300}, 8192, "hi", long_history)
     assert ids == make_context(tokenizer, "hi", long_history, "You are a helpful assistant.", max_window_size=300)[1]
     assert len(ids) < 300
+    # In this checkpoint's 256 positions the window gives way so that the reply keeps its room (half the context,
+    # as the reply asks for 512), as every front end here does.
+    turn = wrapper.wrapper_turn(tokenizer, {**generation, "max_window_size": 300}, context, "hi", long_history)
+    assert turn.prompt_ids == make_context(tokenizer, "hi", long_history, "You are a helpful assistant.",
+                                           max_window_size=128)[1]
+    assert len(turn.prompt_ids) < 128 and turn.max_new_tokens == context - len(turn.prompt_ids)
 
 
 def test_sampling_settings_follow_the_generation_config(converted_chat_dir):
@@ -152,8 +160,9 @@ def test_vllm_wrapper_hands_the_engine_chat_prompts_and_the_checkpoint_settings(
     response, new_history = model.chat(query=second["query"], history=history)
     prompts, settings = model.model.calls[-1]
     assert prompts == [{"prompt_token_ids": second["prompt_ids"]}]
-    assert settings == {"temperature": 1.0, "top_p": 0.8, "top_k": -1, "repetition_penalty": 1.1, "max_tokens": 512,
-                        "stop_token_ids": [151645, 151644, 151643]}
+    # The checkpoint's 512 new tokens, cut to what its 256 positions leave after the prompt.
+    assert settings == {"temperature": 1.0, "top_p": 0.8, "top_k": -1, "repetition_penalty": 1.1,
+                        "max_tokens": 256 - len(second["prompt_ids"]), "stop_token_ids": [151645, 151644, 151643]}
     assert response == "你好！很高兴为你提供帮助。"
     assert new_history == [*history, (second["query"], response)] and history == [tuple(second["history"][0])]
     model.chat(first["query"], None)
@@ -167,8 +176,9 @@ def test_vllm_wrapper_chat_options(vllm_stand_in, tiny_chat_dir, tiny_base_dir, 
     long_history = [("q" * 50, "a" * 50)] * 40
     response, _ = model.chat("hi", long_history, generation_config=greedy, max_window_size=300, stop_words_ids=[[7]])
     prompts, settings = model.model.calls[-1]
+    # The asked window (300) gives way to the reply's 9 tokens in the checkpoint's 256 positions.
     assert prompts[0]["prompt_token_ids"] == make_context(tokenizer, "hi", long_history, "You are a helpful assistant.",
-                                                          max_window_size=300)[1]
+                                                          max_window_size=256 - 9)[1]
     assert settings["temperature"] == 0.0 and settings["max_tokens"] == 9
     assert settings["stop_token_ids"] == [151645, 151644, 151643, 7]
     assert response == "Hi"  # the extra stop token the engine stopped on is not part of the reply
@@ -224,7 +234,7 @@ def test_converted_checkpoint_on_vllm_chats_like_ours(gpu_checkpoints):
     engine = _engine(converted)
     try:
         history = [("你好", "你好！很高兴为你提供帮助。")]
-        prompt = wrapper.chat_prompt_ids(engine.tokenizer, engine.generation, "Tell me a story.", history)
+        prompt = wrapper.chat_prompt_ids(engine.tokenizer, engine.generation, engine.context, "Tell me a story.", history)
         # A random model rarely says <|im_end|> early; ignore_eos is not set, so the stop ids are live throughout.
         generated = engine.generate_ids([prompt], temperature=0.0, max_tokens=12, repetition_penalty=1.0)[0]
         _assert_greedy_like_ours(original, prompt, generated)
@@ -242,7 +252,7 @@ def test_reply_stops_at_im_end(gpu_checkpoints):
     _, converted = gpu_checkpoints
     engine = _engine(converted)
     try:
-        prompt = wrapper.chat_prompt_ids(engine.tokenizer, engine.generation, "hi")
+        prompt = wrapper.chat_prompt_ids(engine.tokenizer, engine.generation, engine.context, "hi")
         # Push the model to say "Hello" then <|im_end|>: the reply must stop there, the stop token not in the text.
         hello = engine.tokenizer.encode("Hello")[0]
         generated = engine.generate_ids([prompt], temperature=0.0, max_tokens=8, logit_bias={hello: 50.0})[0]
@@ -261,7 +271,7 @@ def test_original_checkpoint_on_vllm_with_remote_code(gpu_checkpoints):
     original, _ = gpu_checkpoints
     engine = _engine(original)
     try:
-        prompt = wrapper.chat_prompt_ids(engine.tokenizer, engine.generation, "Tell me a story.")
+        prompt = wrapper.chat_prompt_ids(engine.tokenizer, engine.generation, engine.context, "Tell me a story.")
         generated = engine.generate_ids([prompt], temperature=0.0, max_tokens=12, repetition_penalty=1.0)[0]
         _assert_greedy_like_ours(original, prompt, generated)
     finally:
@@ -277,7 +287,7 @@ def test_original_wrapper_on_vllm_replies_like_our_engine_class(gpu_checkpoints)
         greedy = GenerationConfig(**{**model.generation_config.to_dict(), "do_sample": False, "max_new_tokens": 12,
                                      "repetition_penalty": 1.0})
         reply, history = model.chat("Tell me a story.", None, generation_config=greedy)
-        prompt = wrapper.chat_prompt_ids(model.tokenizer, model.engine.generation, "Tell me a story.")
+        prompt = wrapper.chat_prompt_ids(model.tokenizer, model.engine.generation, model.engine.context, "Tell me a story.")
         generated = model.engine.generate_ids([prompt], temperature=0.0, max_tokens=12, repetition_penalty=1.0)[0]
         assert reply == wrapper.decode_tokens(prompt + generated, model.tokenizer, context_length=len(prompt))
         assert history == [("Tell me a story.", reply)]

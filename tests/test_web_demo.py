@@ -33,8 +33,9 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 from playwright.sync_api import expect
+from transformers import GenerationConfig
 
-from qwen.engine import GenerationEngine, SamplingParams, chat_stop_token_ids
+from qwen.engine import GenerationEngine
 from qwen.qwen_generation_utils import make_context
 from support import (
     POISONED_WORD,
@@ -72,15 +73,15 @@ pytestmark = pytest.mark.filterwarnings("ignore:'future.no_silent_downcasting' i
                                         "ignore:The copy keyword is deprecated")
 
 
-def greedy_params(tokenizer: Any, max_new_tokens: int) -> SamplingParams:
-    return SamplingParams(max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=REPETITION_PENALTY,
-                          stop_token_ids=chat_stop_token_ids(tokenizer))
+def greedy_config(max_new_tokens: int) -> GenerationConfig:
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=REPETITION_PENALTY,
+                            chat_format="chatml")
 
 
-def top_1_params(tokenizer: Any, max_new_tokens: int) -> SamplingParams:
+def top_1_config(max_new_tokens: int) -> GenerationConfig:
     """Sampled from the single likeliest token: the greedy reply, but NaN logits fail as they fail any sampling."""
-    return SamplingParams(max_new_tokens=max_new_tokens, do_sample=True, top_k=1,
-                          repetition_penalty=REPETITION_PENALTY, stop_token_ids=chat_stop_token_ids(tokenizer))
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=True, top_k=1, top_p=1.0, temperature=1.0,
+                            repetition_penalty=REPETITION_PENALTY, chat_format="chatml")
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +185,7 @@ def chat_app(web_demo, poisoned_model, tokenizer) -> Iterator[LocalApp]:
     """The page `build_demo` makes, served from this process: greedy replies of REPLY_TOKENS tokens (top-1 sampled,
     so that a question holding POISONED_WORD fails)."""
     engine = GenerationEngine(poisoned_model, tokenizer, max_batch_size=8)
-    demo = web_demo.build_demo(engine, tokenizer, top_1_params(tokenizer, REPLY_TOKENS),
+    demo = web_demo.build_demo(engine, tokenizer, top_1_config(REPLY_TOKENS),
                                model_name="qwen-tiny-random-chat")
     port = free_port()
     # As main() launches it, without holding this thread.
@@ -668,7 +669,7 @@ LONG_QUESTION = [{"role": "user", "content": "Tell me a very long story."}]
 
 def test_a_closed_reply_stream_frees_its_engine_slot(web_demo, engine, tokenizer):
     # Gradio closes the generator of an event whose tab went away.
-    chat = web_demo.WebChat(engine, tokenizer, greedy_params(tokenizer, LONG_REPLY_TOKENS))
+    chat = web_demo.WebChat(engine, tokenizer, greedy_config(LONG_REPLY_TOKENS))
     stream = chat.reply(LONG_QUESTION, session="a")
     conversation = next(stream)
     assert conversation[0] == LONG_QUESTION[0] and conversation[1]["role"] == "assistant"
@@ -679,7 +680,7 @@ def test_a_closed_reply_stream_frees_its_engine_slot(web_demo, engine, tokenizer
 
 
 def test_stop_and_clear_end_a_sessions_reply(web_demo, engine, tokenizer):
-    chat = web_demo.WebChat(engine, tokenizer, greedy_params(tokenizer, LONG_REPLY_TOKENS))
+    chat = web_demo.WebChat(engine, tokenizer, greedy_config(LONG_REPLY_TOKENS))
     stream = chat.reply(LONG_QUESTION, session="a")
     shown = [next(stream)]
     assert not chat.stop("b")  # another session's Stop changes nothing: the reply goes on growing
@@ -699,8 +700,8 @@ def test_stop_and_clear_end_a_sessions_reply(web_demo, engine, tokenizer):
 
 
 def test_stopping_one_sessions_reply_leaves_the_others_intact(web_demo, engine, tiny_chat_model, tokenizer):
-    long_chat = web_demo.WebChat(engine, tokenizer, greedy_params(tokenizer, LONG_REPLY_TOKENS))
-    short_chat = web_demo.WebChat(engine, tokenizer, greedy_params(tokenizer, 40))
+    long_chat = web_demo.WebChat(engine, tokenizer, greedy_config(LONG_REPLY_TOKENS))
+    short_chat = web_demo.WebChat(engine, tokenizer, greedy_config(40))
     question = "Tell me a short story."
     first = long_chat.reply(LONG_QUESTION, session="a")
     next(first)  # admitted first: row 0 of the engine's cache
@@ -714,7 +715,7 @@ def test_stopping_one_sessions_reply_leaves_the_others_intact(web_demo, engine, 
 
 
 def test_a_refused_question_shows_an_error_in_the_chat(web_demo, engine, tokenizer):
-    chat = web_demo.WebChat(engine, tokenizer, greedy_params(tokenizer, 8))
+    chat = web_demo.WebChat(engine, tokenizer, greedy_config(8))
     too_long = [{"role": "user", "content": "word " * engine.max_context}]
     *_, shown = chat.reply(too_long, session="a")
     assert shown[0] == too_long[0] and web_demo.is_error_message(shown[1]) and "context" in shown[1]["content"]

@@ -22,9 +22,9 @@ from typing import Any, Literal
 from tqdm import tqdm
 from transformers import set_seed
 
-from qwen.engine import SamplingParams, chat_stop_token_ids
+from qwen.chat_turn import SamplingParams, chat_stop_token_ids, chat_turn, context_length
 from qwen.loading import add_model_arguments, load_from_args
-from qwen.qwen_generation_utils import DEFAULT_SYSTEM_PROMPT, chat_turn, context_length
+from qwen.qwen_generation_utils import DEFAULT_SYSTEM_PROMPT
 from qwen.react import STOP_WORDS as REACT_STOP_WORDS
 
 from . import prompts
