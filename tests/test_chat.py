@@ -92,10 +92,21 @@ def test_chat_stream_grows_to_the_chat_reply(tiny_chat_model, tokenizer):
 
 
 def test_closing_a_stream_early_stops_generation(tiny_chat_model, tokenizer):
-    stream = tiny_chat_model.chat_stream(tokenizer, "count", history=None, max_new_tokens=200, **GREEDY)
-    first = next(stream)
-    stream.close()
-    assert isinstance(first, str)
+    # Forward passes counted by a hook: closing must end the generating thread long before max_new_tokens.
+    forwards = []
+    hook = tiny_chat_model.register_forward_hook(lambda *_: forwards.append(None))
+    try:
+        tiny_chat_model.chat(tokenizer, "count", history=None, max_new_tokens=200, **GREEDY)
+        uninterrupted = len(forwards)
+        forwards.clear()
+        stream = tiny_chat_model.chat_stream(tokenizer, "count", history=None, max_new_tokens=200, **GREEDY)
+        assert next(stream)
+        stream.close()  # returns once the generating thread has ended
+        closed = len(forwards)
+    finally:
+        hook.remove()
+    assert uninterrupted == 200, "the reply must not end on its own before the limit"
+    assert closed < uninterrupted, "closing the stream did not stop generation"
 
 
 def test_reply_ends_at_im_end(tokenizer):

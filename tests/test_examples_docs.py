@@ -45,7 +45,8 @@ def test_system_prompt_page_runs(tiny_chat_dir: Path, tmp_path: Path) -> None:
     blocks = fenced_blocks(page)
     printed_prompt = next(body for language, body in blocks if language == "text")
     assert printed_prompt in output  # the prompt shown on the page is what make_context prints
-    assert output.count("[") >= 3  # one line per style
+    for style in ("telegram", "classical Chinese", "children"):  # one line per style, each under its own name
+        assert re.search(rf"^\[{style}\] ", output, re.MULTILINE), (style, output)
 
 
 @pytest.mark.slow
