@@ -893,6 +893,8 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         compile_config = generation_config.compile_config
         if compile_config is not None and compile_config._compile_all_devices is None:
             # A compile_config asks for the compiled decode step; transformers would compile only on accelerators.
+            # A copy: the caller's may have come as a keyword and be used again elsewhere.
+            compile_config = generation_config.compile_config = copy.copy(compile_config)
             compile_config._compile_all_devices = True
         if stop_words_ids is None:
             stop_words_ids = getattr(generation_config, "stop_words_ids", None)
