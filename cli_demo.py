@@ -422,6 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"system prompt (default {DEFAULT_SYSTEM_PROMPT!r})")
     parser.add_argument("--query",
                         help="answer this one message and exit; stdout gets the reply alone, notices go to stderr")
+    parser.add_argument("--compile", action="store_true",
+                        help="decode with the torch.compile'd fixed-shape step (same tokens; the first steps at each batch size wait for a compilation, tens of seconds on a CPU)")
     return parser
 
 
@@ -452,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
             model, tokenizer = load_from_args(args)
     except KeyboardInterrupt:
         return 130
-    engine = GenerationEngine(model, tokenizer, max_batch_size=1)
+    engine = GenerationEngine(model, tokenizer, max_batch_size=1, compile=args.compile)
     try:
         session = ChatSession(engine, tokenizer, model.generation_config, system=args.system, seed=args.seed)
         try:

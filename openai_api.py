@@ -45,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Serve
     parser.add_argument("--strict-model-name", action="store_true",
                         help="refuse requests naming another model than --model-name (404 model_not_found)")
     parser.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together; more wait in line")
+    parser.add_argument("--compile", action="store_true",
+                        help="decode with the torch.compile'd fixed-shape step (same tokens; the first steps at each batch size wait for a compilation, tens of seconds on a CPU)")
     parser.add_argument("--cors-origin", action="append", dest="cors_origins",
                         help="allowed browser origin (repeatable); default any origin, without credentials")
     parser.add_argument("--disable-gc", action="store_true",
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     args, settings = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     model, tokenizer = load_from_args(args)
-    engine = GenerationEngine(model, tokenizer, max_batch_size=args.max_batch_size)
+    engine = GenerationEngine(model, tokenizer, max_batch_size=args.max_batch_size, compile=args.compile)
     try:
         serve(engine, settings, args.server_name, args.server_port)
     finally:

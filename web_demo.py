@@ -354,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"port to listen on (default {DEFAULT_PORT})")
     parser.add_argument("--server-name", default=DEFAULT_HOST,
                         help=f"address to listen on (default {DEFAULT_HOST}: this machine only; 0.0.0.0 for all)")
+    parser.add_argument("--compile", action="store_true",
+                        help="decode with the torch.compile'd fixed-shape step (same tokens; the first steps at each batch size wait for a compilation, tens of seconds on a CPU)")
     return parser
 
 
@@ -369,7 +371,7 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as error:  # every tab's every reply would fail with it
         raise SystemExit(f"error: the generation settings of {args.checkpoint_path} (generation_config.json) are "
                          f"unusable: {error}") from None
-    engine = GenerationEngine(model, tokenizer, max_batch_size=8)
+    engine = GenerationEngine(model, tokenizer, max_batch_size=8, compile=args.compile)
     demo_notice = is_demo_checkpoint(args.checkpoint_path)
     demo = build_demo(
         engine, tokenizer, generation_config,

@@ -119,20 +119,32 @@ class SlotKVCache(Cache):
 
     `quantized=True` stores every key and value vector as uint8 codes plus its scale and minimum, packed by
     `quantize_kv` into `head_dim + 8` bytes; `update` then returns those positions dequantized to `dtype`.
+
+    `fixed_shape=True` makes `update` return all `capacity` positions of rows 0..B-1 instead, so that its shapes do
+    not depend on the lengths (a compiled decode step, `decode_one_token`, sees the same shapes until the capacity
+    doubles); the step's mask must then hide every row's positions past its length.
     """
 
     def __init__(self, num_layers: int, slots: int, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
-                 quantized: bool = False):
+                 quantized: bool = False, fixed_shape: bool = False):
         super().__init__(layers=[])
         self.num_layers, self.slots, self.heads, self.head_dim = num_layers, slots, heads, head_dim
         self.dtype, self.device = dtype, device  # dtype: what attention reads
         self.quantized = quantized
+        self.fixed_shape = fixed_shape
         self.storage_dtype = torch.uint8 if quantized else dtype
         self.storage_width = head_dim + KV_PARAMS_BYTES if quantized else head_dim
         self.capacity = 0
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.lengths = torch.zeros(0, dtype=torch.long)  # tokens cached in each running row (see set_lengths)
+        # The same lengths on the device, in one buffer that is written in place: where `update` writes each row's
+        # new key, read by a compiled step without a copy from the host at every layer.
+        self._write_positions = torch.zeros(slots, dtype=torch.long, device=device)
+
+    @property
+    def is_compileable(self) -> bool:
+        return self.fixed_shape
 
     def ensure_capacity(self, needed: int) -> None:
         """Grow the buffers (doubling) so that every row can hold `needed` positions."""
@@ -155,6 +167,7 @@ class SlotKVCache(Cache):
         """Tokens cached in rows 0..B-1 before the next decode step, which writes each row's new key after them."""
         self.ensure_capacity(int(lengths.max()) + 1)
         self.lengths = lengths
+        self._write_positions[: len(lengths)].copy_(lengths)
 
     def store(self, row: int, prefilled: Cache, batch_index: int, length: int) -> None:
         """Copy the first `length` positions of sequence `batch_index` of a prefilled batch into `row`.
@@ -193,14 +206,39 @@ class SlotKVCache(Cache):
         if self.quantized:
             key_states, value_states = quantize_kv(key_states), quantize_kv(value_states)  # (B, nh, 1, hs + 8)
         rows = torch.arange(batch, device=self.device)
-        positions = self.lengths.to(self.device)
+        positions = self._write_positions[:batch]
         self.keys[layer_idx][rows, :, positions] = key_states[:, :, 0]
         self.values[layer_idx][rows, :, positions] = value_states[:, :, 0]
-        kv_len = self.get_seq_length() + 1
-        keys, values = self.keys[layer_idx][:batch, :, :kv_len], self.values[layer_idx][:batch, :, :kv_len]
+        if self.fixed_shape:
+            keys, values = self.keys[layer_idx][:batch], self.values[layer_idx][:batch]  # (B, nh, capacity, hs)
+        else:
+            kv_len = self.get_seq_length() + 1
+            keys, values = self.keys[layer_idx][:batch, :, :kv_len], self.values[layer_idx][:batch, :, :kv_len]
         if self.quantized:
             return dequantize_kv(keys, self.dtype), dequantize_kv(values, self.dtype)  # (B, nh, S, hs)
         return keys, values
+
+
+def decode_one_token(
+    model: Any, cache: SlotKVCache, tokens: torch.Tensor, positions: torch.Tensor, ntk_alphas: torch.Tensor
+) -> torch.Tensor:
+    """One decode step over a fixed-shape `cache` (rows 0..B-1, after `set_lengths`): fp32 logits (B, vocab) of the
+    tokens (B, 1) at `positions` (B, 1), each row with its NTK alpha (B,) float64.
+
+    Every shape depends only on the batch and the cache's capacity, and nothing is read back to the host, so
+    `torch.compile(decode_one_token, fullgraph=True)` traces it whole and reuses the graph at every position (gpt-fast's
+    `decode_one_token`). Each row attends to the keys at and before its position in the whole buffer.
+    """
+    capacity = cache.keys[0].shape[2]
+    allowed = torch.arange(capacity, device=tokens.device)[None, :] <= positions  # (B, S)
+    return model.logits_at(
+        tokens,
+        torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device),
+        cache=cache,
+        attention_mask=allowed[:, None, None, :],  # (B, 1, 1, S)
+        position_ids=positions,
+        ntk_alphas=ntk_alphas,
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -548,9 +586,13 @@ class GenerationEngine:
         max_batch_size: how many requests decode together; more wait in a queue.
         max_context: longest prompt + reply allowed. Default: `seq_length`, or the larger of it and
             `max_position_embeddings` when dynamic NTK stretches the context.
+        compile: decode with `torch.compile(decode_one_token, fullgraph=True)` over a fixed-shape slot cache instead
+            of the eager step. The same tokens; the first steps at a new batch size or cache capacity wait for a
+            compilation (tens of seconds on a CPU), later ones reuse it.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, max_batch_size: int = 8, max_context: int | None = None) -> None:
+    def __init__(self, model: Any, tokenizer: Any, max_batch_size: int = 8, max_context: int | None = None,
+                 compile: bool = False) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1.")
         config = model.config
@@ -564,8 +606,9 @@ class GenerationEngine:
         self.cache = SlotKVCache(
             config.num_hidden_layers, max_batch_size, config.num_attention_heads, config.kv_channels,
             next(model.parameters()).dtype, self.device,
-            quantized=bool(getattr(config, "use_cache_quantization", False)),
+            quantized=bool(getattr(config, "use_cache_quantization", False)), fixed_shape=compile,
         )
+        self._compiled_decode = torch.compile(decode_one_token, fullgraph=True) if compile else None
         # Per-row sampling state, in the cache's row order: prompt + reply ids (what the repetition penalty sees;
         # past a row's length they repeat its first prompt id), how many there are, how often each id occurs in the
         # reply (presence and frequency penalties), and each request's seed and count of random numbers drawn.
@@ -774,18 +817,22 @@ class GenerationEngine:
                                  decoded_tokens=done.decoded_tokens + len(self._running))
         lengths = torch.tensor([r.length for r in self._running], dtype=torch.long)
         self.cache.set_lengths(lengths)
-        kv_len = int(lengths.max()) + 1
         tokens = torch.tensor([[r.next_token] for r in self._running], device=self.device)  # (B, 1)
         positions = lengths.to(self.device)[:, None]  # (B, 1)
-        allowed = torch.arange(kv_len, device=self.device)[None, :] <= positions  # (B, S)
-        logits = self.model.logits_at(
-            tokens,
-            torch.zeros(len(self._running), dtype=torch.long),
-            cache=self.cache,
-            attention_mask=allowed[:, None, None, :],  # (B, 1, 1, S)
-            position_ids=positions,
-            ntk_alphas=[r.ntk_alpha for r in self._running],
-        )
+        if self._compiled_decode is not None:
+            alphas = torch.tensor([r.ntk_alpha for r in self._running], dtype=torch.float64, device=self.device)
+            logits = self._compiled_decode(self.model, self.cache, tokens, positions, alphas)
+        else:
+            kv_len = int(lengths.max()) + 1
+            allowed = torch.arange(kv_len, device=self.device)[None, :] <= positions  # (B, S)
+            logits = self.model.logits_at(
+                tokens,
+                torch.zeros(len(self._running), dtype=torch.long),
+                cache=self.cache,
+                attention_mask=allowed[:, None, None, :],  # (B, 1, 1, S)
+                position_ids=positions,
+                ntk_alphas=[r.ntk_alpha for r in self._running],
+            )
         for running in self._running:
             running.length += 1
         self._accept(list(self._running), logits)

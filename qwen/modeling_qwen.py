@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, StaticCache, StaticLayer
 from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
 from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
@@ -111,10 +111,18 @@ def ntk_alpha_for_length(true_seq_len: int, seq_length: int) -> float:
     return max(2 ** math.ceil(context_value) - 1, 1)
 
 
-def rotary_inv_freq(dim: int, base: float, ntk_alpha: float, device: torch.device | None = None) -> torch.Tensor:
-    """Inverse frequencies (dim/2,) for one NTK alpha; the base grows as alpha^(dim/(dim-2)), as released."""
+def rotary_inv_freq(
+    dim: int, base: float, ntk_alpha: float | torch.Tensor, device: torch.device | None = None
+) -> torch.Tensor:
+    """Inverse frequencies for an NTK alpha, the base grown as alpha^(dim/(dim-2)) as released: (dim/2,) for a float,
+    (B, dim/2) for a (B,) tensor of alphas. Both give the same float32 numbers: the scaled base is computed in
+    float64 and rounded to float32 before the power, as a Python float base is."""
+    exponents = torch.arange(0, dim, 2, device=device).float() / dim  # (dim/2,)
+    if isinstance(ntk_alpha, torch.Tensor):
+        scaled_base = (base * ntk_alpha.to(device=device, dtype=torch.float64) ** (dim / (dim - 2))).float()
+        return 1.0 / (scaled_base[:, None] ** exponents)
     scaled_base = base * ntk_alpha ** (dim / (dim - 2))
-    return 1.0 / (scaled_base ** (torch.arange(0, dim, 2, device=device).float() / dim))
+    return 1.0 / (scaled_base ** exponents)
 
 
 def rotary_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -316,6 +324,28 @@ class QuantizedKVCache(Cache):
         super().__init__(layer_class_to_replicate=QuantizedKVLayer)
 
 
+class QuantizedStaticLayer(StaticLayer):
+    """One layer of a preallocated int8 cache: transformers' StaticLayer buffers, holding `quantize_kv`'s packed
+    bytes (B, nh, max_cache_len, hs + 8). `update` returns the whole buffer dequantized, as StaticLayer returns its
+    whole buffer; positions not written yet read as zeros and the caller's mask hides them."""
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.dtype = key_states.dtype  # what attention gets back; the buffers are sized from the packed bytes
+        keys, values = super().update(quantize_kv(key_states), quantize_kv(value_states))
+        return dequantize_kv(keys, self.dtype), dequantize_kv(values, self.dtype)
+
+
+class QuantizedStaticCache(Cache):
+    """The int8 counterpart of transformers' StaticCache (fixed shapes, for torch.compile), which `generate()` uses
+    with `cache_implementation="static"` when `use_cache_quantization` is set."""
+
+    def __init__(self, config: PretrainedConfig, max_cache_len: int) -> None:
+        super().__init__(layers=[QuantizedStaticLayer(max_cache_len) for _ in range(config.num_hidden_layers)])
+
+
 def new_kv_cache(config: PretrainedConfig) -> Cache:
     """The cache a fresh sequence gets: int8 (`QuantizedKVCache`) when `config.use_cache_quantization`, else float."""
     if getattr(config, "use_cache_quantization", False):
@@ -473,7 +503,7 @@ class QWenPreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
     _supports_flash_attn = True
-    _can_compile_fullgraph = False
+    _can_compile_fullgraph = True  # at decode steps over a preallocated cache: see QWenModel._is_fixed_shape_step
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -522,14 +552,15 @@ class QWenModel(QWenPreTrainedModel):
 
     def _ntk_alphas(
         self, cache: Cache | None, past_len: int, kv_len: int, key_padding_2d: torch.Tensor | None, batch: int,
-        given: Sequence[float] | None,
-    ) -> list[float]:
-        """NTK alpha per sequence: `given` by a caller that tracks its sequences itself, else chosen from the prompt's
-        length at prefill and kept (per cache) for every decoded token."""
+        given: Sequence[float] | torch.Tensor | None,
+    ) -> list[float] | torch.Tensor:
+        """NTK alpha per sequence: `given` by a caller that tracks its sequences itself (floats, or a (1|B,) tensor
+        for a compiled step), else chosen from the prompt's length at prefill and kept (per cache) for every decoded
+        token."""
         if given is not None:
             if len(given) not in (1, batch):
                 raise ValueError(f"ntk_alphas has {len(given)} values for a batch of {batch}; give one or one per row.")
-            return list(given)
+            return given if isinstance(given, torch.Tensor) else list(given)
         if self.training or not self.config.use_dynamic_ntk:
             return [1.0]
         stored = self._prefill_ntk_alphas.get(cache) if cache is not None else None
@@ -548,6 +579,29 @@ class QWenModel(QWenPreTrainedModel):
         if cache is not None:
             self._prefill_ntk_alphas[cache] = alphas
         return alphas
+
+    def _is_fixed_shape_step(
+        self,
+        cache: Cache | None,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        ntk_alphas: Sequence[float] | torch.Tensor | None,
+    ) -> bool:
+        """Whether this call is a fixed-shape step, one `torch.compile` traces without a graph break: a preallocated
+        cache (`is_compileable`: transformers' StaticCache, QuantizedStaticCache, a fixed-shape SlotKVCache) read
+        whole, with the caller's 4D mask over all its positions, the positions, and (with dynamic NTK) the alphas
+        given, so that nothing is read back from the device. generate() gives all of them at each decode step
+        (`prepare_inputs_for_generation`); a prefill, which chooses the alphas, takes the ordinary path. Window
+        attention's mask depends on where the query is in the cache, so it takes the ordinary path as well."""
+        return (
+            cache is not None
+            and getattr(cache, "is_compileable", False)
+            and attention_mask is not None
+            and attention_mask.dim() == 4
+            and position_ids is not None
+            and (ntk_alphas is not None or self.training or not self.config.use_dynamic_ntk)
+            and not self.config.use_window_attn
+        )
 
     def _backend(self, x: torch.Tensor) -> str:
         requested = getattr(self.config, "_attn_implementation", None)
@@ -594,8 +648,14 @@ class QWenModel(QWenPreTrainedModel):
 
         x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
         batch, q_len = x.shape[:2]
-        past_len = int(cache.get_seq_length()) if cache is not None else 0
-        kv_len = past_len + q_len
+        fixed_shape = self._is_fixed_shape_step(cache, attention_mask, position_ids, ntk_alphas)
+        if fixed_shape:
+            # The cache returns its whole buffer and the caller's mask says which positions hold keys: nothing here
+            # depends on how many tokens are cached, so the step has the same shapes and graph at every position.
+            past_len, kv_len = None, attention_mask.shape[-1]
+        else:
+            past_len = int(cache.get_seq_length()) if cache is not None else 0
+            kv_len = past_len + q_len
 
         key_padding_2d, prepared_mask = None, None
         if attention_mask is not None and attention_mask.dim() == 4:
@@ -608,13 +668,19 @@ class QWenModel(QWenPreTrainedModel):
         key_padding = None if key_padding_2d is None or bool(key_padding_2d.all()) else key_padding_2d
         layout = AttentionLayout(q_len, kv_len, key_padding, prepared_mask, self._backend(x), x.device)
 
-        alphas = self._ntk_alphas(cache, past_len, kv_len, key_padding_2d, batch, ntk_alphas)
-        inv_freq = torch.stack(
-            [rotary_inv_freq(self.config.rotary_dim, self.config.rotary_emb_base, a, x.device) for a in alphas]
-        )  # (1|B, rotary_dim/2)
+        alphas = self._ntk_alphas(cache, past_len or 0, kv_len, key_padding_2d, batch, ntk_alphas)
+        if isinstance(alphas, torch.Tensor):
+            inv_freq = rotary_inv_freq(self.config.rotary_dim, self.config.rotary_emb_base, alphas, x.device)
+        else:
+            inv_freq = torch.stack(
+                [rotary_inv_freq(self.config.rotary_dim, self.config.rotary_emb_base, a, x.device) for a in alphas]
+            )  # (1|B, rotary_dim/2)
         rotary = rotary_cos_sin(position_ids, inv_freq)
         logn = None
-        if self.config.use_logn_attn and not self.training and int(position_ids.max()) + 1 > self.config.seq_length:
+        # logn_scale is exactly 1 up to seq_length, so a fixed-shape step applies it without asking where it is.
+        if self.config.use_logn_attn and not self.training and (
+            fixed_shape or int(position_ids.max()) + 1 > self.config.seq_length
+        ):
             logn = logn_scale(position_ids, self.config.seq_length)
 
         x = self.drop(x)
@@ -689,11 +755,26 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         """transformers' choice of cache for `generate()`, except that its default float DynamicCache becomes a
         QuantizedKVCache when `use_cache_quantization` is set. A cache passed by the caller is used as it is."""
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        default = generation_config.cache_implementation in (None, "dynamic")
         cache = model_kwargs.get("cache")
-        if self.config.use_cache_quantization and default and type(cache) is DynamicCache \
-                and not getattr(cache, "_is_user_defined", False):
+        if not self.config.use_cache_quantization or getattr(cache, "_is_user_defined", False):
+            return
+        if type(cache) is DynamicCache and generation_config.cache_implementation in (None, "dynamic"):
             model_kwargs["cache"] = QuantizedKVCache(self.config)
+        elif type(cache) is StaticCache and generation_config.cache_implementation == "static":
+            model_kwargs["cache"] = QuantizedStaticCache(self.config, cache.layers[0].max_cache_len)
+
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """transformers' inputs for the next forward, plus the sequences' NTK alphas at a decode step over a
+        preallocated cache: with them, the 4D mask and the positions transformers gives, the step is a fixed-shape
+        one (`QWenModel._is_fixed_shape_step`), which compiles without graph breaks."""
+        inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+        cache = inputs.get("cache")
+        if not kwargs.get("is_first_iteration") and getattr(cache, "is_compileable", False) \
+                and inputs.get("ntk_alphas") is None:
+            stored = self.transformer.ntk_alphas_of(cache)
+            if stored is not None:
+                inputs["ntk_alphas"] = torch.tensor(stored, dtype=torch.float64, device=input_ids.device)
+        return inputs
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
@@ -803,6 +884,12 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         # Generation arguments given next to a config (as `chat(..., top_p=0.5)` does) override a copy of it.
         generation_config = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
         kwargs = generation_config.update(**kwargs)
+        compile_config = generation_config.compile_config
+        if compile_config is not None and compile_config._compile_all_devices is None:
+            # A compile_config asks for the compiled decode step; transformers would compile only on accelerators.
+            # A copy: the caller's may have come as a keyword and be used again elsewhere.
+            compile_config = generation_config.compile_config = copy.copy(compile_config)
+            compile_config._compile_all_devices = True
         if stop_words_ids is None:
             stop_words_ids = getattr(generation_config, "stop_words_ids", None)
         if stop_words_ids:
