@@ -392,16 +392,24 @@ def quantize_weights(model: nn.Module, scheme: str, group_size: int = DEFAULT_GR
     return summary
 
 
-def refuse_weight_quantized(model: Any, what: str) -> None:
-    """WeightQuantError naming `what` cannot be done when `model` holds quantized linear layers."""
+def cast_float_parameters(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast every float parameter (embedding, norms, biases) to `dtype`, leaving quantized layers' codes and scales
+    as their kernel needs them (`model.to(dtype)` would cast the scales too)."""
+    for parameter in model.parameters():
+        if parameter.is_floating_point() and parameter.dtype != dtype:
+            parameter.data = parameter.data.to(dtype)
+
+
+def refuse_weight_quantized(model: Any, what: str, error: type[Exception] = WeightQuantError) -> None:
+    """Raise `error` saying that `what` cannot be done when `model` holds quantized linear layers."""
     if isinstance(model, nn.Module) and is_weight_quantized(model):
-        raise WeightQuantError(
+        raise error(
             f"{what} needs float weights, and this model's are int8/int4 (weight quantization on load): load the "
             "checkpoint in float32 or bfloat16 for this, and quantize only for inference.")
 
 
 __all__ = [
     "DEFAULT_GROUP_SIZE", "LOGIT_BOUND", "SCHEMES", "Int4Linear", "Int8Linear", "Kernel", "QuantizationSummary",
-    "LayerCodes", "QuantizedLinear", "WeightQuantError", "choose_kernel", "group_size_for", "int4_codes", "int8_codes",
+    "LayerCodes", "QuantizedLinear", "WeightQuantError", "cast_float_parameters", "choose_kernel", "group_size_for", "int4_codes", "int8_codes",
     "is_weight_quantized", "module_bytes", "quantize_weights", "quantized_layer_names", "refuse_weight_quantized",
 ]
