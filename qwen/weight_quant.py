@@ -34,8 +34,8 @@ tests/test_weight_quant.py and tests/test_kv_quant.py load it: a tiny model, hid
 decoding writes given replies), over every position of both prompts with their replies: the largest
 |logit - fp32 logit| divided by the largest |fp32 logit| of the same position was 0.016 for int8 (0.014 with fp32
 activations) and 0.229 for int4 (0.224), in groups of 32 there. The documented bounds, LOGIT_BOUND, are 0.03 for
-int8 and 0.35 for int4; int8 greedy replies equal fp32's. tests/test_weight_quant.py checks both. Larger models
-average more products per logit; measure yours (bench/bench_core.py prints the same figure for the mid checkpoint).
+int8 and 0.35 for int4; int8 greedy replies equal fp32's. tests/test_weight_quant.py checks both. Other
+checkpoints differ: measure yours the same way before relying on int4.
 
 Not supported on a quantized model: training (the codes have no gradient), LoRA (`qwen.lora` refuses), conversion to
 Qwen2 (`qwen.convert` refuses), and saving (the packed layouts are per device; quantize again on load instead).
