@@ -65,6 +65,7 @@ from .tokenization_qwen import (
     VOCAB_FILE_NAME,
     _read_tiktoken_file,
 )
+from .weight_quant import refuse_weight_quantized
 
 ENDOFTEXT_ID = 151643
 IM_START_ID = 151644
@@ -193,9 +194,13 @@ def qwen_to_qwen2_state_dict(state_dict: dict[str, torch.Tensor], config: QWenCo
 
 
 def to_qwen2_model(model: torch.nn.Module) -> torch.nn.Module:
-    """A `transformers.Qwen2ForCausalLM` holding the same weights as our `QWenLMHeadModel` (shared storage)."""
+    """A `transformers.Qwen2ForCausalLM` holding the same weights as our `QWenLMHeadModel` (shared storage).
+
+    ConvertError for a model whose weights were quantized on load (`qwen.weight_quant`): Qwen2 has no place for them.
+    """
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
+    refuse_weight_quantized(model, "Converting to Qwen2", ConvertError)
     config = model.config
     with torch.device("meta"):
         qwen2 = Qwen2ForCausalLM(Qwen2Config(**qwen2_config_dict(config)))

@@ -25,6 +25,7 @@ from .checkpoint_folder import (
 )
 from .gptq import check_gptq_checkpoint, require_gptq_stack
 from .modeling_qwen import QWenLMHeadModel
+from .weight_quant import SCHEMES
 
 
 @dataclass
@@ -57,7 +58,7 @@ def default_modules_to_save(chat: bool, q_lora: bool = False) -> list[str]:
 def prepare_lora_model(
     folder: str | Path,
     settings: LoraSettings,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     chat: bool = True,
     gradient_checkpointing: bool = False,
 ) -> Any:
@@ -65,7 +66,14 @@ def prepare_lora_model(
 
     Q-LoRA trains on 4-bit weights: a GPTQ checkpoint (a released -Int4 model, or run_gptq.py's output) is loaded as
     it is, as the original Q-LoRA scripts did; a 16-bit checkpoint is loaded in 4-bit NF4 with bitsandbytes.
+
+    `dtype` "int8" / "int4" (weight quantization on load, `qwen.weight_quant`) is refused with a LoadError: those
+    layers have no gradient and peft cannot wrap them (`get_peft_model` on such a model fails too). Q-LoRA is the
+    4-bit way to train.
     """
+    if dtype in SCHEMES:
+        raise LoadError(f"LoRA cannot train on {dtype} weights quantized on load; train in float32 or bfloat16, or "
+                        "use Q-LoRA (q_lora=True, --q_lora) for 4-bit training.")
     from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     gptq = check_gptq_checkpoint(folder)
