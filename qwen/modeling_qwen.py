@@ -15,6 +15,7 @@ This file is also copied into checkpoint folders for `trust_remote_code=True`: i
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 import math
 import os
@@ -41,6 +42,36 @@ from .configuration_qwen import QWenConfig
 from .qwen_generation_utils import DEFAULT_SYSTEM_PROMPT, HistoryType, StopWordsLogitsProcessor, decode_tokens
 
 logger = logging.get_logger(__name__)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The KV cache's name in transformers' outputs and in generate()'s model kwargs
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def cache_field(output_class: type) -> str:
+    """The field under which `output_class` (a transformers ModelOutput dataclass) holds the KV cache: `cache` in
+    the transformers releases that renamed it, `past_key_values` in earlier ones (5.17 among them)."""
+    names = {field.name for field in dataclasses.fields(output_class)}
+    for name in ("cache", "past_key_values"):
+        if name in names:
+            return name
+    raise TypeError(f"{output_class.__name__} has neither a `cache` nor a `past_key_values` field.")
+
+
+# Read once from the installed transformers. The same release names generate()'s cache keyword (model kwargs, inputs
+# for the next step, the returned GenerateOutput) as its model outputs do.
+CACHE_KEY = cache_field(CausalLMOutputWithPast)
+
+
+def with_kv_cache(output_class: type, cache: Cache | None, **fields: Any) -> Any:
+    """`output_class(**fields)` with the KV cache under the installed transformers' name for it (`CACHE_KEY`)."""
+    return output_class(**fields, **{CACHE_KEY: cache})
+
+
+def kv_cache_of(output: Any) -> Cache | None:
+    """The KV cache of a model output or of `generate(..., return_dict_in_generate=True)`'s result."""
+    return getattr(output, CACHE_KEY, None)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -695,9 +726,10 @@ class QWenModel(QWenPreTrainedModel):
         x = self.ln_f(x)
         if all_hidden is not None:
             all_hidden.append(x)
-        return BaseModelOutputWithPast(
+        return with_kv_cache(
+            BaseModelOutputWithPast,
+            cache if use_cache else None,
             last_hidden_state=x,
-            cache=cache if use_cache else None,
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
             attentions=tuple(all_attn) if all_attn is not None else None,
         )
@@ -755,20 +787,20 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         """transformers' choice of cache for `generate()`, except that its default float DynamicCache becomes a
         QuantizedKVCache when `use_cache_quantization` is set. A cache passed by the caller is used as it is."""
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        cache = model_kwargs.get("cache")
+        cache = model_kwargs.get(CACHE_KEY)
         if not self.config.use_cache_quantization or getattr(cache, "_is_user_defined", False):
             return
         if type(cache) is DynamicCache and generation_config.cache_implementation in (None, "dynamic"):
-            model_kwargs["cache"] = QuantizedKVCache(self.config)
+            model_kwargs[CACHE_KEY] = QuantizedKVCache(self.config)
         elif type(cache) is StaticCache and generation_config.cache_implementation == "static":
-            model_kwargs["cache"] = QuantizedStaticCache(self.config, cache.layers[0].max_cache_len)
+            model_kwargs[CACHE_KEY] = QuantizedStaticCache(self.config, cache.layers[0].max_cache_len)
 
     def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """transformers' inputs for the next forward, plus the sequences' NTK alphas at a decode step over a
         preallocated cache: with them, the 4D mask and the positions transformers gives, the step is a fixed-shape
         one (`QWenModel._is_fixed_shape_step`), which compiles without graph breaks."""
         inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
-        cache = inputs.get("cache")
+        cache = inputs.get(CACHE_KEY)
         if not kwargs.get("is_first_iteration") and getattr(cache, "is_compileable", False) \
                 and inputs.get("ntk_alphas") is None:
             stored = self.transformer.ntk_alphas_of(cache)
@@ -831,10 +863,11 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
                 # gradient that many times too large. Summing and dividing by that count gives the mean over every
                 # target token of the step, however the batch is split.
                 loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum") / num_items
-        result = CausalLMOutputWithPast(
+        result = with_kv_cache(
+            CausalLMOutputWithPast,
+            kv_cache_of(outputs),
             loss=loss,
             logits=logits,
-            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
@@ -881,6 +914,9 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         after `logits_processor` (`stopping_criteria`, `prefix_allowed_tokens_fn`, ...) go to transformers' `generate`
         in its order, which is also the released model's.
         """
+        if CACHE_KEY != "cache" and "cache" in kwargs:
+            # The caller's cache under this model's name for it, on a transformers release that calls it otherwise.
+            kwargs[CACHE_KEY] = kwargs.pop("cache")
         # Generation arguments given next to a config (as `chat(..., top_p=0.5)` does) override a copy of it.
         generation_config = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
         kwargs = generation_config.update(**kwargs)
@@ -1128,6 +1164,7 @@ def resolve_dtype(
 
 
 __all__ = [
-    "QWenLMHeadModel", "QWenModel", "QWenPreTrainedModel", "QuantizedKVCache", "RMSNorm", "dequantize_kv",
-    "new_kv_cache", "quantize_kv", "require_gptq_packages", "resolve_dtype",
+    "CACHE_KEY", "QWenLMHeadModel", "QWenModel", "QWenPreTrainedModel", "QuantizedKVCache", "RMSNorm", "cache_field",
+    "dequantize_kv", "kv_cache_of", "new_kv_cache", "quantize_kv",
+    "require_gptq_packages", "resolve_dtype", "with_kv_cache",
 ]
