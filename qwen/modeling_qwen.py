@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib.util
+import inspect
 import math
 import os
 import threading
@@ -751,7 +752,8 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         """transformers' `from_pretrained`, plus the released precision flags `bf16=True` / `fp16=True` / `fp32=True`.
 
         Without a flag or `dtype`, the precision is chosen like the released model: bf16 on a CUDA GPU that supports
-        it, else fp16 on CUDA, else fp32; a model placed on the CPU (`device_map="cpu"` or no GPU) runs in fp32.
+        it natively, else fp16 on CUDA; a model left on the CPU (no `device_map`, `device_map="cpu"`, or no GPU) runs in
+        fp32.
         """
         config = kwargs.get("config")
         # Not isinstance(QWenConfig): under trust_remote_code the config class comes from another module copy.
@@ -1143,28 +1145,58 @@ def require_gptq_packages() -> None:
         )
 
 
+def places_on_gpu(device_map: Any, cuda_available: bool) -> bool:
+    """Whether `from_pretrained(..., device_map=device_map)` puts any weights on a CUDA GPU. Without a device map
+    the model stays on the CPU; "cpu" (and "disk", for offloaded modules) are not GPUs."""
+    if device_map is None or not cuda_available:
+        return False
+    targets = device_map.values() if isinstance(device_map, dict) else [device_map]
+    return any(str(target) not in ("cpu", "disk") for target in targets)
+
+
+def choose_dtype(
+    bf16: bool | None, fp16: bool | None, fp32: bool | None, device_map: Any, *, cuda_available: bool,
+    native_bf16: bool,
+) -> torch.dtype:
+    """The torch dtype for the released precision flags (at most one set), like the released model: without a flag,
+    bf16 on a GPU that computes in bf16 natively (`native_bf16`: compute capability 8.0 on), else fp16 on a GPU,
+    else fp32 (the CPU). Emulated bf16 (V100, T4) does not count: there the released model chose fp16."""
+    if sum(bool(flag) for flag in (bf16, fp16, fp32)) > 1:
+        raise ValueError("Pass only one of bf16=True, fp16=True, fp32=True.")
+    on_gpu = places_on_gpu(device_map, cuda_available)
+    if bf16:
+        if on_gpu and not native_bf16:
+            logger.warning("This GPU has no native bf16 (it is emulated and slow); prefer fp16=True on it.")
+        return torch.bfloat16
+    if fp16:
+        if not on_gpu:
+            logger.warning("fp16 on the CPU is slow and some kernels lack it; prefer bf16=True or fp32=True there.")
+        return torch.float16
+    if fp32 or not on_gpu:
+        return torch.float32
+    return torch.bfloat16 if native_bf16 else torch.float16
+
+
+def _gpu_has_native_bf16() -> bool:
+    # torch's default also counts bf16 emulated on older GPUs; older torch releases had no such argument.
+    if "including_emulation" in inspect.signature(torch.cuda.is_bf16_supported).parameters:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return torch.cuda.is_bf16_supported()
+
+
 def resolve_dtype(
     bf16: bool | None = None, fp16: bool | None = None, fp32: bool | None = None, device_map: Any = None
 ) -> torch.dtype:
-    """The torch dtype for the released precision flags; at most one may be set."""
-    if sum(bool(flag) for flag in (bf16, fp16, fp32)) > 1:
-        raise ValueError("Pass only one of bf16=True, fp16=True, fp32=True.")
-    on_cpu = not torch.cuda.is_available() or device_map == "cpu" or device_map == {"": "cpu"}
-    if bf16:
-        if torch.cuda.is_available() and not on_cpu and not torch.cuda.is_bf16_supported():
-            raise ValueError("This GPU does not support bf16; load with fp16=True (or fp32=True) instead.")
-        return torch.bfloat16
-    if fp16:
-        if on_cpu:
-            logger.warning("fp16 on the CPU is slow and some kernels lack it; prefer bf16=True or fp32=True there.")
-        return torch.float16
-    if fp32 or on_cpu:
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    """`choose_dtype` for this machine's GPU, if any; at most one flag may be set."""
+    cuda_available = torch.cuda.is_available()
+    return choose_dtype(
+        bf16, fp16, fp32, device_map, cuda_available=cuda_available,
+        native_bf16=cuda_available and _gpu_has_native_bf16(),
+    )
 
 
 __all__ = [
     "CACHE_KEY", "QWenLMHeadModel", "QWenModel", "QWenPreTrainedModel", "QuantizedKVCache", "RMSNorm", "cache_field",
-    "dequantize_kv", "kv_cache_of", "new_kv_cache", "quantize_kv",
+    "choose_dtype", "dequantize_kv", "kv_cache_of", "new_kv_cache", "places_on_gpu", "quantize_kv",
     "require_gptq_packages", "resolve_dtype", "with_kv_cache",
 ]

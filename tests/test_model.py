@@ -16,7 +16,7 @@ from transformers.utils import ModelOutput
 from qwen import QWenConfig, QWenLMHeadModel
 from qwen.checkpoint import config_for_size
 from qwen.modeling_qwen import (
-    CACHE_KEY, cache_field, causal_mask, kv_cache_of, logn_scale, ntk_alpha_for_length, project,
+    CACHE_KEY, cache_field, causal_mask, choose_dtype, kv_cache_of, logn_scale, ntk_alpha_for_length, project,
     rotary_inv_freq, with_kv_cache,
 )
 
@@ -326,3 +326,23 @@ def test_the_cache_field_is_the_one_the_installed_transformers_outputs_have():
         out = model(torch.tensor([[1, 2, 3]]), cache=given, use_cache=True)
         inner = model.transformer(torch.tensor([[4]]), cache=given, use_cache=True)
     assert kv_cache_of(out) is given and kv_cache_of(inner) is given and given.get_seq_length() == 4
+
+
+@pytest.mark.parametrize(
+    "device_map", [None, "cpu", {"": "cpu"}, torch.device("cpu"), {"transformer": "cpu", "lm_head": "disk"}]
+)
+def test_a_model_left_on_the_cpu_gets_fp32_even_where_cuda_is_visible(device_map):
+    for native_bf16 in (True, False):
+        assert choose_dtype(None, None, None, device_map, cuda_available=True, native_bf16=native_bf16) is torch.float32
+    assert choose_dtype(None, None, None, "auto", cuda_available=False, native_bf16=False) is torch.float32
+
+
+@pytest.mark.parametrize("device_map", ["auto", "cuda", 0, {"": 0}, {"transformer": 0, "lm_head": "cpu"}])
+def test_on_a_gpu_bf16_only_where_it_is_native(device_map):
+    assert choose_dtype(None, None, None, device_map, cuda_available=True, native_bf16=True) is torch.bfloat16
+    # V100 and T4 emulate bf16: the released model chose fp16 there.
+    assert choose_dtype(None, None, None, device_map, cuda_available=True, native_bf16=False) is torch.float16
+    assert choose_dtype(None, None, True, device_map, cuda_available=True, native_bf16=True) is torch.float32
+    assert choose_dtype(True, None, None, device_map, cuda_available=True, native_bf16=False) is torch.bfloat16
+    with pytest.raises(ValueError, match="only one"):
+        choose_dtype(True, True, None, device_map, cuda_available=True, native_bf16=True)
