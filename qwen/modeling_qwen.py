@@ -365,9 +365,10 @@ class QuantizedStaticLayer(StaticLayer):
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
-            self.dtype = key_states.dtype  # what attention gets back; the buffers are sized from the packed bytes
+            # What attention gets back. Not StaticLayer's `dtype`: transformers 5.17 sets that to the buffers' (uint8).
+            self.attention_dtype = key_states.dtype
         keys, values = super().update(quantize_kv(key_states), quantize_kv(value_states))
-        return dequantize_kv(keys, self.dtype), dequantize_kv(values, self.dtype)
+        return dequantize_kv(keys, self.attention_dtype), dequantize_kv(values, self.attention_dtype)
 
 
 class QuantizedStaticCache(Cache):
