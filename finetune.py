@@ -134,6 +134,13 @@ def trains_on_cpu(args: TrainingArguments) -> bool:
     return args.use_cpu or not torch.cuda.is_available()
 
 
+def quantized_device_map(on_cpu: bool) -> dict[str, str] | None:
+    """Where a 4-bit (Q-LoRA) load goes: the CPU when training there (`trains_on_cpu`), since bitsandbytes would
+    otherwise put it on a visible GPU even under --use_cpu; on a GPU, None keeps transformers' choice (the process's
+    current GPU)."""
+    return {"": "cpu"} if on_cpu else None
+
+
 def weights_dtype(args: TrainingArguments, use_lora: bool) -> torch.dtype:
     """The precision the checkpoint is loaded in for training.
 
@@ -302,7 +309,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     transformers.set_seed(training_args.seed)
     if use_lora:
         model = prepare_lora_model(folder, settings, dtype=weights_dtype(training_args, use_lora=True), chat=chat,
-                                   gradient_checkpointing=training_args.gradient_checkpointing)
+                                   gradient_checkpointing=training_args.gradient_checkpointing,
+                                   quantized_device_map=quantized_device_map(trains_on_cpu(training_args)))
         if main_process:
             model.print_trainable_parameters()
     else:

@@ -61,11 +61,14 @@ def prepare_lora_model(
     dtype: torch.dtype | str = torch.float32,
     chat: bool = True,
     gradient_checkpointing: bool = False,
+    quantized_device_map: str | dict[str, Any] | None = None,
 ) -> Any:
     """The checkpoint in `folder` with a trainable LoRA adapter.
 
     Q-LoRA trains on 4-bit weights: a GPTQ checkpoint (a released -Int4 model, or run_gptq.py's output) is loaded as
     it is, as the original Q-LoRA scripts did; a 16-bit checkpoint is loaded in 4-bit NF4 with bitsandbytes.
+    `quantized_device_map` places such a 4-bit load (`{"": "cpu"}` to train on the CPU): without one, bitsandbytes
+    puts the weights on the current GPU whenever there is one.
 
     `dtype` "int8" / "int4" (weight quantization on load, `qwen.weight_quant`) is refused with a LoadError: those
     layers have no gradient and peft cannot wrap them (`get_peft_model` on such a model fails too). Q-LoRA is the
@@ -87,7 +90,8 @@ def prepare_lora_model(
         quantization = GPTQConfig(bits=gptq.bits, backend="auto_trainable")
     elif settings.q_lora:
         quantization = nf4_config(dtype)
-    model = QWenLMHeadModel.from_pretrained(folder, dtype=dtype, quantization_config=quantization)
+    placement = {"device_map": quantized_device_map} if quantization is not None and quantized_device_map else {}
+    model = QWenLMHeadModel.from_pretrained(folder, dtype=dtype, quantization_config=quantization, **placement)
     if quantization is not None:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
         keep_4bit_weights_trainable_on_cpu(model)

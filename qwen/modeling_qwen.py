@@ -15,7 +15,9 @@ This file is also copied into checkpoint folders for `trust_remote_code=True`: i
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
+import inspect
 import math
 import os
 import threading
@@ -41,6 +43,36 @@ from .configuration_qwen import QWenConfig
 from .qwen_generation_utils import DEFAULT_SYSTEM_PROMPT, HistoryType, StopWordsLogitsProcessor, decode_tokens
 
 logger = logging.get_logger(__name__)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The KV cache's name in transformers' outputs and in generate()'s model kwargs
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def cache_field(output_class: type) -> str:
+    """The field under which `output_class` (a transformers ModelOutput dataclass) holds the KV cache: `cache` in
+    the transformers releases that renamed it, `past_key_values` in earlier ones (5.17 among them)."""
+    names = {field.name for field in dataclasses.fields(output_class)}
+    for name in ("cache", "past_key_values"):
+        if name in names:
+            return name
+    raise TypeError(f"{output_class.__name__} has neither a `cache` nor a `past_key_values` field.")
+
+
+# Read once from the installed transformers. The same release names generate()'s cache keyword (model kwargs, inputs
+# for the next step, the returned GenerateOutput) as its model outputs do.
+CACHE_KEY = cache_field(CausalLMOutputWithPast)
+
+
+def with_kv_cache(output_class: type, cache: Cache | None, **fields: Any) -> Any:
+    """`output_class(**fields)` with the KV cache under the installed transformers' name for it (`CACHE_KEY`)."""
+    return output_class(**fields, **{CACHE_KEY: cache})
+
+
+def kv_cache_of(output: Any) -> Cache | None:
+    """The KV cache of a model output or of `generate(..., return_dict_in_generate=True)`'s result."""
+    return getattr(output, CACHE_KEY, None)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -333,9 +365,10 @@ class QuantizedStaticLayer(StaticLayer):
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
-            self.dtype = key_states.dtype  # what attention gets back; the buffers are sized from the packed bytes
+            # What attention gets back. Not StaticLayer's `dtype`: transformers 5.17 sets that to the buffers' (uint8).
+            self.attention_dtype = key_states.dtype
         keys, values = super().update(quantize_kv(key_states), quantize_kv(value_states))
-        return dequantize_kv(keys, self.dtype), dequantize_kv(values, self.dtype)
+        return dequantize_kv(keys, self.attention_dtype), dequantize_kv(values, self.attention_dtype)
 
 
 class QuantizedStaticCache(Cache):
@@ -695,9 +728,10 @@ class QWenModel(QWenPreTrainedModel):
         x = self.ln_f(x)
         if all_hidden is not None:
             all_hidden.append(x)
-        return BaseModelOutputWithPast(
+        return with_kv_cache(
+            BaseModelOutputWithPast,
+            cache if use_cache else None,
             last_hidden_state=x,
-            cache=cache if use_cache else None,
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
             attentions=tuple(all_attn) if all_attn is not None else None,
         )
@@ -719,7 +753,8 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         """transformers' `from_pretrained`, plus the released precision flags `bf16=True` / `fp16=True` / `fp32=True`.
 
         Without a flag or `dtype`, the precision is chosen like the released model: bf16 on a CUDA GPU that supports
-        it, else fp16 on CUDA, else fp32; a model placed on the CPU (`device_map="cpu"` or no GPU) runs in fp32.
+        it natively, else fp16 on CUDA; a model left on the CPU (no `device_map`, `device_map="cpu"`, or no GPU) runs in
+        fp32.
         """
         config = kwargs.get("config")
         # Not isinstance(QWenConfig): under trust_remote_code the config class comes from another module copy.
@@ -755,20 +790,20 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         """transformers' choice of cache for `generate()`, except that its default float DynamicCache becomes a
         QuantizedKVCache when `use_cache_quantization` is set. A cache passed by the caller is used as it is."""
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        cache = model_kwargs.get("cache")
+        cache = model_kwargs.get(CACHE_KEY)
         if not self.config.use_cache_quantization or getattr(cache, "_is_user_defined", False):
             return
         if type(cache) is DynamicCache and generation_config.cache_implementation in (None, "dynamic"):
-            model_kwargs["cache"] = QuantizedKVCache(self.config)
+            model_kwargs[CACHE_KEY] = QuantizedKVCache(self.config)
         elif type(cache) is StaticCache and generation_config.cache_implementation == "static":
-            model_kwargs["cache"] = QuantizedStaticCache(self.config, cache.layers[0].max_cache_len)
+            model_kwargs[CACHE_KEY] = QuantizedStaticCache(self.config, cache.layers[0].max_cache_len)
 
     def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """transformers' inputs for the next forward, plus the sequences' NTK alphas at a decode step over a
         preallocated cache: with them, the 4D mask and the positions transformers gives, the step is a fixed-shape
         one (`QWenModel._is_fixed_shape_step`), which compiles without graph breaks."""
         inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
-        cache = inputs.get("cache")
+        cache = inputs.get(CACHE_KEY)
         if not kwargs.get("is_first_iteration") and getattr(cache, "is_compileable", False) \
                 and inputs.get("ntk_alphas") is None:
             stored = self.transformer.ntk_alphas_of(cache)
@@ -831,10 +866,11 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
                 # gradient that many times too large. Summing and dividing by that count gives the mean over every
                 # target token of the step, however the batch is split.
                 loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum") / num_items
-        result = CausalLMOutputWithPast(
+        result = with_kv_cache(
+            CausalLMOutputWithPast,
+            kv_cache_of(outputs),
             loss=loss,
             logits=logits,
-            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
@@ -881,6 +917,9 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         after `logits_processor` (`stopping_criteria`, `prefix_allowed_tokens_fn`, ...) go to transformers' `generate`
         in its order, which is also the released model's.
         """
+        if CACHE_KEY != "cache" and "cache" in kwargs:
+            # The caller's cache under this model's name for it, on a transformers release that calls it otherwise.
+            kwargs[CACHE_KEY] = kwargs.pop("cache")
         # Generation arguments given next to a config (as `chat(..., top_p=0.5)` does) override a copy of it.
         generation_config = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
         kwargs = generation_config.update(**kwargs)
@@ -1107,27 +1146,58 @@ def require_gptq_packages() -> None:
         )
 
 
+def places_on_gpu(device_map: Any, cuda_available: bool) -> bool:
+    """Whether `from_pretrained(..., device_map=device_map)` puts any weights on a CUDA GPU. Without a device map
+    the model stays on the CPU; "cpu" (and "disk", for offloaded modules) are not GPUs."""
+    if device_map is None or not cuda_available:
+        return False
+    targets = device_map.values() if isinstance(device_map, dict) else [device_map]
+    return any(str(target) not in ("cpu", "disk") for target in targets)
+
+
+def choose_dtype(
+    bf16: bool | None, fp16: bool | None, fp32: bool | None, device_map: Any, *, cuda_available: bool,
+    native_bf16: bool,
+) -> torch.dtype:
+    """The torch dtype for the released precision flags (at most one set), like the released model: without a flag,
+    bf16 on a GPU that computes in bf16 natively (`native_bf16`: compute capability 8.0 on), else fp16 on a GPU,
+    else fp32 (the CPU). Emulated bf16 (V100, T4) does not count: there the released model chose fp16."""
+    if sum(bool(flag) for flag in (bf16, fp16, fp32)) > 1:
+        raise ValueError("Pass only one of bf16=True, fp16=True, fp32=True.")
+    on_gpu = places_on_gpu(device_map, cuda_available)
+    if bf16:
+        if on_gpu and not native_bf16:
+            logger.warning("This GPU has no native bf16 (it is emulated and slow); prefer fp16=True on it.")
+        return torch.bfloat16
+    if fp16:
+        if not on_gpu:
+            logger.warning("fp16 on the CPU is slow and some kernels lack it; prefer bf16=True or fp32=True there.")
+        return torch.float16
+    if fp32 or not on_gpu:
+        return torch.float32
+    return torch.bfloat16 if native_bf16 else torch.float16
+
+
+def _gpu_has_native_bf16() -> bool:
+    # torch's default also counts bf16 emulated on older GPUs; older torch releases had no such argument.
+    if "including_emulation" in inspect.signature(torch.cuda.is_bf16_supported).parameters:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return torch.cuda.is_bf16_supported()
+
+
 def resolve_dtype(
     bf16: bool | None = None, fp16: bool | None = None, fp32: bool | None = None, device_map: Any = None
 ) -> torch.dtype:
-    """The torch dtype for the released precision flags; at most one may be set."""
-    if sum(bool(flag) for flag in (bf16, fp16, fp32)) > 1:
-        raise ValueError("Pass only one of bf16=True, fp16=True, fp32=True.")
-    on_cpu = not torch.cuda.is_available() or device_map == "cpu" or device_map == {"": "cpu"}
-    if bf16:
-        if torch.cuda.is_available() and not on_cpu and not torch.cuda.is_bf16_supported():
-            raise ValueError("This GPU does not support bf16; load with fp16=True (or fp32=True) instead.")
-        return torch.bfloat16
-    if fp16:
-        if on_cpu:
-            logger.warning("fp16 on the CPU is slow and some kernels lack it; prefer bf16=True or fp32=True there.")
-        return torch.float16
-    if fp32 or on_cpu:
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    """`choose_dtype` for this machine's GPU, if any; at most one flag may be set."""
+    cuda_available = torch.cuda.is_available()
+    return choose_dtype(
+        bf16, fp16, fp32, device_map, cuda_available=cuda_available,
+        native_bf16=cuda_available and _gpu_has_native_bf16(),
+    )
 
 
 __all__ = [
-    "QWenLMHeadModel", "QWenModel", "QWenPreTrainedModel", "QuantizedKVCache", "RMSNorm", "dequantize_kv",
-    "new_kv_cache", "quantize_kv", "require_gptq_packages", "resolve_dtype",
+    "CACHE_KEY", "QWenLMHeadModel", "QWenModel", "QWenPreTrainedModel", "QuantizedKVCache", "RMSNorm", "cache_field",
+    "choose_dtype", "dequantize_kv", "kv_cache_of", "new_kv_cache", "places_on_gpu", "quantize_kv",
+    "require_gptq_packages", "resolve_dtype", "with_kv_cache",
 ]

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
+import inspect
 import json
 import logging
 import os
 import unicodedata
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any, Literal
 
 import tiktoken
@@ -70,6 +72,25 @@ CHATML_TEMPLATE = (
 )
 _CHATML_ROLES = ("system", "user", "assistant")
 _ENCODE_OPTION_NAMES = {"allowed_special", "disallowed_special", "split_special_tokens"}
+
+
+def accepts_keyword(function: Callable[..., Any], name: str) -> bool:
+    """Whether `function` declares a parameter `name` (one it would only swallow through **kwargs does not count)."""
+    return name in inspect.signature(function).parameters
+
+
+# transformers' apply_chat_template learned `sanitize_control_tokens` after 5.17; there an unknown keyword goes on to
+# the template as a variable, and control-token strings in messages are encoded as control tokens.
+TRANSFORMERS_SANITIZES_CONTROL_TOKENS = accepts_keyword(PreTrainedTokenizer.apply_chat_template,
+                                                        "sanitize_control_tokens")
+
+
+@functools.cache
+def _warn_unsanitized_chat_template() -> None:
+    logger.warning(
+        "This transformers release cannot keep control-token strings typed into messages as text outside the default "
+        "ChatML template (they become control tokens): upgrade transformers, or leave chat_template unset."
+    )
 
 AllowedSpecial = Literal["all"] | Collection[str]
 DisallowedSpecial = Literal["all"] | Collection[str]
@@ -587,6 +608,12 @@ class QWenTokenizer(PreTrainedTokenizer):
             )
         )
         if not plain_chatml:
+            sanitize = sanitize_control_tokens and tokenize and not return_assistant_tokens_mask
+            if TRANSFORMERS_SANITIZES_CONTROL_TOKENS:
+                # transformers refuses sanitizing where there is nothing to encode.
+                kwargs["sanitize_control_tokens"] = sanitize
+            elif sanitize:
+                _warn_unsanitized_chat_template()
             return super().apply_chat_template(
                 conversation,
                 tools=tools,
@@ -595,8 +622,6 @@ class QWenTokenizer(PreTrainedTokenizer):
                 add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message,
                 tokenize=tokenize,
-                # transformers refuses sanitizing where there is nothing to encode.
-                sanitize_control_tokens=sanitize_control_tokens and tokenize and not return_assistant_tokens_mask,
                 padding=padding,
                 truncation=truncation,
                 max_length=max_length,

@@ -320,6 +320,22 @@ def test_qlora_on_a_base_model_trains_only_the_adapters_by_default_as_the_origin
     assert any("lm_head.modules_to_save" in name for name, p in chosen.named_parameters() if p.requires_grad)
 
 
+def test_qlora_under_use_cpu_loads_its_4bit_weights_on_the_cpu(tiny_base_dir, monkeypatch):
+    """bitsandbytes puts a 4-bit load on a visible GPU unless told otherwise, --use_cpu or not."""
+    monkeypatch.syspath_prepend(str(REPO))
+    import finetune as script
+
+    training = script.parse_args(["--data_path", "d", "--output_dir", "out", "--use_cpu", "--q_lora"])[2]
+    assert script.quantized_device_map(script.trains_on_cpu(training)) == {"": "cpu"}
+    assert script.quantized_device_map(False) is None  # on a GPU: transformers' choice, the process's current GPU
+    pytest.importorskip("bitsandbytes")
+    from qwen.lora import LoraSettings, prepare_lora_model
+
+    model = prepare_lora_model(tiny_base_dir, LoraSettings(r=4, q_lora=True), chat=False,
+                               quantized_device_map={"": "cpu"})
+    assert {parameter.device.type for parameter in model.parameters()} == {"cpu"}
+
+
 def test_fp16_lora_keeps_what_trains_in_fp32_and_the_frozen_base_in_fp16(tiny_base_dir):
     """fp16 training needs a GPU, but the precision split is decided at load time and checked here."""
     from qwen.lora import LoraSettings, prepare_lora_model

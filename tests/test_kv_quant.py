@@ -16,7 +16,7 @@ from transformers import DynamicCache
 
 from qwen import QWenConfig, QWenLMHeadModel
 from qwen.engine import GenerationEngine, SamplingParams
-from qwen.modeling_qwen import QuantizedKVCache, dequantize_kv, quantize_kv
+from qwen.modeling_qwen import QuantizedKVCache, dequantize_kv, kv_cache_of, quantize_kv
 from support import STOP_IDS, greedy_reference
 from trained_checkpoint import EXCHANGES, SEA, chat_turn, memorizing_checkpoint_cached
 
@@ -103,7 +103,7 @@ def test_the_config_fields_of_the_released_models_switch_it_on(tmp_path, release
     ids = torch.tensor([[151644, 8948, 198, 2610, 525, 264, 10950, 17847, 13]])
     with torch.no_grad():
         out, reference = model(ids, use_cache=True), plain(ids, use_cache=True)
-    assert type(out.cache) is QuantizedKVCache and out.cache.layers[0].keys.dtype == torch.uint8
+    assert type(kv_cache_of(out)) is QuantizedKVCache and kv_cache_of(out).layers[0].keys.dtype == torch.uint8
     torch.testing.assert_close(out.logits, reference.logits, rtol=0, atol=0)  # the same torch path
 
 
@@ -154,9 +154,9 @@ def test_generate_chat_and_chat_stream_run_on_the_int8_cache(memorized_dir, toke
     prompt, _ = chat_turn(tokenizer, *SEA)
     ids = torch.tensor([prompt])
     out = model.generate(ids, max_new_tokens=4, return_dict_in_generate=True, **GREEDY)
-    assert type(out.cache) is QuantizedKVCache
-    assert out.cache.layers[0].keys.dtype == torch.uint8
-    assert out.cache.get_seq_length() == len(prompt) + 3  # the last token is sampled, not yet cached
+    assert type(kv_cache_of(out)) is QuantizedKVCache
+    assert kv_cache_of(out).layers[0].keys.dtype == torch.uint8
+    assert kv_cache_of(out).get_seq_length() == len(prompt) + 3  # the last token is sampled, not yet cached
     float_cache = DynamicCache(config=model.config)
     again = model.generate(ids, max_new_tokens=4, cache=float_cache, **GREEDY)
     assert float_cache.layers[0].keys.dtype == torch.float32
@@ -205,4 +205,4 @@ def test_the_int8_cache_on_cuda_in_half_precision(memorized_dir, tokenizer, dtyp
         assert model.chat(tokenizer, query, history=None, **GREEDY)[0] == reply
     out = model.generate(torch.tensor([chat_turn(tokenizer, *SEA)[0]], device="cuda"), max_new_tokens=2,
                          return_dict_in_generate=True, **GREEDY)
-    assert out.cache.layers[0].keys.dtype == torch.uint8 and out.cache.layers[0].keys.is_cuda
+    assert kv_cache_of(out).layers[0].keys.dtype == torch.uint8 and kv_cache_of(out).layers[0].keys.is_cuda

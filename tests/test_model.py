@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
 import pytest
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils import ModelOutput
 
 from qwen import QWenConfig, QWenLMHeadModel
 from qwen.checkpoint import config_for_size
-from qwen.modeling_qwen import causal_mask, logn_scale, ntk_alpha_for_length, project, rotary_inv_freq
+from qwen.modeling_qwen import (
+    CACHE_KEY, cache_field, causal_mask, choose_dtype, kv_cache_of, logn_scale, ntk_alpha_for_length, project,
+    rotary_inv_freq, with_kv_cache,
+)
 
 
 def small_config(**overrides) -> QWenConfig:
@@ -128,7 +135,7 @@ def test_cached_decoding_equals_full_forward_at_every_step(overrides):
         reference = full_logits(model, ids)
         torch.testing.assert_close(out.logits, reference[:, :prompt_len], atol=1e-5, rtol=1e-5)
         for step in range(prompt_len, ids.shape[1]):
-            out = model(ids[:, step : step + 1], cache=out.cache, use_cache=True)
+            out = model(ids[:, step : step + 1], cache=kv_cache_of(out), use_cache=True)
             torch.testing.assert_close(out.logits[:, 0], reference[:, step], atol=1e-5, rtol=1e-5)
 
 
@@ -145,7 +152,7 @@ def test_dynamic_ntk_alpha_is_fixed_at_prefill():
         assert model.transformer.ntk_alphas_of(cache) == [1]
         assert set(vars(cache)) == attributes  # the model keeps the alpha itself, nothing is written onto the cache
         for step in range(20, 60):
-            out = model(ids[:, step : step + 1], cache=out.cache, use_cache=True)
+            out = model(ids[:, step : step + 1], cache=kv_cache_of(out), use_cache=True)
         reference_alpha1 = full_logits(plain, ids)[:, -1]
         torch.testing.assert_close(out.logits[:, 0], reference_alpha1, atol=1e-5, rtol=1e-5)
         # A full forward over all 60 tokens picks alpha 3 and really changes the numbers.
@@ -279,3 +286,63 @@ def test_project_leaves_training_and_wrapped_layers_to_their_own_forward():
     assert calls == [1], "hooks (accelerate offloading, PEFT) must see the call"
     out = project(torch.nn.Linear(8, 4), x.requires_grad_())
     assert out.requires_grad
+
+
+# transformers 5.17 (the GPU machine's) names the KV cache `past_key_values` in its outputs and generate()'s kwargs;
+# later releases call it `cache`. These dataclasses have the fields of each release's CausalLMOutputWithPast.
+@dataclasses.dataclass
+class _OutputWithPastKeyValues(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: Cache | None = None
+
+
+@dataclasses.dataclass
+class _OutputWithCache(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    cache: Cache | None = None
+
+
+@dataclasses.dataclass
+class _OutputWithoutCache(ModelOutput):
+    logits: torch.Tensor | None = None
+
+
+def test_the_cache_field_is_the_one_the_installed_transformers_outputs_have():
+    assert cache_field(_OutputWithPastKeyValues) == "past_key_values"
+    assert cache_field(_OutputWithCache) == "cache"
+    with pytest.raises(TypeError, match="neither"):
+        cache_field(_OutputWithoutCache)
+    assert cache_field(BaseModelOutputWithPast) == cache_field(CausalLMOutputWithPast) == CACHE_KEY
+
+    cache = DynamicCache()
+    built = with_kv_cache(CausalLMOutputWithPast, cache, logits=torch.zeros(1))
+    assert getattr(built, CACHE_KEY) is cache and kv_cache_of(built) is cache
+    # The model's own outputs go through the same helper: the cache it filled is the one it returns.
+    model = QWenLMHeadModel(small_config()).eval()
+    given = DynamicCache(config=model.config)
+    with torch.no_grad():
+        out = model(torch.tensor([[1, 2, 3]]), cache=given, use_cache=True)
+        inner = model.transformer(torch.tensor([[4]]), cache=given, use_cache=True)
+    assert kv_cache_of(out) is given and kv_cache_of(inner) is given and given.get_seq_length() == 4
+
+
+@pytest.mark.parametrize(
+    "device_map", [None, "cpu", {"": "cpu"}, torch.device("cpu"), {"transformer": "cpu", "lm_head": "disk"}]
+)
+def test_a_model_left_on_the_cpu_gets_fp32_even_where_cuda_is_visible(device_map):
+    for native_bf16 in (True, False):
+        assert choose_dtype(None, None, None, device_map, cuda_available=True, native_bf16=native_bf16) is torch.float32
+    assert choose_dtype(None, None, None, "auto", cuda_available=False, native_bf16=False) is torch.float32
+
+
+@pytest.mark.parametrize("device_map", ["auto", "cuda", 0, {"": 0}, {"transformer": 0, "lm_head": "cpu"}])
+def test_on_a_gpu_bf16_only_where_it_is_native(device_map):
+    assert choose_dtype(None, None, None, device_map, cuda_available=True, native_bf16=True) is torch.bfloat16
+    # V100 and T4 emulate bf16: the released model chose fp16 there.
+    assert choose_dtype(None, None, None, device_map, cuda_available=True, native_bf16=False) is torch.float16
+    assert choose_dtype(None, None, True, device_map, cuda_available=True, native_bf16=True) is torch.float32
+    assert choose_dtype(True, None, None, device_map, cuda_available=True, native_bf16=False) is torch.bfloat16
+    with pytest.raises(ValueError, match="only one"):
+        choose_dtype(True, True, None, device_map, cuda_available=True, native_bf16=True)

@@ -21,6 +21,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from qwen import QWenLMHeadModel, QWenTokenizer
 from qwen.checkpoint import write_random_checkpoint
+from qwen.modeling_qwen import kv_cache_of
 from qwen.qwen_generation_utils import get_stop_words_ids, make_context
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "released_fidelity.json").read_text(encoding="utf-8"))
@@ -74,12 +75,12 @@ def cached_decode(model: QWenLMHeadModel, record: dict[str, Any], cache: Cache |
     """Prefill the record's prompt, then feed its step ids one at a time through the KV cache: (prefill's last
     logits (1, vocab), each step's logits (steps, vocab))."""
     out = model(torch.tensor([record["prompt_ids"]]), cache=cache, use_cache=True)
-    prefill_last, cache = out.logits[0, -1:], out.cache
+    prefill_last, cache = out.logits[0, -1:], kv_cache_of(out)
     steps = []
     for token in record["step_ids"]:
         out = model(torch.tensor([[token]]), cache=cache, use_cache=True)
         steps.append(out.logits[0, -1])
-        cache = out.cache
+        cache = kv_cache_of(out)
     return prefill_last, torch.stack(steps)
 
 
