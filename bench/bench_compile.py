@@ -1,6 +1,6 @@
 """Decode speed of the compiled fixed-shape step against the eager one, on the batching engine and on generate().
 
-    python bench/bench_compile.py            # mid checkpoint, fp32 and bf16, batch 1 and 8 (run on an idle machine)
+    python bench/bench_compile.py            # mid checkpoint, fp32/bf16/int8/int4, batch 1 and 8 (an idle machine)
     python bench/bench_compile.py --quick    # tiny checkpoint, few tokens: a smoke run of the script itself
 
 Engine rows: B greedy requests with prompts of the same length decode together in a `GenerationEngine`, once with
@@ -33,6 +33,7 @@ from transformers import CompileConfig  # noqa: E402
 
 from qwen.checkpoint import write_random_checkpoint  # noqa: E402
 from qwen.engine import GenerationEngine, SamplingParams  # noqa: E402
+from qwen.loading import load_model_and_tokenizer  # noqa: E402
 from qwen.modeling_qwen import QWenLMHeadModel  # noqa: E402
 from qwen.tokenization_qwen import QWenTokenizer  # noqa: E402
 from qwen.vocab import find_vocab  # noqa: E402
@@ -124,7 +125,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny checkpoint, few tokens: a smoke run")
     parser.add_argument("--checkpoint", type=Path,
                         help="a checkpoint folder to time (default: a random one written to a temporary folder)")
-    parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated, of fp32 and bf16")
+    parser.add_argument("--dtypes", default="fp32,bf16,int8,int4",
+                        help="comma-separated, of fp32, bf16, int8 and int4 (weights quantized on load)")
     args = parser.parse_args()
     size, batches, prompt_len, new_tokens = ("tiny", (1, 2), 16, 8) if args.quick else ("mid", (1, 8), 128, 64)
     tokenizer = QWenTokenizer(str(find_vocab()))
@@ -134,9 +136,9 @@ def main() -> None:
               f"prompts of {prompt_len} tokens, {new_tokens} new tokens each\n")
         print("| weights | path | batch | eager tok/s | compiled tok/s | compiled / eager | compile s |")
         print("|---|---|---|---|---|---|---|")
-        dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+        dtypes = {"fp32": "float32", "bf16": "bfloat16", "int8": "int8", "int4": "int4"}
         for name in args.dtypes.split(","):
-            model = QWenLMHeadModel.from_pretrained(folder, dtype=dtypes[name]).eval()
+            model, _ = load_model_and_tokenizer(folder, cpu_only=True, dtype=dtypes[name])
             decode_rows(model, tokenizer, name, batches, prompt_len, new_tokens)
 
 
