@@ -538,6 +538,16 @@ class QWenPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _can_compile_fullgraph = True  # at decode steps over a preallocated cache: see QWenModel._is_fixed_shape_step
 
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
+        """transformers' `save_pretrained`, refused (ValueError, nothing written) for a model with a layer whose
+        weights cannot be written as checkpoint weights: a module that says why in `not_saveable_reason` (the layers
+        `qwen.weight_quant` quantizes on load)."""
+        for name, module in self.named_modules():
+            reason = getattr(module, "not_saveable_reason", None)
+            if reason:
+                raise ValueError(f"Cannot save this model: {name} {reason}.")
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):

@@ -38,7 +38,8 @@ int8 and 0.35 for int4; int8 greedy replies equal fp32's. tests/test_weight_quan
 checkpoints differ: measure yours the same way before relying on int4.
 
 Not supported on a quantized model: training (the codes have no gradient), LoRA (`qwen.lora` refuses), conversion to
-Qwen2 (`qwen.convert` refuses), and saving (the packed layouts are per device; quantize again on load instead).
+Qwen2 (`qwen.convert` refuses), and saving (`save_pretrained` refuses: the packed layouts are per device; quantize
+again on load instead).
 """
 
 from __future__ import annotations
@@ -141,6 +142,11 @@ def _inner_k_tiles(in_features: int) -> int:
 class QuantizedLinear(nn.Module):
     """A linear layer with quantized weights, for inference: the input is cast to the kernel's activation dtype and the
     output back to the input's dtype; the bias (kept in float) is added after that."""
+
+    # Read by QWenPreTrainedModel.save_pretrained: a checkpoint written from these layers would hold device-specific
+    # codes under the float weights' names, and load as noise.
+    not_saveable_reason = ("holds weights quantized on load (qwen.weight_quant); save the float model instead and "
+                           "quantize again when loading it (--dtype int8 / int4)")
 
     def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None, kernel: Kernel) -> None:
         super().__init__()

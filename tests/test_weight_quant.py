@@ -149,6 +149,10 @@ def test_what_cannot_take_quantized_weights_says_so(tiny_chat_dir, tmp_path, voc
     model, _ = load_model_and_tokenizer(tiny_chat_dir, dtype="int4")
     with pytest.raises(ConvertError, match="needs float weights"):
         to_qwen2_model(model)
+    with pytest.raises(ValueError, match=r"Cannot save this model: transformer\.h\.0\.attn\.c_attn holds weights "
+                                         r"quantized on load"):
+        model.save_pretrained(tmp_path / "saved")
+    assert not (tmp_path / "saved").exists()
     with pytest.raises(WeightQuantError, match="already quantized"):
         quantize_weights(model, "int8")
     with pytest.raises(LoadError, match="Q-LoRA"):
