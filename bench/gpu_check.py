@@ -28,6 +28,7 @@ import datetime
 import gc
 import importlib.util
 import json
+import math
 import platform
 import re
 import subprocess
@@ -489,7 +490,8 @@ def _weight_quant(ctx: Context, scheme: str) -> dict[str, Any]:
     weight_bytes, roofline = _roofline(ctx, model)
     b1 = measured[f"decode_b{ctx.shapes.batches[0]}_tokens_per_s"]
     measured.update(weight_bytes_per_token=weight_bytes, roofline_tokens_per_s=roofline,
-                    roofline_fraction_b1=ratio(b1, roofline), b1_vs_native_bf16_eager=ratio(b1, ctx.values.get("native_b1")))
+                    roofline_fraction_b1=ratio(b1, roofline),
+                    b1_vs_native_bf16_eager=ratio(b1, ctx.values.get("native_b1")))
     return measured
 
 
@@ -510,40 +512,47 @@ def part_gptq_int4(ctx: Context) -> dict[str, Any]:
     raise PartSkipped("a GPTQ checkpoint of the 7B shape is not built by this script (it would be a 4 GB file)")
 
 
+LORA_TARGETS = {"ours": ["c_attn", "c_proj", "w1", "w2"],
+                "native": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+
+
+def _lora_step_rate(ctx: Context, name: str) -> dict[str, Any]:
+    """One implementation's LoRA training speed: forward with labels, backward, AdamW on the adapters."""
+    from peft import LoraConfig, get_peft_model
+
+    shapes = ctx.shapes
+    ctx.reset_peak()
+    model = random_model(shapes.lora_size, torch.bfloat16, ctx.device)
+    if name == "native":
+        model = to_qwen2_model(model)
+    model = get_peft_model(model.train(), LoraConfig(r=64, lora_alpha=16, lora_dropout=0.05,
+                                                     target_modules=LORA_TARGETS[name], task_type="CAUSAL_LM"))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = prompt_ids(shapes.lora_batch, shapes.lora_seq, model.config.vocab_size, ctx.device)
+    losses: list[float] = []
+
+    def step() -> None:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+
+    seconds = best_of(ctx, step, repeats=shapes.lora_steps)
+    if not all(math.isfinite(loss) for loss in losses):
+        raise RuntimeError(f"{name}: a LoRA step gave a non-finite loss ({losses})")
+    return {"tokens_per_s": ids.numel() / seconds, "step_s": seconds, "last_loss": losses[-1],
+            "peak_memory_gib": ctx.peak_gib()}
+
+
 def part_lora_step(ctx: Context) -> dict[str, Any]:
     if importlib.util.find_spec("peft") is None:
         raise PartSkipped("peft not installed")
-    from peft import LoraConfig, get_peft_model
-
-    targets = {"ours": ["c_attn", "c_proj", "w1", "w2"],
-               "native": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
     shapes = ctx.shapes
     measured: dict[str, Any] = {"size": shapes.lora_size, "batch": shapes.lora_batch, "seq": shapes.lora_seq,
                                 "r": 64, "dtype": "bfloat16"}
     for name in ("ours", "native"):
-        ctx.reset_peak()
-        model = random_model(shapes.lora_size, torch.bfloat16, ctx.device)
-        if name == "native":
-            model = to_qwen2_model(model)
-        model = get_peft_model(model.train(), LoraConfig(r=64, lora_alpha=16, lora_dropout=0.05,
-                                                         target_modules=targets[name], task_type="CAUSAL_LM"))
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        ids = prompt_ids(shapes.lora_batch, shapes.lora_seq, model.config.vocab_size, ctx.device)
-        losses = []
-
-        def step() -> None:
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-
-        seconds = best_of(ctx, step, repeats=shapes.lora_steps)
-        if not all(loss == loss and loss < float("inf") for loss in losses):
-            raise PartFailed(f"{name}: a LoRA step gave a non-finite loss", measured)
-        measured[name] = {"tokens_per_s": ids.numel() / seconds, "step_s": seconds, "last_loss": losses[-1],
-                          "peak_memory_gib": ctx.peak_gib()}
-        del model, optimizer
+        measured[name] = _lora_step_rate(ctx, name)
     measured["ratio"] = ratio(measured["ours"]["tokens_per_s"], measured["native"]["tokens_per_s"])
     return measured
 
@@ -561,8 +570,15 @@ assert set(PART_FUNCTIONS) == set(PARTS)
 # Report
 
 
+def _installed(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a broken install counts as missing
+        return False
+
+
 def environment(device: torch.device) -> dict[str, Any]:
-    modules = {name: importlib.util.find_spec(name) is not None for name in OPTIONAL_MODULES}
+    modules = {name: _installed(name) for name in OPTIONAL_MODULES}
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
@@ -612,8 +628,9 @@ def markdown(results: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|---:|",
     ]
     peak = f"{_fmt(ours.get('peak_memory_gib'))} / {_fmt(native.get('peak_memory_gib'))}"
-    lines.append(f"| prefill tok/s ({shapes['prefill_tokens']}-token prompt) | {_fmt(ours.get('prefill_tokens_per_s'))} "
-                 f"| {_fmt(native.get('prefill_tokens_per_s'))} | {_fmt(native_vs.get('prefill_ratio'), 2)} | - | {peak} |")
+    lines.append(f"| prefill tok/s ({shapes['prefill_tokens']}-token prompt) | "
+                 f"{_fmt(ours.get('prefill_tokens_per_s'))} | {_fmt(native.get('prefill_tokens_per_s'))} | "
+                 f"{_fmt(native_vs.get('prefill_ratio'), 2)} | - | {peak} |")
     for index, batch in enumerate(shapes["batches"]):
         key = f"decode_b{batch}_tokens_per_s"
         roof = _fmt(native_vs.get("roofline_fraction_ours_eager_b1"), 2) if index == 0 else "-"
@@ -643,7 +660,8 @@ def markdown(results: dict[str, Any]) -> str:
             rate = kv.get(f"{name}_decode_b{batch}_tokens_per_s")
             native_rate = native.get(f"decode_b{batch}_tokens_per_s")
             lines.append(f"| decode tok/s, batch {batch}, int8 KV cache, {name} | {_fmt(rate)} | {_fmt(native_rate)} "
-                         f"(bf16) | {_fmt(ratio(rate, native_rate), 2)} | - | {_fmt(kv.get(f'{name}_peak_memory_gib'))} / - |")
+                         f"(bf16) | {_fmt(ratio(rate, native_rate), 2)} | - | "
+                         f"{_fmt(kv.get(f'{name}_peak_memory_gib'))} / - |")
     for scheme in ("int8", "int4"):
         quant = m.get(f"weight_{scheme}", {})
         for batch in shapes["batches"]:
@@ -651,7 +669,8 @@ def markdown(results: dict[str, Any]) -> str:
             native_rate = native.get(f"decode_b{batch}_tokens_per_s")
             roof = _fmt(quant.get("roofline_fraction_b1"), 2) if batch == b1 else "-"
             lines.append(f"| decode tok/s, batch {batch}, weight-only {scheme} | {_fmt(rate)} | {_fmt(native_rate)} "
-                         f"(bf16) | {_fmt(ratio(rate, native_rate), 2)} | {roof} | {_fmt(quant.get('peak_memory_gib'))} / - |")
+                         f"(bf16) | {_fmt(ratio(rate, native_rate), 2)} | {roof} | "
+                         f"{_fmt(quant.get('peak_memory_gib'))} / - |")
     lora = m.get("lora_step", {})
     lora_ours, lora_native = lora.get("ours", {}), lora.get("native", {})
     lines.append(f"| LoRA step tok/s ({shapes['lora_size']}, bf16, {shapes['lora_batch']}x{shapes['lora_seq']}) | "
