@@ -154,7 +154,8 @@ class QuantizedLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).to(self.kernel.activation_dtype)  # (N, in)
+        # The fused kernels require contiguous rows; a slice of a batch (the last positions of several rows) is not.
+        rows = x.reshape(-1, self.in_features).to(self.kernel.activation_dtype).contiguous()  # (N, in)
         out = self._matmul(rows).to(x.dtype)  # (N, out)
         if self.bias is not None:
             out = out + self.bias.to(x.dtype)

@@ -109,6 +109,19 @@ def test_fused_kernels_compute_what_the_dequantized_weights_give(tiny_chat_dir, 
     assert (outputs[0] - outputs[1]).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_the_last_positions_of_a_batch_go_through_the_fused_kernels(tiny_chat_dir, scheme):
+    # generate() at batch > 1 hands the output layer a strided slice (each row's last position); in bf16 no cast copies
+    # it, and torch's fused kernels accept only contiguous rows.
+    model = QWenLMHeadModel.from_pretrained(tiny_chat_dir, dtype=torch.bfloat16).eval()
+    quantize_weights(model, scheme, kernel=Kernel("fused", torch.bfloat16))
+    hidden = torch.randn(2, 5, model.config.hidden_size, dtype=torch.bfloat16)
+    last = hidden[:, -1:, :]
+    assert not last.is_contiguous()
+    with torch.no_grad():
+        assert torch.equal(model.lm_head(last), model.lm_head(last.contiguous()))
+
+
 def test_layers_names_and_bytes(tiny_chat_dir):
     float_model = QWenLMHeadModel.from_pretrained(tiny_chat_dir).eval()
     float_keys = set(float_model.state_dict())
