@@ -161,6 +161,9 @@ def test_shipped_deepspeed_configs_parse(stage):
     parsed = validated_deepspeed_config(config)
     assert parsed.zero_optimization_stage == stage
     assert parsed.train_batch_size == 8 and parsed.bfloat16_config.enabled
+    # torch's AdamW: without torch_adam DeepSpeed builds its FusedAdam, JIT-compiled on first use (nvcc on a GPU
+    # machine, which many training images lack; gcc for 90 s on the CPU).
+    assert parsed.optimizer_name == "adamw" and parsed.optimizer_params["torch_adam"] is True
     if stage == 3:  # full fine-tuning saves one consolidated 16-bit checkpoint, not shards per rank
         assert parsed.zero_config.gather_16bit_weights_on_model_save
 

@@ -12,8 +12,8 @@ partitions nothing, and only a DeepSpeed run has the configs' optimizer and Warm
 own cannot reproduce. The full reference takes both samples as one batch of 2, the LoRA one as 2 accumulated batches
 of 1, so that both ways of building the global batch are held to the two-rank result.
 
-The configs' `optimizer` section makes DeepSpeed JIT-compile `fused_adam` (about 90 s) and `deepspeed_shm_comm`
-(about 40 s) the first time on a machine; they are cached in TORCH_EXTENSIONS_DIR (by default
+The configs ask for torch's AdamW (`torch_adam`), so DeepSpeed compiles no optimizer; it still JIT-compiles
+`deepspeed_shm_comm` (about 40 s) the first time on a machine, cached in TORCH_EXTENSIONS_DIR (by default
 ~/.cache/torch_extensions), so only the first run pays, and the timeouts allow for it.
 """
 
