@@ -238,6 +238,24 @@ def _flash_attn() -> dict[str, Any]:
     return _flash_attn_modules
 
 
+def attention_backend(requested: str | None, use_flash_attn: bool | str, cuda_half: bool,
+                      flash_installed: bool | None = None) -> str:
+    """"eager", "flash" or "sdpa" for a forward: eager when `attn_implementation="eager"` was asked for; flash-attn 2
+    when it was asked for (`attn_implementation="flash_attention_2"`, or the config's `use_flash_attn` true or "auto",
+    as released) and the input is fp16/bf16 on CUDA (`cuda_half`) and the package imports (`flash_installed`, looked
+    up when None); else torch SDPA. Loading with `attn_implementation="sdpa"` sets `use_flash_attn` false, so an
+    explicit SDPA request is kept even where flash-attn is installed."""
+    if requested == "eager":
+        return "eager"
+    wants_flash = requested == "flash_attention_2" or use_flash_attn in (True, "auto")
+    if wants_flash and cuda_half:
+        if flash_installed if flash_installed is not None else bool(_flash_attn()):
+            return "flash"
+        if use_flash_attn is True or requested == "flash_attention_2":
+            logger.warning_once("use_flash_attn is set but flash-attn is not installed; using torch SDPA.")
+    return "sdpa"
+
+
 def flash_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -647,16 +665,8 @@ class QWenModel(QWenPreTrainedModel):
         )
 
     def _backend(self, x: torch.Tensor) -> str:
-        requested = getattr(self.config, "_attn_implementation", None)
-        if requested == "eager":
-            return "eager"
-        wants_flash = requested == "flash_attention_2" or self.config.use_flash_attn in (True, "auto")
-        if wants_flash and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
-            if _flash_attn():
-                return "flash"
-            if self.config.use_flash_attn is True or requested == "flash_attention_2":
-                logger.warning_once("use_flash_attn is set but flash-attn is not installed; using torch SDPA.")
-        return "sdpa"
+        return attention_backend(getattr(self.config, "_attn_implementation", None), self.config.use_flash_attn,
+                                 x.is_cuda and x.dtype in (torch.float16, torch.bfloat16), flash_installed=None)
 
     def forward(
         self,
@@ -760,7 +770,8 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any) -> QWenLMHeadModel:
-        """transformers' `from_pretrained`, plus the released precision flags `bf16=True` / `fp16=True` / `fp32=True`.
+        """transformers' `from_pretrained`, plus the released precision flags `bf16=True` / `fp16=True` / `fp32=True`,
+        and `attn_implementation="sdpa"` kept as asked (`attention_backend`).
 
         Without a flag or `dtype`, the precision is chosen like the released model: bf16 on a CUDA GPU that supports
         it natively, else fp16 on CUDA; a model left on the CPU (no `device_map`, `device_map="cpu"`, or no GPU) runs in
@@ -789,6 +800,10 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
             kwargs["dtype"] = resolve_dtype(**flags, device_map=kwargs.get("device_map"))
         loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         model = loaded[0] if kwargs.get("output_loading_info") else loaded  # (model, loading_info) when asked
+        if kwargs.get("attn_implementation") == "sdpa":
+            # transformers records "sdpa" whether it was asked for or chosen by default; only the request says that
+            # the released config's use_flash_attn "auto" must not pick flash-attn.
+            model.config.use_flash_attn = False
         model.config.bf16 = model.dtype == torch.bfloat16
         model.config.fp16 = model.dtype == torch.float16
         model.config.fp32 = model.dtype == torch.float32

@@ -16,8 +16,8 @@ from transformers.utils import ModelOutput
 from qwen import QWenConfig, QWenLMHeadModel
 from qwen.checkpoint import config_for_size
 from qwen.modeling_qwen import (
-    CACHE_KEY, cache_field, causal_mask, choose_dtype, kv_cache_of, logn_scale, ntk_alpha_for_length, project,
-    rotary_inv_freq, with_kv_cache,
+    CACHE_KEY, attention_backend, cache_field, causal_mask, choose_dtype, kv_cache_of, logn_scale, ntk_alpha_for_length,
+    project, rotary_inv_freq, with_kv_cache,
 )
 
 
@@ -346,3 +346,18 @@ def test_on_a_gpu_bf16_only_where_it_is_native(device_map):
     assert choose_dtype(True, None, None, device_map, cuda_available=True, native_bf16=False) is torch.bfloat16
     with pytest.raises(ValueError, match="only one"):
         choose_dtype(True, True, None, device_map, cuda_available=True, native_bf16=True)
+
+
+def test_an_explicit_sdpa_request_is_kept_where_flash_attn_is_installed(tiny_chat_dir):
+    # The released config says use_flash_attn "auto": flash-attn wherever it is installed and the model runs in half
+    # precision on CUDA, unless the caller asked for SDPA or eager by name.
+    default = QWenLMHeadModel.from_pretrained(tiny_chat_dir).config
+    asked = QWenLMHeadModel.from_pretrained(tiny_chat_dir, attn_implementation="sdpa").config
+    assert default._attn_implementation == asked._attn_implementation == "sdpa"  # transformers cannot tell them apart
+    for config, expected in ((default, "flash"), (asked, "sdpa")):
+        assert attention_backend(config._attn_implementation, config.use_flash_attn, cuda_half=True,
+                                 flash_installed=True) == expected
+    assert attention_backend("eager", True, cuda_half=True, flash_installed=True) == "eager"
+    assert attention_backend("flash_attention_2", False, cuda_half=True, flash_installed=True) == "flash"
+    assert attention_backend("sdpa", "auto", cuda_half=False, flash_installed=True) == "sdpa"  # CPU or fp32
+    assert attention_backend("sdpa", True, cuda_half=True, flash_installed=False) == "sdpa"  # not installed: SDPA
