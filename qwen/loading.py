@@ -37,7 +37,7 @@ from .checkpoint_folder import (
     resolve_checkpoint,
 )
 from .gptq import check_gptq_checkpoint, require_gptq_stack
-from .modeling_qwen import QWenLMHeadModel, resolve_dtype
+from .modeling_qwen import QWenLMHeadModel, places_on_gpu, resolve_dtype
 from .tokenization_qwen import QWenTokenizer
 from .weight_quant import DEFAULT_GROUP_SIZE, SCHEMES, WeightQuantError, cast_float_parameters, quantize_weights
 
@@ -69,7 +69,7 @@ def inference_dtype(folder: Path, requested: torch.dtype | None, device_map: str
     fp32: CPU kernels for fp16 matmuls are slow or missing. `QWenLMHeadModel.from_pretrained` on its own keeps the
     released behaviour there (fp16, with a warning), as code written for the released model expects.
     """
-    on_cpu = device_map in ("cpu", {"": "cpu"})
+    on_cpu = not places_on_gpu(device_map, torch.cuda.is_available())
     if requested is not None:
         if requested == torch.float16 and on_cpu:
             raise LoadError("float16 matmuls are slow or unsupported on the CPU; use float32 or bfloat16 there.")
@@ -140,7 +140,7 @@ def load_model_and_tokenizer(
     path = resolve_checkpoint(folder)
     if device_map is None:
         device_map = "cpu" if cpu_only or not torch.cuda.is_available() else "auto"
-    on_cpu = device_map in ("cpu", {"": "cpu"})
+    on_cpu = not places_on_gpu(device_map, torch.cuda.is_available())
     scheme = None
     if isinstance(dtype, str):
         if dtype not in DTYPE_CHOICES:
