@@ -63,6 +63,7 @@ from qwen.weight_quant import quantize_weights  # noqa: E402
 # with "not found" when one is renamed, so this list cannot silently go stale.
 CUDA_TESTS = (
     "tests/test_device_map.py::test_one_gpu_holds_everything",
+    "tests/test_engine.py::test_on_cuda_concurrent_requests_each_match_generate",
     "tests/test_device_map.py::test_split_across_gpus_gives_the_single_gpu_logits",
     "tests/test_finetune.py::test_fp16_lora_and_full_finetuning_train_on_a_gpu",
     "tests/test_gptq.py::test_cuda_loads_it_like_the_cpu",

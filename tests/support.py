@@ -35,7 +35,7 @@ def greedy_reference(model, tokenizer, prompt_ids: list[int], max_new_tokens: in
                      ) -> list[int]:
     """Greedy tokens from transformers' generate() for one prompt, cut before the first stop id."""
     out = model.generate(
-        torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
+        torch.tensor([prompt_ids], device=model.device), max_new_tokens=max_new_tokens, do_sample=False,
         repetition_penalty=repetition_penalty, top_p=None, top_k=None,
         suppress_tokens=list(range(len(tokenizer), model.config.vocab_size)),
     )[0, len(prompt_ids):].tolist()

@@ -49,6 +49,26 @@ def test_one_request_gives_the_generate_tokens(engine, tiny_chat_model, tokenize
     assert reason == ("length" if len(expected) == 12 else "stop")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("cache_quantization", [False, True])
+def test_on_cuda_concurrent_requests_each_match_generate(tiny_chat_dir, tokenizer, cache_quantization):
+    # fp32, so that a batched step and generate()'s single row pick the same argmax; on CUDA the engine's slot cache,
+    # masks and sampling state live on the GPU.
+    from qwen import QWenLMHeadModel
+
+    model = QWenLMHeadModel.from_pretrained(tiny_chat_dir, dtype=torch.float32, device_map="cuda",
+                                            use_cache_quantization=cache_quantization).eval()
+    cuda_engine = GenerationEngine(model, tokenizer, max_batch_size=3)
+    try:
+        prompts = [prompt(tokenizer, q) for q in QUERIES]
+        handles = [cuda_engine.submit(ids, greedy(10 + i)) for i, ids in enumerate(prompts)]  # 5 requests, 3 slots
+        for i, (ids, handle) in enumerate(zip(prompts, handles)):
+            tokens, _, _ = collect(handle)
+            assert tokens == greedy_reference(model, tokenizer, ids, 10 + i), QUERIES[i]
+    finally:
+        cuda_engine.close()
+
+
 def test_concurrent_requests_beyond_the_batch_limit_each_match_alone(engine, tiny_chat_model, tokenizer):
     prompts = [prompt(tokenizer, q) for q in QUERIES]
     handles = [engine.submit(ids, greedy(10 + i)) for i, ids in enumerate(prompts)]  # 5 requests, 3 slots
