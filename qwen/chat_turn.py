@@ -183,6 +183,11 @@ def wanted_new_tokens(max_new_tokens: int | None, generation_config: Any) -> int
     return max_new_tokens or getattr(generation_config, "max_new_tokens", None) or DEFAULT_MAX_NEW_TOKENS
 
 
+def reply_budget(wanted: int, prompt_tokens: int, context: int) -> int:
+    """The tokens a reply may take: `wanted`, cut to what the context has left after the prompt (0 when nothing)."""
+    return max(0, min(wanted, context - prompt_tokens))
+
+
 def chat_stop_token_ids(tokenizer: Any) -> frozenset[int]:
     """The ids that end a ChatML reply (`reply_end_ids`), as the set a request's stop ids are."""
     return frozenset(reply_end_ids("chatml", tokenizer))
@@ -199,7 +204,7 @@ class ChatTurn:
 
     prompt_text: str
     prompt_ids: list[int]
-    max_new_tokens: int  # what was asked (`wanted_new_tokens`), cut to the context's room; 0 when there is none
+    max_new_tokens: int  # `reply_budget` of what was asked (`wanted_new_tokens`); 0 when the context has no room
     stop_token_ids: tuple[int, ...]  # the single tokens that end a reply (`reply_end_ids`)
     stop_words_ids: tuple[tuple[int, ...], ...]  # the released stop sequences, for `StopWordsLogitsProcessor`
     stop_strings: tuple[str, ...]  # the caller's, then `Observation:` for a turn with tools
@@ -226,6 +231,7 @@ class ChatTurn:
 def _turn(
     tokenizer: Any,
     build: Callable[[int], tuple[str, list[int]]],
+    chat_format: str,
     generation_config: Any,
     context: int,
     max_new_tokens: int | None,
@@ -233,14 +239,13 @@ def _turn(
     stop_strings: Sequence[str],
     uses_tools: bool,
 ) -> ChatTurn:
-    chat_format = getattr(generation_config, "chat_format", None) or "chatml"
     wanted = wanted_new_tokens(max_new_tokens, generation_config)
     window = max_window_size or getattr(generation_config, "max_window_size", None)
     text, ids = prompt_within_window(build, window, context, wanted)
     return ChatTurn(
         prompt_text=text,
         prompt_ids=ids,
-        max_new_tokens=max(0, min(wanted, context - len(ids))),
+        max_new_tokens=reply_budget(wanted, len(ids), context),
         stop_token_ids=tuple(reply_end_ids(chat_format, tokenizer)),
         stop_words_ids=tuple(tuple(words) for words in get_stop_words_ids(chat_format, tokenizer)),
         stop_strings=tuple(stop_strings),
@@ -274,8 +279,8 @@ def chat_turn(
         return make_context(tokenizer, query, history=history, system=system, max_window_size=window,
                             chat_format=chat_format)
 
-    return _turn(tokenizer, build, generation_config, context, max_new_tokens, max_window_size, stop_strings,
-                 uses_tools=False)
+    return _turn(tokenizer, build, chat_format, generation_config, context, max_new_tokens, max_window_size,
+                 stop_strings, uses_tools=False)
 
 
 def messages_turn(
@@ -296,7 +301,8 @@ def messages_turn(
     def build(window: int) -> tuple[str, list[int]]:
         return chat_prompt(tokenizer, list(messages), list(functions) if functions else None, window)
 
-    return _turn(tokenizer, build, generation_config, context, max_new_tokens, max_window_size,
+    # Always ChatML (as the OpenAI-style server always prompted), so its reply ends as a ChatML turn does.
+    return _turn(tokenizer, build, "chatml", generation_config, context, max_new_tokens, max_window_size,
                  tuple(stop_strings) + tuple(stop_words(functions)), uses_tools=bool(functions))
 
 
@@ -316,5 +322,6 @@ __all__ = [
     "history_window",
     "messages_turn",
     "prompt_within_window",
+    "reply_budget",
     "wanted_new_tokens",
 ]

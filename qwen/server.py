@@ -46,7 +46,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import react
 from .chat_turn import (ChatTurn, SamplingParamError, SamplingParams, chat_stop_token_ids, messages_turn,
-                        wanted_new_tokens)
+                        reply_budget, wanted_new_tokens)
 from .engine import GenerationEngine, GenerationEvent, RequestHandle
 
 
@@ -572,10 +572,10 @@ def create_app(engine: GenerationEngine, settings: ServerSettings | None = None)
 
     def completion_sampling(body: CompletionRequest, prompt_tokens: int) -> SamplingParams:
         """A raw completion is not a chat turn: the chat stop ids and the request's stops, the reply's budget as a
-        turn's (`wanted_new_tokens`, cut to the context's room)."""
+        turn's (`reply_budget`)."""
         limit = requested_tokens(body)
         check_room(limit, prompt_tokens, "prompt")
-        budget = min(wanted_new_tokens(limit, generation_config), engine.max_context - prompt_tokens)
+        budget = reply_budget(wanted_new_tokens(limit, generation_config), prompt_tokens, engine.max_context)
         return checked_sampling(lambda: SamplingParams.from_generation_config(
             generation_config, **sampling_overrides(body), max_new_tokens=budget, stop_token_ids=stop_token_ids,
             stop_strings=tuple(body.stop or ())))
